@@ -1,0 +1,1 @@
+"""Backends that run the VisionDrop units (PyTorch, ONNX Runtime, TensorRT) and greedy generation."""

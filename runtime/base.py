@@ -1,0 +1,185 @@
+"""The backend interface: vision encode, prefill, decode step.
+
+A backend only says how to run the units (vision, embedding, per-group QKV projection,
+LLM prune, decoder group); the orchestration between them (splicing the image into the
+prompt, per-group caches and masks, renumbered positions, the decode position rule) is
+written once here, on torch tensors, so PyTorch, ONNX Runtime and TensorRT backends run the
+exact same control flow. Nothing here leaves the device or syncs with the host.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from visiondrop.modules import positions_from_mask
+from visiondrop.pruning import splice
+from visiondrop.schedule import Schedule
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the orchestration needs to know about a model and schedule."""
+
+    schedule: Schedule
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_size: int
+    image_token_id: int
+    pad_token_id: int
+    eos_token_id: int | None
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @classmethod
+    def from_config(cls, config: Any, schedule: Schedule, dtype: torch.dtype, pad_token_id: int) -> ModelSpec:
+        text = config.text_config
+        eos = text.eos_token_id
+        return cls(
+            schedule=schedule,
+            hidden_size=text.hidden_size,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vocab_size=text.vocab_size,
+            image_size=config.vision_config.image_size,
+            image_token_id=config.image_token_id,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            dtype={v: k for k, v in DTYPES.items()}[dtype],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "schedule"}
+        return {"schedule": self.schedule.to_dict(), **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        rest = {k: v for k, v in data.items() if k != "schedule"}
+        return cls(schedule=Schedule.from_dict(data["schedule"]), **rest)
+
+
+@dataclass
+class StageTrace:
+    """What one prune stage chose, in that stage's input numbering."""
+
+    kept_index: Tensor  # [B, k]
+    target_index: Tensor  # [B, c]
+    scores: Tensor  # [B, N]
+
+
+@dataclass
+class VisionOutput:
+    image_embeds: Tensor  # [B, V0, D_llm]
+    stage: StageTrace | None = None
+
+
+@dataclass
+class DecoderState:
+    """Per-group KV caches (``[k0, v0, k1, v1, ...]``) and attention masks; lengths differ by group."""
+
+    caches: list[list[Tensor]] = field(default_factory=list)
+    masks: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class PrefillOutput:
+    logits: Tensor  # [B, vocab] at the last prompt position
+    state: DecoderState
+    stages: list[StageTrace]  # the LLM stages, in order
+
+
+class Backend(ABC):
+    """Runs the exported units; subclasses provide the ``run_*`` methods."""
+
+    name: str = "backend"
+    spec: ModelSpec
+    device: torch.device
+
+    # ------------------------------------------------------------------ units
+    @abstractmethod
+    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        """-> image_embeds (+ kept_index, target_index, scores when the schedule prunes)."""
+
+    @abstractmethod
+    def run_embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings [B, S, D]."""
+
+    @abstractmethod
+    def run_qkv(self, group: int, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """RoPE-applied q, k and v of ``group``'s first layer."""
+
+    @abstractmethod
+    def run_prune(
+        self, stage: int, hidden_states: Tensor, query: Tensor, key: Tensor, attention_mask: Tensor, image_offset: Tensor
+    ) -> tuple[Tensor, ...]:
+        """LLM stage ``stage`` -> hidden_states, attention_mask, position_ids, kept, targets, scores."""
+
+    @abstractmethod
+    def run_group(
+        self, group: int, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
+        attention_mask: Tensor, position_ids: Tensor, past: list[Tensor],
+    ) -> tuple[Tensor, list[Tensor]]:
+        """-> hidden states (logits for the last group) and the presents."""
+
+    # ---------------------------------------------------------- orchestration
+    @property
+    def num_groups(self) -> int:
+        return len(self.spec.schedule.layer_groups())
+
+    def encode_image(self, pixel_values: Tensor) -> VisionOutput:
+        outputs = self.run_vision(pixel_values.to(self.device))
+        stage = StageTrace(*outputs[1:4]) if len(outputs) > 1 else None
+        return VisionOutput(outputs[0], stage)
+
+    def empty_past(self, group: int, batch: int) -> list[Tensor]:
+        start, stop = self.spec.schedule.layer_groups()[group]
+        shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
+        return [torch.zeros(shape, dtype=self.spec.torch_dtype, device=self.device) for _ in range(2 * (stop - start))]
+
+    def prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
+        """Run the prompt (with ``image_tokens`` placeholders at ``image_offset``) through the decoder."""
+        input_ids, attention_mask, image_offset = (t.to(self.device) for t in (input_ids, attention_mask, image_offset))
+        embeds = self.run_embed(input_ids)
+        hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
+        mask = attention_mask
+        position_ids = positions_from_mask(mask)
+        state, stages = DecoderState(), []
+        for group in range(self.num_groups):
+            if group > 0:
+                query, key, _ = self.run_qkv(group, hidden, position_ids)
+                hidden, mask, position_ids, kept, targets, scores = self.run_prune(
+                    group - 1, hidden, query, key, mask, image_offset
+                )
+                stages.append(StageTrace(kept, targets, scores))
+            query, key, value = self.run_qkv(group, hidden, position_ids)
+            hidden, presents = self.run_group(
+                group, hidden, query, key, value, mask, position_ids, self.empty_past(group, hidden.shape[0])
+            )
+            state.caches.append(presents)
+            state.masks.append(mask)
+        return PrefillOutput(hidden, state, stages)
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """One greedy step for ``tokens`` [B]: a group's new position is its cache's real length."""
+        hidden = self.run_embed(tokens.to(self.device).unsqueeze(-1))
+        new_state = DecoderState()
+        for group in range(self.num_groups):
+            past_mask = state.masks[group]
+            position_ids = past_mask.sum(-1, keepdim=True)
+            mask = torch.cat([past_mask, torch.ones_like(past_mask[:, :1])], dim=1)
+            query, key, value = self.run_qkv(group, hidden, position_ids)
+            hidden, presents = self.run_group(group, hidden, query, key, value, mask, position_ids, state.caches[group])
+            new_state.caches.append(presents)
+            new_state.masks.append(mask)
+        return hidden, new_state

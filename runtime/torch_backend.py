@@ -1,0 +1,57 @@
+"""PyTorch backend: the VisionDrop units run eagerly on the loaded HF model's weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from visiondrop.loading import LoadedModel
+from visiondrop.modules import VisionDropLlava
+from visiondrop.schedule import Schedule
+
+from .base import Backend, ModelSpec
+
+
+class TorchBackend(Backend):
+    """The reference backend every exported one is validated against."""
+
+    name = "torch"
+
+    def __init__(self, loaded: LoadedModel, schedule: Schedule):
+        model = loaded.model
+        self.pipeline = VisionDropLlava(model, schedule).eval()
+        self.device = next(model.parameters()).device
+        self.spec = ModelSpec.from_config(
+            model.config, schedule, next(model.parameters()).dtype, pad_token_id(loaded.tokenizer)
+        )
+
+    @torch.inference_mode()
+    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        return self.pipeline.vision(pixel_values)
+
+    @torch.inference_mode()
+    def run_embed(self, input_ids: Tensor) -> Tensor:
+        return self.pipeline.embed_tokens(input_ids)
+
+    @torch.inference_mode()
+    def run_qkv(self, group: int, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.pipeline.qkv[group](hidden_states, position_ids)
+
+    @torch.inference_mode()
+    def run_prune(self, stage, hidden_states, query, key, attention_mask, image_offset):
+        return self.pipeline.prunes[stage](hidden_states, query, key, attention_mask, image_offset)
+
+    @torch.inference_mode()
+    def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
+        out, *presents = self.pipeline.groups[group](
+            hidden_states, query, key, value, attention_mask, position_ids, *past
+        )
+        return out, presents
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (LLaMA tokenizers may define no pad)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0

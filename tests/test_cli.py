@@ -1,0 +1,127 @@
+"""The CLI as a user meets it: answers, traces, and one-line errors (exit 2) for bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import cli
+from visiondrop.loading import builtin_dir
+from visiondrop.schedule import Schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.png"
+    Image.fromarray((np.random.default_rng(3).random((240, 320, 3)) * 255).astype("uint8")).save(path)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.cli, [str(a) for a in args])
+
+
+def one_line_error(result, fragment):
+    """Exit 2, and the last stderr line is the only error line, naming the problem."""
+    lines = result.stderr.strip().splitlines()
+    return (
+        result.exit_code == 2 and lines[-1].startswith("error: ") and fragment in lines[-1]
+        and sum(line.startswith("error:") for line in lines) == 1 and "Traceback" not in result.output
+    )
+
+
+def test_generate_writes_a_trace(image, tmp_path):
+    trace = tmp_path / "trace.json"
+    result = invoke("generate", "--model", "tiny", "--image", image, "--prompt", "What is this?", "--budget", "64",
+                    "--max-new-tokens", "5", "--trace", trace, "--json")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout)
+    data = json.loads(trace.read_text())
+    schedule = Schedule.from_budget(64, 8, 576)
+    assert data["schedule"]["spec"] == schedule.describe() == answer["schedule"]
+    counts = [(len(s["kept_index"][0]), len(s["target_index"][0])) for s in data["stages"]]
+    assert counts == [(s.dominant, s.contextual) for s in schedule.stages]
+    assert data["stages"][0]["kept_index"][0][0] == 0  # CLS is always kept
+    assert len(data["first_logits_top20"][0]["ids"]) == 20
+    assert data["generated_ids"] == answer["generated_ids"] and 1 <= len(answer["generated_ids"][0]) <= 5
+
+
+def test_tiny_checkpoint_round_trips_through_from_pretrained(tmp_path, image):
+    out = tmp_path / "tiny"
+    assert invoke("tiny", "--out", out).exit_code == 0
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert invoke("tiny", "--out", out).exit_code == 2  # refuses a non-empty folder without --force
+    from_dir = invoke("generate", "--model", out, "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json")
+    from_cache = invoke("generate", "--model", "tiny", "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json")
+    assert from_dir.exit_code == 0 and json.loads(from_dir.stdout)["generated_ids"] == json.loads(from_cache.stdout)["generated_ids"]
+
+
+def broken_models(tmp_path):
+    missing = tmp_path / "does-not-exist"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    garbage_config = tmp_path / "garbage-config"
+    garbage_config.mkdir()
+    (garbage_config / "config.json").write_text("{not json")
+    not_llava = tmp_path / "llama"
+    not_llava.mkdir()
+    (not_llava / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    corrupt_weights = tmp_path / "corrupt-weights"
+    corrupt_weights.mkdir()
+    for f in builtin_dir("tiny").iterdir():
+        (corrupt_weights / f.name).write_bytes(b"\0garbage" if f.suffix == ".safetensors" else f.read_bytes())
+    return {
+        missing: "neither a built-in preset",
+        empty: "no config.json",
+        garbage_config: "not valid JSON",
+        not_llava: "not LLaVA",
+        corrupt_weights: "could not load the weights",
+    }
+
+
+def test_bad_models_fail_with_one_line(tmp_path, image):
+    for path, fragment in broken_models(tmp_path).items():
+        result = invoke("generate", "--model", path, "--image", image, "--prompt", "hi")
+        assert one_line_error(result, fragment), (path, result.output)
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--budget", "600"], "between 1 and 385"),
+        (["--budget", "many"], "not a positive integer"),
+        (["--schedule", "42+6,8:50+5"], "invalid schedule"),
+        (["--budget", "32", "--schedule", "42+6"], "not both"),
+    ],
+)
+def test_bad_budgets_fail_with_one_line(image, extra, fragment):
+    result = invoke("generate", "--image", image, "--prompt", "hi", *extra)
+    assert one_line_error(result, fragment), result.output
+
+
+def test_bad_images_fail_with_one_line(tmp_path):
+    unreadable = tmp_path / "fake.png"
+    unreadable.write_text("this is not an image")
+    for path, fragment in [(unreadable, "cannot read image"), (tmp_path / "missing.png", "does not exist")]:
+        result = invoke("generate", "--image", path, "--prompt", "hi")
+        assert one_line_error(result, fragment), result.output
+
+
+def test_cli_runs_as_a_script(image):
+    """The real entry point: a fresh interpreter, exit code and output as a user sees them."""
+    ok = subprocess.run([sys.executable, "cli.py", "generate", "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "3"],
+                        cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run([sys.executable, "cli.py", "generate", "--image", image, "--prompt", "hi", "--budget", "0"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: budget '0'")
+    assert "Traceback" not in bad.stderr
+    help_text = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert "generate" in help_text and "tiny" in help_text

@@ -1,0 +1,105 @@
+"""The batched pruning math against direct per-sample loops on random tensors."""
+
+import pytest
+import torch
+
+from visiondrop import pruning
+
+
+def loop_topk(scores: list[float], k: int) -> list[int]:
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:k])
+
+
+@pytest.mark.parametrize("n, k", [(577, 42), (577, 252), (48, 30), (5, 5), (7, 1)])
+def test_topk_order_matches_a_sort(n, k):
+    scores = torch.randn(3, n, generator=torch.Generator().manual_seed(n * 31 + k))
+    order = pruning.topk_order(scores, k)
+    for b in range(3):
+        kept = loop_topk(scores[b].tolist(), k)
+        assert order[b, :k].tolist() == kept
+        assert order[b, k:].tolist() == [i for i in range(n) if i not in kept]
+
+
+def test_ties_go_to_the_lower_index():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 3.0, 2.0, 2.0, 0.5]])
+    assert pruning.topk_order(scores, 2)[0, :2].tolist() == [1, 3]
+    assert pruning.topk_order(scores, 3)[0, :3].tolist() == [1, 2, 3]  # first of the three 2.0s
+    assert pruning.topk_order(scores, 4)[0, :4].tolist() == [1, 2, 3, 4]
+    flat = torch.zeros(1, 9)
+    assert pruning.topk_order(flat, 4)[0].tolist() == list(range(9))
+
+
+def loop_merge(tokens, metric, c):
+    r = tokens.shape[0]
+    stride = max(1, r // c)
+    targets = list(range(0, r, stride))[:c]
+    unit = [metric[i] / metric[i].norm() for i in range(r)]
+    groups = {t: [] for t in targets}
+    for i in range(r):
+        if i in groups:
+            continue
+        sims = [float(unit[i] @ unit[t]) for t in targets]
+        groups[targets[sims.index(max(sims))]].append(i)
+    return torch.stack([tokens[t] + (sum(tokens[i] for i in g) / len(g) if g else 0) for t, g in groups.items()]), targets
+
+
+@pytest.mark.parametrize("r, c", [(535, 6), (100, 24), (30, 5), (12, 12), (13, 4)])
+def test_contextual_merge_is_target_plus_mean(r, c):
+    gen = torch.Generator().manual_seed(r + c)
+    tokens, metric = torch.randn(2, r, 32, generator=gen), torch.randn(2, r, 8, generator=gen)
+    merged, target_pos = pruning.contextual_merge(tokens, pruning.l2_normalize(metric), c)
+    assert merged.shape == (2, c, 32)
+    for b in range(2):
+        expected, targets = loop_merge(tokens[b], metric[b], c)
+        assert target_pos.tolist() == targets
+        torch.testing.assert_close(merged[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prune_keeps_counts_and_index_order():
+    gen = torch.Generator().manual_seed(0)
+    scores, tokens, metric = torch.rand(2, 200, generator=gen), torch.randn(2, 200, 16, generator=gen), torch.randn(2, 200, 4, generator=gen)
+    result = pruning.prune(scores, tokens, metric, 30, 5)
+    assert result.tokens.shape == (2, 35, 16)
+    assert result.kept_index.shape == (2, 30) and result.target_index.shape == (2, 5)
+    assert (result.kept_index.diff(dim=-1) > 0).all() and (result.target_index.diff(dim=-1) > 0).all()
+    assert not set(result.kept_index[0].tolist()) & set(result.target_index[0].tolist())
+    torch.testing.assert_close(result.tokens[:, :30], pruning.gather_rows(tokens, result.kept_index))
+
+
+def test_splice_handles_per_sample_offsets():
+    seq = torch.arange(2 * 10).view(2, 10)
+    visual = torch.full((2, 3), -1)
+    out = pruning.splice(seq, torch.tensor([2, 4]), 5, visual)
+    assert out.tolist() == [[0, 1, -1, -1, -1, 7, 8, 9], [10, 11, 12, 13, -1, -1, -1, 19]]
+
+
+def test_vision_scores_always_keep_cls():
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 20, 8, generator=gen), torch.randn(1, 4, 20, 8, generator=gen)
+    scores = pruning.vision_scores(q, k, 8 ** -0.5)
+    assert torch.isinf(scores[0, 0])
+    expected = ((q[:, :, :1] @ k.transpose(-1, -2)) * 8 ** -0.5).softmax(-1).sum(1)[0, 0, 1:]
+    torch.testing.assert_close(scores[0, 1:], expected)
+    assert pruning.topk_order(scores, 3)[0, 0] == 0
+
+
+def test_llm_scores_are_causal_visual_to_visual():
+    gen = torch.Generator().manual_seed(2)
+    batch, heads, kv_heads, seq, hd = 1, 4, 2, 12, 8
+    q, k = torch.randn(batch, heads, seq, hd, generator=gen), torch.randn(batch, kv_heads, seq, hd, generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.int64)
+    offset, nvis = 3, 6
+    positions = pruning.visual_positions(torch.tensor([offset]), nvis)
+    scores = pruning.llm_scores(q, k, mask, positions, hd ** -0.5)
+    kk = k.repeat_interleave(2, dim=1)
+    expected = []
+    for j in range(nvis):
+        total = 0.0
+        for i in range(nvis):
+            qi = offset + i
+            for h in range(heads):
+                logits = (q[0, h, qi] @ kk[0, h, : qi + 1].T) * hd ** -0.5
+                total += logits.softmax(-1)[offset + j].item() if offset + j <= qi else 0.0
+        expected.append(total / heads / nvis)
+    torch.testing.assert_close(scores[0], torch.tensor(expected), rtol=1e-5, atol=1e-7)

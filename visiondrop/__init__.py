@@ -1,0 +1,1 @@
+"""VisionDrop core: schedules, the pruning math, model loading and the pipeline units."""

@@ -1,0 +1,240 @@
+"""The pipeline's units, as torch modules over a loaded HF LLaVA's own sub-modules.
+
+Each unit is one exported graph (see ``export/``), so PyTorch and every other backend run
+the same cut of the model:
+
+- :class:`VisionEncoder`: pixels -> image embeddings, with the stage-0 prune inside;
+- :class:`QKVProjection`: the first layer of a decoder group up to RoPE-applied q/k/v;
+- :class:`LLMPrune`: an LLM-stage prune (weightless: it scores with the q/k that the next
+  layer's ``QKVProjection`` produced on the unpruned sequence);
+- :class:`DecoderGroup`: the rest of that first layer and the group's other layers
+  (the last group ends in the final norm and the LM head, for the last position only).
+
+The QKV cut exists so that every weight lives in exactly one unit: the prune needs the next
+layer's norm/q/k weights, and prefill and decode must share one copy of them. Decoder layer
+math is the Llama family's, written over the HF modules' weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from . import pruning
+from .schedule import Schedule, Stage
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Contiguous positions of the real tokens (left padding gets 0): renumbering after a prune."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def causal_mask(attention_mask: Tensor, query_len: int) -> Tensor:
+    """Boolean [B, 1, S, T] mask: causal over a cache of ``T - S`` past tokens, pads hidden.
+
+    A padded query row still sees itself, so no row is fully masked (no NaN in SDPA).
+    """
+    total = attention_mask.shape[1]
+    key_pos = torch.arange(total, device=attention_mask.device)
+    query_pos = key_pos[total - query_len:].unsqueeze(-1)
+    allowed = (key_pos <= query_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
+    return (allowed | (key_pos == query_pos)).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- vision
+class VisionEncoder(nn.Module):
+    """CLIP tower up to ``vision_feature_layer`` + stage-0 prune + LLaVA projector.
+
+    Layers past the feature layer are never run. Without a stage it reproduces HF's
+    feature selection (``default`` drops CLS).
+    """
+
+    def __init__(self, llava: nn.Module, stage: Stage | None):
+        super().__init__()
+        config = llava.config
+        tower = llava.model.vision_tower
+        layers = tower.encoder.layers
+        feature_layer = config.vision_feature_layer
+        depth = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
+        if stage is not None and depth < 1:
+            raise ValueError("the stage-0 prune needs vision_feature_layer to be an encoder layer")
+        self.embeddings = tower.embeddings
+        self.pre_layrnorm = tower.pre_layrnorm
+        self.layers = nn.ModuleList(layers[:depth])
+        self.projector = llava.model.multi_modal_projector
+        self.stage = stage
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        """-> image_embeds [B, V0, D_llm] (+ kept_index, target_index, scores when pruning)."""
+        dtype = self.embeddings.patch_embedding.weight.dtype
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(dtype)))
+        if self.stage is None:
+            for layer in self.layers:
+                hidden = layer(hidden, None)
+            return (self.projector(hidden[:, 1:] if self.drop_cls else hidden),)
+        for layer in self.layers[:-1]:
+            hidden = layer(hidden, None)
+        last = self.layers[-1]
+        hidden, query, key = _clip_layer_with_qk(last, hidden)
+        scores = pruning.vision_scores(query, key, last.self_attn.scale)
+        result = pruning.prune(
+            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual
+        )
+        return self.projector(result.tokens), result.kept_index, result.target_index, scores
+
+
+def _clip_layer_with_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A CLIP encoder layer (SDPA) that also returns its per-head queries and keys."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    x = layer.layer_norm1(hidden)
+    shape = (batch, length, attn.num_heads, attn.head_dim)
+    query = attn.q_proj(x).view(shape).transpose(1, 2)
+    key = attn.k_proj(x).view(shape).transpose(1, 2)
+    value = attn.v_proj(x).view(shape).transpose(1, 2)
+    out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
+    hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+    hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+    return hidden, query, key
+
+
+# --------------------------------------------------------------------------- decoder
+def project_qkv(layer: nn.Module, rotary: nn.Module, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A Llama layer's input norm, q/k/v projections and RoPE -> [B, H(kv), S, hd] each."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    x = layer.input_layernorm(hidden)
+    query = attn.q_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    key = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    value = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = rotary(x, position_ids)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    return query, key, value
+
+
+def attend(
+    layer: nn.Module, hidden: Tensor, query: Tensor, key: Tensor, value: Tensor,
+    past_key: Tensor, past_value: Tensor, mask: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The rest of a Llama layer after its q/k/v: SDPA over the cache, o_proj, MLP.
+
+    Returns the new hidden states and the layer's present key/value (past + new).
+    """
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    key = torch.cat([past_key, key], dim=2)
+    value = torch.cat([past_value, value], dim=2)
+    groups = attn.num_key_value_groups
+    out = F.scaled_dot_product_attention(
+        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=attn.scaling
+    )
+    hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+    return hidden, key, value
+
+
+class QKVProjection(nn.Module):
+    """Graph ``qkv_{g}``: q/k/v of decoder group ``g``'s first layer."""
+
+    def __init__(self, layer: nn.Module, rotary: nn.Module):
+        super().__init__()
+        self.layer = layer
+        self.rotary = rotary
+
+    def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return project_qkv(self.layer, self.rotary, hidden_states, position_ids)
+
+
+class LLMPrune(nn.Module):
+    """Graph ``prune_{s}``: an LLM-stage prune of the ``num_visual``-token block.
+
+    Scores come from the next layer's q/k on the unpruned sequence; the pruned sequence is
+    ``[text before, dominant, contextual, text after]`` with positions renumbered.
+    """
+
+    def __init__(self, stage: Stage, num_visual: int, scale: float):
+        super().__init__()
+        self.stage = stage
+        self.num_visual = num_visual
+        self.scale = scale
+
+    def forward(
+        self, hidden_states: Tensor, query: Tensor, key: Tensor, attention_mask: Tensor, image_offset: Tensor
+    ) -> tuple[Tensor, ...]:
+        """-> hidden_states, attention_mask, position_ids, kept_index, target_index, scores."""
+        positions = pruning.visual_positions(image_offset, self.num_visual)
+        scores = pruning.llm_scores(query, key, attention_mask, positions, self.scale)
+        visual = pruning.gather_rows(hidden_states, positions)
+        metric = pruning.heads_mean_metric(pruning.gather_positions(key, positions))
+        result = pruning.prune(scores, visual, metric, self.stage.dominant, self.stage.contextual)
+        hidden_states = pruning.splice(hidden_states, image_offset, self.num_visual, result.tokens)
+        kept_ones = torch.ones_like(result.kept_index[:, :1]).expand(-1, self.stage.total)
+        attention_mask = pruning.splice(attention_mask, image_offset, self.num_visual, kept_ones.to(attention_mask.dtype))
+        position_ids = positions_from_mask(attention_mask)
+        return hidden_states, attention_mask, position_ids, result.kept_index, result.target_index, scores
+
+
+class DecoderGroup(nn.Module):
+    """Graph ``decoder_{g}``: decoder layers ``[start, stop)``, the first one from its q/k/v.
+
+    ``past`` is ``(key_0, value_0, key_1, value_1, ...)`` for the group's layers, each
+    [B, H_kv, past_len, hd]; the outputs are the hidden states (or, for the last group,
+    the final-norm LM-head logits of the last position) then the presents in that order.
+    """
+
+    def __init__(self, layers: list[nn.Module], rotary: nn.Module, start: int, norm: nn.Module | None = None, lm_head: nn.Module | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.rotary = rotary
+        self.start = start
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(
+        self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
+        attention_mask: Tensor, position_ids: Tensor, *past: Tensor,
+    ) -> tuple[Tensor, ...]:
+        mask = causal_mask(attention_mask, hidden_states.shape[1])
+        presents: list[Tensor] = []
+        for index, layer in enumerate(self.layers):
+            if index > 0:
+                query, key, value = project_qkv(layer, self.rotary, hidden_states, position_ids)
+            hidden_states, key, value = attend(
+                layer, hidden_states, query, key, value, past[2 * index], past[2 * index + 1], mask
+            )
+            presents += [key, value]
+        if self.lm_head is not None:
+            hidden_states = self.lm_head(self.norm(hidden_states[:, -1])).float()
+        return (hidden_states, *presents)
+
+
+class VisionDropLlava(nn.Module):
+    """A loaded LLaVA cut into VisionDrop units for one schedule (weights are shared, not copied)."""
+
+    def __init__(self, llava: nn.Module, schedule: Schedule):
+        super().__init__()
+        text = llava.model.language_model
+        if len(text.layers) != schedule.num_layers:
+            raise ValueError(f"schedule is for {schedule.num_layers} layers, the decoder has {len(text.layers)}")
+        self.schedule = schedule
+        self.config = llava.config
+        self.embed_tokens = text.embed_tokens
+        self.vision = VisionEncoder(llava, schedule.vision)
+        groups = schedule.layer_groups()
+        self.qkv = nn.ModuleList(QKVProjection(text.layers[start], text.rotary_emb) for start, _ in groups)
+        scale = text.layers[0].self_attn.scaling
+        visual_counts = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+        self.prunes = nn.ModuleList(
+            LLMPrune(stage, visual_counts[i], scale) for i, stage in enumerate(schedule.llm_stages)
+        )
+        last = len(groups) - 1
+        self.groups = nn.ModuleList(
+            DecoderGroup(
+                list(text.layers[start:stop]), text.rotary_emb, start,
+                norm=text.norm if g == last else None, lm_head=llava.lm_head if g == last else None,
+            )
+            for g, (start, stop) in enumerate(groups)
+        )

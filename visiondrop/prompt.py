@@ -1,0 +1,84 @@
+"""Prompts and images in, model inputs out (LLaVA-1.5's conversation template)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from .errors import UserError
+
+PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded token ids with ``image_tokens`` placeholders starting at ``image_offset``."""
+
+    input_ids: Tensor  # [B, S] int64
+    attention_mask: Tensor  # [B, S] int64, 0 on the left padding
+    image_offset: Tensor  # [B] int64
+
+
+def build_prompts(
+    tokenizer, prompts: Sequence[str], image_tokens: int, image_token_id: int, pad_token_id: int
+) -> PromptBatch:
+    """Tokenise each prompt in the template and expand its ``<image>`` to ``image_tokens`` ids."""
+    rows = []
+    for prompt in prompts:
+        if IMAGE_PLACEHOLDER in prompt:
+            raise UserError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
+        ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt)).input_ids
+        if ids.count(image_token_id) != 1:
+            raise UserError(
+                f"the tokenizer does not map '{IMAGE_PLACEHOLDER}' to the model's image token id {image_token_id}: "
+                "use the tokenizer saved with the checkpoint"
+            )
+        at = ids.index(image_token_id)
+        rows.append((ids[:at] + [image_token_id] * image_tokens + ids[at + 1:], at))
+    length = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+    offsets = []
+    for row, (ids, at) in enumerate(rows):
+        pad = length - len(ids)
+        input_ids[row, pad:] = torch.tensor(ids)
+        attention_mask[row, pad:] = 1
+        offsets.append(pad + at)
+    return PromptBatch(input_ids, attention_mask, torch.tensor(offsets, dtype=torch.int64))
+
+
+def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
+    images = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"image {path} does not exist: pass the path of a PNG or JPEG file")
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"cannot read image {path} ({exc.__class__.__name__}): pass a PNG or JPEG file") from None
+    return images
+
+
+def random_images(count: int, seed: int, size: int = 336) -> list[Image.Image]:
+    """Fresh random RGB images (smooth blobs plus noise, so attention has structure)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        coarse = rng.uniform(0, 255, size=(6, 6, 3))
+        smooth = np.kron(coarse, np.ones((size // 6 + 1, size // 6 + 1, 1)))[:size, :size]
+        noise = rng.normal(0, 40, size=(size, size, 3))
+        images.append(Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)))
+    return images
+
+
+def pixel_values(image_processor, images: Sequence[Image.Image]) -> Tensor:
+    return image_processor(list(images), return_tensors="pt")["pixel_values"]

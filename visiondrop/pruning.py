@@ -1,0 +1,176 @@
+"""The VisionDrop math, once, as batched static-shape torch ops.
+
+Every function here takes ``[B, N, ...]`` tensors and Python-int counts. Output shapes depend
+only on the input shapes and the counts, there are no host syncs, per-sample loops,
+``nonzero`` or boolean-mask indexing: the ONNX exporter traces these same functions into
+static graphs, and the TensorRT plugins are checked against them. Scores, similarities and
+merge sums are computed in fp32 whatever the token dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class PruneResult:
+    """A stage's output tokens and what it chose, in the stage's input numbering."""
+
+    tokens: Tensor  # [B, k + c, D]: dominant (index order), then contextual (target order)
+    kept_index: Tensor  # [B, k] int64, ascending
+    target_index: Tensor  # [B, c] int64, ascending
+
+
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """``x[b, index[b, i]]`` for ``x`` of shape [B, N, D] and ``index`` [B, K] -> [B, K, D]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
+    """``x[b, h, positions[b, i]]`` for per-head ``x`` [B, H, S, hd] -> [B, H, V, hd]."""
+    index = positions[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+    return torch.gather(x, 2, index)
+
+
+def topk_order(scores: Tensor, k: int) -> Tensor:
+    """Permutation [B, N]: the top-``k`` indices ascending, then the other indices ascending.
+
+    Ties go to the lower index, on every backend: a token's rank is the number of tokens with
+    a higher score plus the number of equal-scored tokens before it, so ranks are a
+    permutation and ``rank < k`` selects exactly ``k``. Pure comparisons, sums and one
+    scatter of a permutation (no duplicate indices), which ONNX Runtime and TensorRT run
+    deterministically; ``torch.topk`` gives no such guarantee.
+    """
+    n = scores.shape[-1]
+    index = torch.arange(n, device=scores.device)
+    higher = scores.unsqueeze(-2) > scores.unsqueeze(-1)  # [B, i, j]: s_j > s_i
+    tied_before = (scores.unsqueeze(-2) == scores.unsqueeze(-1)) & (index[None, :] < index[:, None])
+    rank = (higher | tied_before).to(torch.int64).sum(-1)
+    kept = (rank < k).to(torch.int64)
+    destination = torch.where(kept.bool(), kept.cumsum(-1) - 1, k + (1 - kept).cumsum(-1) - 1)
+    return torch.zeros_like(destination).scatter(1, destination, index.expand_as(destination))
+
+
+def uniform_targets(num_rest: int, c: int) -> tuple[list[int], list[int]]:
+    """Contextual targets at stride ``max(1, R // c)`` (first ``c``) and the member positions."""
+    stride = max(1, num_rest // c)
+    targets = list(range(0, num_rest, stride))[:c]
+    chosen = set(targets)
+    return targets, [i for i in range(num_rest) if i not in chosen]
+
+
+def l2_normalize(x: Tensor) -> Tensor:
+    """Row-wise L2 normalisation in fp32, with no epsilon (as the reference)."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def contextual_merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """Fold ``R`` remaining tokens into ``c`` contextual ones.
+
+    Targets sit at a uniform stride; every other token joins the target of highest cosine
+    similarity (first target wins ties); a contextual token is the target's hidden state
+    plus the mean of its members (count clamped at 1): target + mean, the reference's quirk.
+    ``rest_metric`` must already be L2-normalised. Returns ``(tokens [B, c, D],
+    target positions [c] as a constant int64 tensor)``.
+    """
+    num_rest = rest_tokens.shape[1]
+    targets, members = uniform_targets(num_rest, c)
+    target_pos = torch.tensor(targets, dtype=torch.int64, device=rest_tokens.device)
+    target_tokens = rest_tokens[:, targets]
+    if not members:
+        return target_tokens, target_pos
+    member_metric = rest_metric[:, members]
+    similarity = member_metric @ rest_metric[:, targets].transpose(1, 2)  # [B, R - c, c]
+    assignment = similarity.argmax(-1)
+    one_hot = (assignment.unsqueeze(-1) == torch.arange(c, device=assignment.device)).float()
+    sums = one_hot.transpose(1, 2) @ rest_tokens[:, members].float()  # [B, c, D]
+    counts = one_hot.sum(1).clamp_min(1.0).unsqueeze(-1)
+    merged = target_tokens.float() + sums / counts
+    return merged.to(rest_tokens.dtype), target_pos
+
+
+def prune(scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int) -> PruneResult:
+    """One VisionDrop stage: top-``k`` dominant tokens, then ``c`` contextual ones.
+
+    ``scores`` [B, N] (higher is kept), ``tokens`` [B, N, D], ``metric`` [B, N, M] (raw: it
+    is L2-normalised here).
+    """
+    order = topk_order(scores, k)
+    kept_index, rest_index = order[:, :k], order[:, k:]
+    dominant = gather_rows(tokens, kept_index)
+    rest_metric = l2_normalize(gather_rows(metric, rest_index))
+    contextual, target_pos = contextual_merge(gather_rows(tokens, rest_index), rest_metric, c)
+    target_index = rest_index[:, target_pos]
+    return PruneResult(torch.cat([dominant, contextual], dim=1), kept_index, target_index)
+
+
+def vision_scores(query: Tensor, key: Tensor, scale: float) -> Tensor:
+    """Stage-0 scores [B, N]: the CLS query's softmax attention summed over heads.
+
+    ``query``/``key`` are [B, H, N, hd] with CLS at index 0. The CLS token scores +inf so
+    that it is always among the kept tokens (``k`` counts it).
+    """
+    logits = (query[:, :, :1].float() @ key.float().transpose(-1, -2)) * scale  # [B, H, 1, N]
+    attention = logits.softmax(-1).sum(1)[:, 0]  # [B, N]
+    cls = torch.full_like(attention[:, :1], float("inf"))
+    return torch.cat([cls, attention[:, 1:]], dim=1)
+
+
+def heads_mean_metric(key: Tensor) -> Tensor:
+    """Merge metric: key vectors [B, H, N, hd] averaged over heads -> [B, N, hd]."""
+    return key.float().mean(1)
+
+
+def visual_positions(image_offset: Tensor, num_visual: int) -> Tensor:
+    """Sequence positions [B, V] of the visual block that starts at ``image_offset`` [B]."""
+    return image_offset.unsqueeze(-1) + torch.arange(num_visual, device=image_offset.device)
+
+
+def llm_scores(
+    query: Tensor, key: Tensor, attention_mask: Tensor, positions: Tensor, scale: float
+) -> Tensor:
+    """LLM-stage scores [B, V]: visual-to-visual attention of the next layer.
+
+    ``query`` [B, H, S, hd] and ``key`` [B, H_kv, S, hd] are the next layer's RoPE-applied
+    projections of the current sequence, ``attention_mask`` [B, S] (1 = real token) and
+    ``positions`` [B, V] where the visual tokens sit. Visual queries attend to every key
+    (causal + padding mask), softmax in fp32, mean over heads, visual key columns kept, mean
+    over visual queries (masked entries count as zeros, as in the reference).
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    seq = key.shape[2]
+    visual_query = gather_positions(query, positions).float()  # [B, H, V, hd]
+    keys = key.float().repeat_interleave(heads // kv_heads, dim=1)
+    logits = (visual_query @ keys.transpose(-1, -2)) * scale  # [B, H, V, S]
+    key_index = torch.arange(seq, device=key.device)
+    allowed = (key_index <= positions.unsqueeze(-1)) & attention_mask.bool().unsqueeze(1)
+    logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    attention = logits.softmax(-1).mean(1)  # [B, V, S]
+    visual_columns = torch.gather(
+        attention, 2, positions.unsqueeze(1).expand(-1, positions.shape[1], -1)
+    )
+    return visual_columns.mean(1)
+
+
+def splice(sequence: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor) -> Tensor:
+    """Replace the ``num_visual``-long block at ``image_offset`` [B] by ``visual`` [B, V', ...].
+
+    Works on [B, S] and [B, S, D] tensors; per-sample offsets (left padding) are a gather.
+    """
+    new_visual = visual.shape[1]
+    new_len = sequence.shape[1] - num_visual + new_visual
+    pos = torch.arange(new_len, device=sequence.device).unsqueeze(0)
+    offset = image_offset.unsqueeze(-1)
+    source = torch.where(
+        pos < offset,
+        pos,
+        torch.where(pos < offset + new_visual, sequence.shape[1] + pos - offset, pos - new_visual + num_visual),
+    )
+    combined = torch.cat([sequence, visual], dim=1)
+    if combined.dim() == 2:
+        return torch.gather(combined, 1, source)
+    return gather_rows(combined, source)

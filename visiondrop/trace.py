@@ -1,0 +1,57 @@
+"""What ``generate --trace`` writes: everything a user needs to debug pruning."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .schedule import Schedule
+
+TOP_LOGITS = 20
+
+
+def stage_records(schedule: Schedule, vision_stage, llm_stages) -> list[dict[str, Any]]:
+    """Per stage: counts and, per sample, kept (dominant) and contextual target indices.
+
+    Indices are in the stage's own input numbering: the vision stage numbers CLS 0 and
+    patch p as p + 1; an LLM stage numbers the visual tokens it received, in order.
+    """
+    if schedule.is_full:
+        return []
+    inputs = [schedule.num_patches + 1] + [s.total for s in schedule.stages[:-1]]
+    traces = [vision_stage, *llm_stages]
+    records = []
+    for stage, count, trace in zip(schedule.stages, inputs, traces):
+        records.append({
+            "name": "vision" if stage.is_vision else f"after_layer_{stage.after_layer}",
+            "after_layer": stage.after_layer,
+            "input_tokens": count,
+            "dominant": stage.dominant,
+            "contextual": stage.contextual,
+            "kept_index": trace.kept_index.tolist(),
+            "target_index": trace.target_index.tolist(),
+        })
+    return records
+
+
+def top_logits(logits, count: int = TOP_LOGITS) -> list[dict[str, list]]:
+    values, ids = logits.float().topk(count, dim=-1)
+    return [{"ids": i.tolist(), "values": v.tolist()} for i, v in zip(ids, values)]
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
