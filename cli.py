@@ -49,6 +49,43 @@ def progress(message: str) -> None:
     click.echo(message, err=True)
 
 
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU: use --device cpu")
+
+
+def model_schedule(loaded, budget, schedule):
+    from visiondrop.schedule import resolve_schedule
+
+    vision = loaded.config.vision_config
+    num_patches = (vision.image_size // vision.patch_size) ** 2
+    return resolve_schedule(budget, schedule, loaded.config.text_config.num_hidden_layers, num_patches)
+
+
+def open_torch(model: str, budget, schedule, device: str):
+    """(backend, processor, source) for the PyTorch pipeline."""
+    from runtime.torch_backend import TorchBackend
+    from visiondrop.loading import load_model
+
+    check_device(device)
+    progress(f"loading {model} ...")
+    loaded = load_model(model, device=device)
+    return TorchBackend(loaded, model_schedule(loaded, budget, schedule)), loaded.processor, loaded.source
+
+
+def open_artifacts(directory: Path, provider: str):
+    """(backend, processor, source) for an exported artifact folder on ONNX Runtime."""
+    from transformers import AutoProcessor
+
+    from runtime.ort_backend import OrtBackend
+
+    progress(f"loading artifacts {directory} ...")
+    backend = OrtBackend(directory, provider=provider)
+    return backend, AutoProcessor.from_pretrained(directory), backend.manifest.model["source"]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli() -> None:
     """VisionDrop Edge: prune LLaVA's visual tokens to a fixed budget and deploy it.
@@ -77,7 +114,9 @@ def tiny(out: Path, force: bool) -> None:
 
 
 @cli.command()
-@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@click.option("--model", default=None, help=MODEL_HELP + " Default: tiny.")
+@click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Run an exported artifact folder with ONNX Runtime instead of PyTorch.")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --artifacts.")
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image file; repeat for a batch.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one for all images or one per image.")
 @click.option("--budget", default=None, help=BUDGET_HELP)
@@ -87,39 +126,36 @@ def tiny(out: Path, force: bool) -> None:
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, ids) as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the answers.")
 @user_errors
-def generate(model, images, prompts, budget, schedule, max_new_tokens, device, trace_path, as_json) -> None:
-    """Answer a question about an image with VisionDrop pruning (greedy decoding)."""
-    import torch
+def generate(model, artifacts, provider, images, prompts, budget, schedule, max_new_tokens, device, trace_path, as_json) -> None:
+    """Answer a question about an image with VisionDrop pruning (greedy decoding).
 
+    Runs the PyTorch pipeline on --model, or the exported graphs in --artifacts with ONNX Runtime.
+    """
     from runtime.generate import greedy_generate
-    from runtime.torch_backend import TorchBackend, pad_token_id
-    from visiondrop.loading import load_model
     from visiondrop.prompt import build_prompts, load_images, pixel_values
-    from visiondrop.schedule import resolve_schedule
     from visiondrop.trace import stage_records, top_logits, write_json
 
     if len(prompts) not in (1, len(images)):
         raise UserError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU: use --device cpu")
     pil_images = load_images(images)
-    progress(f"loading {model} ...")
-    loaded = load_model(model, device=device)
-    text = loaded.config.text_config
-    num_patches = (loaded.config.vision_config.image_size // loaded.config.vision_config.patch_size) ** 2
-    plan = resolve_schedule(budget, schedule, text.num_hidden_layers, num_patches)
-    backend = TorchBackend(loaded, plan)
+    if artifacts is not None:
+        if model is not None or budget is not None or schedule is not None:
+            raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
+        backend, processor, source = open_artifacts(artifacts, provider)
+    else:
+        backend, processor, source = open_torch(model or "tiny", budget, schedule, device)
+    plan = backend.spec.schedule
     batch = build_prompts(
-        loaded.tokenizer, list(prompts) * (len(images) // len(prompts)), plan.image_tokens,
-        loaded.config.image_token_id, pad_token_id(loaded.tokenizer),
+        processor.tokenizer, list(prompts) * (len(images) // len(prompts)), plan.image_tokens,
+        backend.spec.image_token_id, backend.spec.pad_token_id,
     )
-    pixels = pixel_values(loaded.processor.image_processor, pil_images)
-    progress(f"generating with schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer)")
+    pixels = pixel_values(processor.image_processor, pil_images)
+    progress(f"generating on {backend.name} with schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer)")
     result = greedy_generate(backend, pixels, batch, max_new_tokens)
-    answers = loaded.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
+    answers = processor.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
     if trace_path is not None:
         write_json(trace_path, {
-            "model": loaded.source,
+            "model": source,
             "backend": backend.name,
             "schedule": plan.to_dict(),
             "prompts": list(prompts),
@@ -137,6 +173,108 @@ def generate(model, images, prompts, budget, schedule, max_new_tokens, device, t
     else:
         for answer in answers:
             click.echo(answer)
+
+
+def parse_int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{option} takes positive integers separated by commas, e.g. 1,2 (got '{text}')")
+    return values
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(headers, *rows)]
+    for line in [headers, ["-" * w for w in widths], *rows]:
+        click.echo("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+
+
+@cli.command()
+@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@click.option("--budget", default=None, help=BUDGET_HELP)
+@click.option("--schedule", default=None, help=SCHEDULE_HELP)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Artifact folder. Default: artifacts/<model>-<budget>.")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weight and activation precision of the graphs.")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (17 is what TensorRT 10.3 / JetPack 6 parses).")
+@click.option("--max-seq-len", default=2048, show_default=True, type=int, help="Longest prompt + generation the artifacts are meant for (recorded for engine builds).")
+@click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest's summary as JSON.")
+@user_errors
+def export(model, budget, schedule, out, dtype, opset, max_seq_len, force, as_json) -> None:
+    """Export fixed-budget ONNX graphs (vision, per-group decoder, prune) and a manifest.
+
+    The folder holds one graph per pipeline unit, the text-embedding table, the tokenizer and
+    image processor, and manifest.json (model hash, schedule, files' sha256, I/O contract,
+    tool versions, validation tolerances). It is written to a temporary folder and renamed,
+    so an interrupted export leaves nothing half-written.
+    """
+    from export.onnx_export import EXPORT_DTYPES, ExportOptions, export_artifacts
+    from visiondrop.loading import load_model
+
+    options = ExportOptions(dtype=dtype, opset=opset, max_seq_len=max_seq_len)
+    progress(f"loading {model} ...")
+    loaded = load_model(model, dtype=EXPORT_DTYPES[dtype])
+    plan = model_schedule(loaded, budget, schedule)
+    if out is None:
+        label = "full" if plan.is_full else (budget or ("custom" if schedule else "128"))
+        out = Path("artifacts") / f"{Path(loaded.source).name}-{label}"
+    progress(f"schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer) -> {out}")
+    manifest = export_artifacts(loaded, plan, out, options, force=force, progress=progress)
+    rows = []
+    for entry in manifest.graphs:
+        size = (out / entry.file).stat().st_size + ((out / entry.external_data).stat().st_size if entry.external_data else 0)
+        first = entry.outputs[0]
+        rows.append([entry.name, entry.role, f"{size / 2**20:.1f} MB", f"{first['name']} {first['shape']}"])
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "schedule": plan.describe(), "graphs": [g.to_dict() for g in manifest.graphs],
+                               "files": manifest.files}))
+        return
+    print_table(["graph", "role", "size", "main output"], rows)
+    click.echo(f"wrote {len(manifest.files) + 1} files to {out} (manifest: {out / 'manifest.json'})")
+
+
+@cli.command()
+@click.option("--artifacts", type=click.Path(path_type=Path), required=True, help="Artifact folder written by export.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the report as JSON.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Also compare on this image (repeatable).")
+@click.option("--batch", default="1,2", show_default=True, help="Batch sizes of the random-image cases.")
+@click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(1, 1024), help="Greedy tokens to compare.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random images.")
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider.")
+@click.option("--device", default="cpu", show_default=True, help="Torch device of the PyTorch reference.")
+@user_errors
+def validate(artifacts, json_path, images, batch, new_tokens, seed, provider, device) -> None:
+    """Compare the exported graphs with the PyTorch pipeline, stage by stage.
+
+    Each graph gets the inputs its PyTorch unit saw (vision embeddings, kept/target indices of
+    every stage, pruned sequences, q/k/v, KV caches, prefill logits), then greedy generation
+    runs end to end (every decode step's logits; token ids must be identical). Exits 1 if any
+    check fails.
+    """
+    from export.validate import validate_artifacts
+    from visiondrop.trace import write_json
+
+    check_device(device)
+    report = validate_artifacts(
+        artifacts, images=images, batch_sizes=parse_int_list(batch, "--batch"), new_tokens=new_tokens,
+        seed=seed, provider=provider, device=device, progress=progress,
+    )
+    rows = []
+    for c in report.checks.values():
+        errors = ["exact", "-", "-"] if c.kind == "exact" else [f"{c.max_abs_err:.3g}", f"{c.max_rel_err:.3g}", f"{c.cosine:.7f}"]
+        result = ("pass" if c.passed else "FAIL") if c.gated else ("info: agrees" if c.passed else "info: differs")
+        rows.append([c.name, *errors, result, c.detail])
+    print_table(["check", "max abs err", "max rel err", "cosine", "result", "detail"], rows)
+    verdict = "PASSED" if report.passed else "FAILED"
+    gated = [c for c in report.checks.values() if c.gated]
+    click.echo(f"{verdict}: {sum(c.passed for c in gated)}/{len(gated)} gated checks, "
+               f"tolerance {report.tolerance['relative']:g} relative ({report.dtype}, {report.provider})")
+    if json_path is not None:
+        write_json(json_path, report.to_dict())
+    if not report.passed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

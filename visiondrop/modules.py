@@ -31,16 +31,20 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def causal_mask(attention_mask: Tensor, query_len: int) -> Tensor:
-    """Boolean [B, 1, S, T] mask: causal over a cache of ``T - S`` past tokens, pads hidden.
+def causal_mask(attention_mask: Tensor, query_len: int, dtype: torch.dtype) -> Tensor:
+    """Additive [B, 1, S, T] mask in ``dtype``: causal over ``T - S`` cached tokens, pads hidden.
 
-    A padded query row still sees itself, so no row is fully masked (no NaN in SDPA).
+    A padded query row still sees itself, so no row is fully masked (no NaN in SDPA). The
+    mask is additive in the activations' dtype (not boolean) so that the exported graph
+    keeps attention in that dtype.
     """
     total = attention_mask.shape[1]
     key_pos = torch.arange(total, device=attention_mask.device)
     query_pos = key_pos[total - query_len:].unsqueeze(-1)
     allowed = (key_pos <= query_pos).unsqueeze(0) & attention_mask.bool().unsqueeze(1)
-    return (allowed | (key_pos == query_pos)).unsqueeze(1)
+    allowed = (allowed | (key_pos == query_pos)).unsqueeze(1)
+    zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 # --------------------------------------------------------------------------- vision
@@ -197,7 +201,7 @@ class DecoderGroup(nn.Module):
         self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
         attention_mask: Tensor, position_ids: Tensor, *past: Tensor,
     ) -> tuple[Tensor, ...]:
-        mask = causal_mask(attention_mask, hidden_states.shape[1])
+        mask = causal_mask(attention_mask, hidden_states.shape[1], hidden_states.dtype)
         presents: list[Tensor] = []
         for index, layer in enumerate(self.layers):
             if index > 0:

@@ -144,7 +144,8 @@ def llm_scores(
     heads, kv_heads = query.shape[1], key.shape[1]
     seq = key.shape[2]
     visual_query = gather_positions(query, positions).float()  # [B, H, V, hd]
-    keys = key.float().repeat_interleave(heads // kv_heads, dim=1)
+    batch, _, _, head_dim = key.shape
+    keys = key.float()[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, head_dim).reshape(batch, heads, seq, head_dim)
     logits = (visual_query @ keys.transpose(-1, -2)) * scale  # [B, H, V, S]
     key_index = torch.arange(seq, device=key.device)
     allowed = (key_index <= positions.unsqueeze(-1)) & attention_mask.bool().unsqueeze(1)

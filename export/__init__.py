@@ -1,0 +1,1 @@
+"""ONNX export of the VisionDrop pipeline, the artifact manifest, and parity validation."""

@@ -1,0 +1,259 @@
+"""Export a LLaVA checkpoint + schedule to fixed-budget ONNX graphs.
+
+One graph per pipeline unit (see ``visiondrop/modules.py``): ``vision_encoder`` (stage-0
+prune inside), and per decoder group ``g`` a ``qkv_{g}`` graph (the group's first layer up to
+RoPE-applied q/k/v) and a ``decoder_{g}`` graph (the rest of the group; the last one ends in
+the LM head), with a weightless ``prune_{s}`` graph before every group but the first. Every
+weight is stored once on disk and loaded once: prefill and decode run the same graphs, and
+the prune scores with the q/k that ``qkv_{g}`` computes on the unpruned sequence.
+
+Only batch, sequence and past lengths are dynamic axes; every visual-token count is a
+constant. Graphs are opset 17 / IR version 10 (what TensorRT 10.3 on JetPack 6 parses) and
+use external data once a graph's weights pass 2 GB.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from runtime.base import ModelSpec
+from visiondrop.errors import UserError
+from visiondrop.loading import LoadedModel, write_atomically
+from visiondrop.modules import VisionDropLlava
+from visiondrop.schedule import Schedule
+
+from .graph_checks import data_dependent_shapes
+from .manifest import GraphEntry, Manifest
+
+EMBED_FILE = "embed_tokens.safetensors"
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph itself
+
+# What validate applies, per export dtype. Float tensors: relative to the reference tensor's
+# scale (max |a - b| <= rel * max |b|), each exported graph fed the inputs its PyTorch unit
+# saw. fp32: kernels differ only in summation order (measured <= 6e-6 per graph and 3e-5 end
+# to end on the tiny model), so 1e-4 leaves a 3x+ margin end to end. fp16: one rounding is
+# 2^-11 = 4.9e-4 relative and attention/MLP chains compound it (measured <= 1.2e-2 on the
+# tiny model's vision embeddings, whose random attention is sharp), so 3e-2. Indices are
+# exact in both: the prune math runs in fp32 on the same inputs. End to end (greedy tokens
+# and every step's logits) is gated in fp32 only: in fp16 a last-bit difference may
+# legitimately flip a near-tied top-k choice or argmax, after which the runs diverge, so
+# fp16 end-to-end agreement is reported, not gated.
+TOLERANCES = {
+    "fp32": {"relative": 1e-4, "end_to_end_gated": True,
+             "why": "fp32 kernels differ only in summation order"},
+    "fp16": {"relative": 3e-2, "end_to_end_gated": False,
+             "why": "fp16 rounding (4.9e-4 per op) compounds through the layers; near-tied prune "
+                    "choices may flip end to end, so end-to-end agreement is reported, not gated"},
+}
+
+B, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", "pruned_sequence_length"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"
+    opset: int = 17
+    ir_version: int = 10
+    max_seq_len: int = 2048
+    external_data: str = "auto"  # auto (over 2 GB of weights) | always
+
+    def __post_init__(self):
+        if self.dtype not in EXPORT_DTYPES:
+            raise UserError(f"--dtype {self.dtype} is not supported: use fp32 or fp16")
+        if self.opset < 17:
+            raise UserError(f"--opset {self.opset} is too old: the graphs need opset 17 or newer")
+
+
+@dataclass
+class GraphSpec:
+    """A unit to trace: example inputs by name, output names, and the dynamic axes."""
+
+    name: str
+    role: str
+    index: int
+    module: nn.Module
+    inputs: dict[str, Tensor]
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]]
+
+
+def kv_names(prefix: str, layers: range) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in layers for kind in ("key", "value")]
+
+
+def graph_specs(pipeline: VisionDropLlava, spec: ModelSpec) -> list[GraphSpec]:
+    """Every graph of the pipeline with example inputs (batch 2, so no axis specialises)."""
+    dtype = spec.torch_dtype
+    schedule = pipeline.schedule
+    text = pipeline.config.text_config
+    heads, kv_heads, head_dim, hidden = text.num_attention_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    batch = 2
+    size = spec.image_size
+    graphs = [
+        GraphSpec(
+            "vision_encoder", "vision", 0, pipeline.vision,
+            {"pixel_values": torch.randn(batch, 3, size, size, dtype=dtype)},
+            ["image_embeds"] + ([] if schedule.is_full else ["kept_index", "target_index", "scores"]),
+            {"pixel_values": {0: B}, "image_embeds": {0: B}, "kept_index": {0: B}, "target_index": {0: B}, "scores": {0: B}},
+        )
+    ]
+    visual_counts = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+    for g, (start, stop) in enumerate(schedule.layer_groups()):
+        seq = 7
+        graphs.append(GraphSpec(
+            f"qkv_{g}", "qkv", g, pipeline.qkv[g],
+            {"hidden_states": torch.randn(batch, seq, hidden, dtype=dtype),
+             "position_ids": torch.arange(seq).expand(batch, seq).contiguous()},
+            ["query", "key", "value"],
+            {"hidden_states": {0: B, 1: SEQ}, "position_ids": {0: B, 1: SEQ},
+             "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ}},
+        ))
+        if g > 0:
+            seq = visual_counts[g - 1] + 9
+            mask = torch.ones(batch, seq, dtype=torch.int64)
+            mask[0, :2] = 0
+            graphs.append(GraphSpec(
+                f"prune_{g - 1}", "prune", g - 1, pipeline.prunes[g - 1],
+                {"hidden_states": torch.randn(batch, seq, hidden, dtype=dtype),
+                 "query": torch.randn(batch, heads, seq, head_dim, dtype=dtype),
+                 "key": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+                 "attention_mask": mask, "image_offset": torch.tensor([4, 3])},
+                ["pruned_hidden_states", "pruned_attention_mask", "pruned_position_ids", "kept_index", "target_index", "scores"],
+                {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ},
+                 "attention_mask": {0: B, 1: SEQ}, "image_offset": {0: B},
+                 "pruned_hidden_states": {0: B, 1: PRUNED}, "pruned_attention_mask": {0: B, 1: PRUNED},
+                 "pruned_position_ids": {0: B, 1: PRUNED}, "kept_index": {0: B}, "target_index": {0: B}, "scores": {0: B}},
+            ))
+        seq, past = 5, 3
+        layers = range(start, stop)
+        inputs = {
+            "hidden_states": torch.randn(batch, seq, hidden, dtype=dtype),
+            "query": torch.randn(batch, heads, seq, head_dim, dtype=dtype),
+            "key": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+            "value": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+            "attention_mask": torch.ones(batch, past + seq, dtype=torch.int64),
+            "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+        }
+        inputs.update({name: torch.randn(batch, kv_heads, past, head_dim, dtype=dtype) for name in kv_names("past_key_values", layers)})
+        last = g == len(schedule.layer_groups()) - 1
+        out_name = "logits" if last else "hidden_states_out"
+        dynamic = {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ},
+                   "attention_mask": {0: B, 1: TOTAL}, "position_ids": {0: B, 1: SEQ},
+                   out_name: {0: B} if last else {0: B, 1: SEQ}}
+        dynamic.update({name: {0: B, 2: PAST} for name in kv_names("past_key_values", layers)})
+        dynamic.update({name: {0: B, 2: TOTAL} for name in kv_names("present", layers)})
+        graphs.append(GraphSpec(f"decoder_{g}", "decoder", g, pipeline.groups[g], inputs,
+                                [out_name] + kv_names("present", layers), dynamic))
+    return graphs
+
+
+def _value_info(value: onnx.ValueInfoProto) -> dict:
+    tensor = value.type.tensor_type
+    dims = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": dims}
+
+
+def _set_shape(value: onnx.ValueInfoProto, shape: list[int | str]) -> None:
+    dims = value.type.tensor_type.shape.dim
+    for dim, size in zip(dims, shape):
+        dim.Clear()
+        if isinstance(size, str):
+            dim.dim_param = size
+        else:
+            dim.dim_value = size
+
+
+def _finalize(model: onnx.ModelProto, graph: GraphSpec, reference: tuple[Tensor, ...], options: ExportOptions, metadata: dict[str, str]) -> onnx.ModelProto:
+    """Name every axis: dynamic ones by the contract, all others fixed to their traced size."""
+    model.ir_version = options.ir_version
+    model.producer_name, model.producer_version = "visiondrop-edge", "0.1.0"
+    for values, tensors in ((model.graph.input, [graph.inputs[v.name] for v in model.graph.input]), (model.graph.output, reference)):
+        for value, tensor in zip(values, tensors):
+            axes = graph.dynamic.get(value.name, {})
+            _set_shape(value, [axes.get(i, size) for i, size in enumerate(tensor.shape)])
+    del model.graph.value_info[:]
+    onnx.helper.set_model_props(model, metadata)
+    return model
+
+
+def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: ExportOptions, metadata: dict[str, str]) -> GraphEntry:
+    """Trace one unit to ``directory/<name>.onnx`` and check it."""
+    args = tuple(graph.inputs.values())
+    with torch.no_grad():
+        reference = graph.module(*args)
+    traced = scratch / graph.name / f"{graph.name}.onnx"
+    traced.parent.mkdir(parents=True)
+    torch.onnx.export(
+        graph.module, args, str(traced), dynamo=False, opset_version=options.opset,
+        input_names=list(graph.inputs), output_names=graph.outputs, dynamic_axes=graph.dynamic,
+        do_constant_folding=True,
+    )
+    model = _finalize(onnx.load(str(traced)), graph, reference, options, metadata)
+    problems = data_dependent_shapes(model)
+    if problems:
+        raise RuntimeError(f"{graph.name} is not static-shaped: " + "; ".join(problems))
+    weights = sum(t.ByteSize() for t in model.graph.initializer)
+    target = directory / f"{graph.name}.onnx"
+    external = options.external_data == "always" or weights > EXTERNAL_DATA_BYTES
+    data_name = f"{graph.name}.onnx.data" if external else None
+    onnx.save_model(model, str(target), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    onnx.checker.check_model(str(target), full_check=True)  # by path: works past 2 GB; runs shape inference too
+    return GraphEntry(
+        name=graph.name, file=target.name, role=graph.role, index=graph.index,
+        inputs=[_value_info(v) for v in model.graph.input], outputs=[_value_info(v) for v in model.graph.output],
+        external_data=data_name,
+    )
+
+
+def export_artifacts(
+    loaded: LoadedModel, schedule: Schedule, out: Path, options: ExportOptions, force: bool = False,
+    progress: Callable[[str], None] = lambda message: None,
+) -> Manifest:
+    """Write the whole artifact folder atomically (temp folder, then rename)."""
+    from runtime.torch_backend import pad_token_id
+
+    dtype = EXPORT_DTYPES[options.dtype]
+    model = loaded.model
+    if next(model.parameters()).dtype != dtype:
+        raise ValueError(f"load the model in {options.dtype} to export it in {options.dtype}")
+    text = loaded.config.text_config
+    if options.max_seq_len > text.max_position_embeddings:
+        raise UserError(f"--max-seq-len {options.max_seq_len} exceeds the model's {text.max_position_embeddings} positions")
+    min_len = schedule.image_tokens + 8
+    if options.max_seq_len < min_len:
+        raise UserError(f"--max-seq-len {options.max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a prompt: use at least {min_len}")
+    spec = ModelSpec.from_config(loaded.config, schedule, dtype, pad_token_id(loaded.tokenizer))
+    pipeline = VisionDropLlava(model, schedule).eval()
+    graphs = graph_specs(pipeline, spec)
+    metadata = {"visiondrop.schedule": schedule.describe(), "visiondrop.model": loaded.source}
+    manifest = Manifest(
+        model={"source": loaded.source, "content_hash": loaded.content_hash,
+               "architecture": "LlavaForConditionalGeneration", "text_model_type": text.model_type},
+        spec=spec.to_dict(),
+        export={"mode": "portable", **asdict(options), "embed_tokens": EMBED_FILE,
+                "kv_cache_layout": "[batch_size, num_kv_heads, sequence, head_dim] per layer; "
+                                   "each decoder group's cache has its own length"},
+        graphs=[], tolerances=TOLERANCES[options.dtype],
+    )
+
+    def fill(directory: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="visiondrop-trace-") as scratch:
+            for number, graph in enumerate(graphs, 1):
+                progress(f"[{number}/{len(graphs)}] exporting {graph.name} ...")
+                manifest.graphs.append(export_graph(graph, directory, Path(scratch), options, metadata))
+        save_file({"weight": pipeline.embed_tokens.weight.detach().contiguous()}, directory / EMBED_FILE)
+        loaded.processor.save_pretrained(directory)
+        manifest.write(directory)
+
+    write_atomically(out, fill, force=force)
+    return manifest

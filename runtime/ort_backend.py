@@ -1,0 +1,84 @@
+"""ONNX Runtime backend over an artifact folder (CPU by default, CUDA EP with onnxruntime-gpu).
+
+Tensors cross into ONNX Runtime as numpy arrays. That is free on the CPU provider; with the
+CUDA provider every unit call copies through the host, so this backend is for portability
+and validation, and the TensorRT backend is the fast path on a GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor
+
+from visiondrop.errors import UserError
+
+from .base import Backend, ModelSpec
+
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def resolve_providers(provider: str) -> list[str]:
+    """``auto`` takes CUDA when onnxruntime-gpu can use it, else CPU."""
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if provider == "auto":
+        provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+    if provider not in PROVIDERS:
+        raise UserError(f"unknown ONNX Runtime provider '{provider}': use auto, cpu or cuda")
+    if PROVIDERS[provider][0] not in available:
+        raise UserError(
+            f"ONNX Runtime here has no {PROVIDERS[provider][0]} (available: {', '.join(available)}): "
+            "install onnxruntime-gpu on a CUDA machine, or use --provider cpu"
+        )
+    return PROVIDERS[provider]
+
+
+class OrtBackend(Backend):
+    """Runs the exported graphs of an artifact folder."""
+
+    name = "ort"
+
+    def __init__(self, directory: str | Path, provider: str = "auto", verify: bool = True, manifest=None):
+        import onnxruntime
+
+        from export.manifest import read_manifest
+
+        self.directory = Path(directory)
+        self.manifest = manifest or read_manifest(self.directory, verify=verify)
+        self.spec = ModelSpec.from_dict(self.manifest.spec)
+        self.device = torch.device("cpu")
+        self.providers = resolve_providers(provider)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        self.sessions = {
+            entry.name: onnxruntime.InferenceSession(str(self.directory / entry.file), options, providers=self.providers)
+            for entry in self.manifest.graphs
+        }
+        self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}
+        self.embed_table = load_file(self.directory / self.manifest.export["embed_tokens"])["weight"]
+
+    def _run(self, graph: str, *tensors: Tensor) -> list[Tensor]:
+        feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.inputs[graph], tensors)}
+        return [torch.from_numpy(out) for out in self.sessions[graph].run(None, feeds)]
+
+    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        return tuple(self._run("vision_encoder", pixel_values.to(self.spec.torch_dtype)))
+
+    def run_embed(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids.cpu(), self.embed_table)
+
+    def run_qkv(self, group, hidden_states, position_ids):
+        return tuple(self._run(f"qkv_{group}", hidden_states, position_ids))
+
+    def run_prune(self, stage, hidden_states, query, key, attention_mask, image_offset):
+        return tuple(self._run(f"prune_{stage}", hidden_states, query, key, attention_mask, image_offset))
+
+    def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
+        out, *presents = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
+        return out, presents
