@@ -199,10 +199,11 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weight and activation precision of the graphs.")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (17 is what TensorRT 10.3 / JetPack 6 parses).")
 @click.option("--max-seq-len", default=2048, show_default=True, type=int, help="Longest prompt + generation the artifacts are meant for (recorded for engine builds).")
+@click.option("--plugins", is_flag=True, help="Emit each prune's select and merge as one TensorRT plugin node each (VisionDropSelect/VisionDropMerge, namespace visiondrop).")
 @click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest's summary as JSON.")
 @user_errors
-def export(model, budget, schedule, out, dtype, opset, max_seq_len, force, as_json) -> None:
+def export(model, budget, schedule, out, dtype, opset, max_seq_len, plugins, force, as_json) -> None:
     """Export fixed-budget ONNX graphs (vision, per-group decoder, prune) and a manifest.
 
     The folder holds one graph per pipeline unit, the text-embedding table, the tokenizer and
@@ -213,13 +214,13 @@ def export(model, budget, schedule, out, dtype, opset, max_seq_len, force, as_js
     from export.onnx_export import EXPORT_DTYPES, ExportOptions, export_artifacts
     from visiondrop.loading import load_model
 
-    options = ExportOptions(dtype=dtype, opset=opset, max_seq_len=max_seq_len)
+    options = ExportOptions(dtype=dtype, opset=opset, max_seq_len=max_seq_len, plugins=plugins)
     progress(f"loading {model} ...")
     loaded = load_model(model, dtype=EXPORT_DTYPES[dtype])
     plan = model_schedule(loaded, budget, schedule)
     if out is None:
         label = "full" if plan.is_full else (budget or ("custom" if schedule else "128"))
-        out = Path("artifacts") / f"{Path(loaded.source).name}-{label}"
+        out = Path("artifacts") / f"{Path(loaded.source).name}-{label}{'-plugins' if plugins else ''}"
     progress(f"schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer) -> {out}")
     manifest = export_artifacts(loaded, plan, out, options, force=force, progress=progress)
     rows = []

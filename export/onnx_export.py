@@ -24,10 +24,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from plugins_trt import MERGE_OP, PLUGIN_LIBRARY, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP
+from plugins_trt.onnx_ops import PLUGIN_OPS
 from runtime.base import ModelSpec
 from visiondrop.errors import UserError
 from visiondrop.loading import LoadedModel, write_atomically
 from visiondrop.modules import VisionDropLlava
+from visiondrop.pruning import REFERENCE_OPS
 from visiondrop.schedule import Schedule
 
 from .graph_checks import data_dependent_shapes
@@ -65,6 +68,7 @@ class ExportOptions:
     ir_version: int = 10
     max_seq_len: int = 2048
     external_data: str = "auto"  # auto (over 2 GB of weights) | always
+    plugins: bool = False  # select/merge as TensorRT plugin nodes instead of standard ops
 
     def __post_init__(self):
         if self.dtype not in EXPORT_DTYPES:
@@ -195,7 +199,7 @@ def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: Expo
     torch.onnx.export(
         graph.module, args, str(traced), dynamo=False, opset_version=options.opset,
         input_names=list(graph.inputs), output_names=graph.outputs, dynamic_axes=graph.dynamic,
-        do_constant_folding=True,
+        do_constant_folding=True, custom_opsets={PLUGIN_NAMESPACE: 1} if options.plugins else None,
     )
     model = _finalize(onnx.load(str(traced)), graph, reference, options, metadata)
     problems = data_dependent_shapes(model)
@@ -233,14 +237,16 @@ def export_artifacts(
     if options.max_seq_len < min_len:
         raise UserError(f"--max-seq-len {options.max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a prompt: use at least {min_len}")
     spec = ModelSpec.from_config(loaded.config, schedule, dtype, pad_token_id(loaded.tokenizer))
-    pipeline = VisionDropLlava(model, schedule).eval()
+    pipeline = VisionDropLlava(model, schedule, PLUGIN_OPS if options.plugins else REFERENCE_OPS).eval()
     graphs = graph_specs(pipeline, spec)
     metadata = {"visiondrop.schedule": schedule.describe(), "visiondrop.model": loaded.source}
     manifest = Manifest(
         model={"source": loaded.source, "content_hash": loaded.content_hash,
                "architecture": "LlavaForConditionalGeneration", "text_model_type": text.model_type},
         spec=spec.to_dict(),
-        export={"mode": "portable", **asdict(options), "embed_tokens": EMBED_FILE,
+        export={"mode": "plugins" if options.plugins else "portable", **asdict(options), "embed_tokens": EMBED_FILE,
+                "plugins": {"library": PLUGIN_LIBRARY, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                            "ops": [SELECT_OP, MERGE_OP]} if options.plugins else None,
                 "kv_cache_layout": "[batch_size, num_kv_heads, sequence, head_dim] per layer; "
                                    "each decoder group's cache has its own length"},
         graphs=[], tolerances=TOLERANCES[options.dtype],

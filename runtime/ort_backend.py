@@ -56,12 +56,32 @@ class OrtBackend(Backend):
         self.providers = resolve_providers(provider)
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        plugins = self.manifest.export.get("mode") == "plugins"
+        if plugins:
+            from plugins_trt.ort_ops import custom_ops_library
+
+            options.register_custom_ops_library(custom_ops_library())
         self.sessions = {
-            entry.name: onnxruntime.InferenceSession(str(self.directory / entry.file), options, providers=self.providers)
+            entry.name: onnxruntime.InferenceSession(self._graph(entry, plugins), options, providers=self.providers)
             for entry in self.manifest.graphs
         }
         self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}
         self.embed_table = load_file(self.directory / self.manifest.export["embed_tokens"])["weight"]
+
+    def _graph(self, entry, plugins: bool) -> str | bytes:
+        """The graph's path, or for plugin-mode artifacts the graph adapted to ONNX Runtime's Python ops."""
+        path = self.directory / entry.file
+        if not plugins:
+            return str(path)
+        import onnx
+
+        from plugins_trt.ort_ops import ort_model
+
+        token_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(self.spec.dtype))
+        model = ort_model(onnx.load(str(path)), token_dtype)
+        if model.ByteSize() >= 2**31:
+            raise UserError(f"{entry.file} is over 2 GB: run plugin-mode artifacts of this size with TensorRT, not ONNX Runtime")
+        return model.SerializeToString()
 
     def _run(self, graph: str, *tensors: Tensor) -> list[Tensor]:
         feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.inputs[graph], tensors)}

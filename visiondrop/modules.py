@@ -55,7 +55,7 @@ class VisionEncoder(nn.Module):
     feature selection (``default`` drops CLS).
     """
 
-    def __init__(self, llava: nn.Module, stage: Stage | None):
+    def __init__(self, llava: nn.Module, stage: Stage | None, ops: tuple = pruning.REFERENCE_OPS):
         super().__init__()
         config = llava.config
         tower = llava.model.vision_tower
@@ -69,6 +69,7 @@ class VisionEncoder(nn.Module):
         self.layers = nn.ModuleList(layers[:depth])
         self.projector = llava.model.multi_modal_projector
         self.stage = stage
+        self.ops = ops
         self.drop_cls = config.vision_feature_select_strategy == "default"
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
@@ -85,7 +86,7 @@ class VisionEncoder(nn.Module):
         hidden, query, key = _clip_layer_with_qk(last, hidden)
         scores = pruning.vision_scores(query, key, last.self_attn.scale)
         result = pruning.prune(
-            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual
+            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual, *self.ops
         )
         return self.projector(result.tokens), result.kept_index, result.target_index, scores
 
@@ -159,9 +160,10 @@ class LLMPrune(nn.Module):
     ``[text before, dominant, contextual, text after]`` with positions renumbered.
     """
 
-    def __init__(self, stage: Stage, num_visual: int, scale: float):
+    def __init__(self, stage: Stage, num_visual: int, scale: float, ops: tuple = pruning.REFERENCE_OPS):
         super().__init__()
         self.stage = stage
+        self.ops = ops
         self.num_visual = num_visual
         self.scale = scale
 
@@ -173,7 +175,7 @@ class LLMPrune(nn.Module):
         scores = pruning.llm_scores(query, key, attention_mask, positions, self.scale)
         visual = pruning.gather_rows(hidden_states, positions)
         metric = pruning.heads_mean_metric(pruning.gather_positions(key, positions))
-        result = pruning.prune(scores, visual, metric, self.stage.dominant, self.stage.contextual)
+        result = pruning.prune(scores, visual, metric, self.stage.dominant, self.stage.contextual, *self.ops)
         hidden_states = pruning.splice(hidden_states, image_offset, self.num_visual, result.tokens)
         kept_ones = torch.ones_like(result.kept_index[:, :1]).expand(-1, self.stage.total)
         attention_mask = pruning.splice(attention_mask, image_offset, self.num_visual, kept_ones.to(attention_mask.dtype))
@@ -216,9 +218,13 @@ class DecoderGroup(nn.Module):
 
 
 class VisionDropLlava(nn.Module):
-    """A loaded LLaVA cut into VisionDrop units for one schedule (weights are shared, not copied)."""
+    """A loaded LLaVA cut into VisionDrop units for one schedule (weights are shared, not copied).
 
-    def __init__(self, llava: nn.Module, schedule: Schedule):
+    ``ops`` are the (select, merge) implementations of the prunes: the reference math, or
+    the plugin stand-ins that plugin-mode export traces into TensorRT plugin nodes.
+    """
+
+    def __init__(self, llava: nn.Module, schedule: Schedule, ops: tuple = pruning.REFERENCE_OPS):
         super().__init__()
         text = llava.model.language_model
         if len(text.layers) != schedule.num_layers:
@@ -226,13 +232,13 @@ class VisionDropLlava(nn.Module):
         self.schedule = schedule
         self.config = llava.config
         self.embed_tokens = text.embed_tokens
-        self.vision = VisionEncoder(llava, schedule.vision)
+        self.vision = VisionEncoder(llava, schedule.vision, ops)
         groups = schedule.layer_groups()
         self.qkv = nn.ModuleList(QKVProjection(text.layers[start], text.rotary_emb) for start, _ in groups)
         scale = text.layers[0].self_attn.scaling
         visual_counts = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
         self.prunes = nn.ModuleList(
-            LLMPrune(stage, visual_counts[i], scale) for i, stage in enumerate(schedule.llm_stages)
+            LLMPrune(stage, visual_counts[i], scale, ops) for i, stage in enumerate(schedule.llm_stages)
         )
         last = len(groups) - 1
         self.groups = nn.ModuleList(

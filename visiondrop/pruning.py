@@ -68,21 +68,40 @@ def l2_normalize(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def contextual_merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> tuple[Tensor, Tensor]:
-    """Fold ``R`` remaining tokens into ``c`` contextual ones.
+@dataclass
+class Selection:
+    """Output of the select op (``VisionDropSelect``): dominant tokens and the rest, in index order."""
+
+    dominant: Tensor  # [B, k, D]
+    rest_tokens: Tensor  # [B, N - k, D]
+    rest_metric: Tensor  # [B, N - k, M], as given (not normalised)
+    kept_index: Tensor  # [B, k]
+    rest_index: Tensor  # [B, N - k]
+
+
+def select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int) -> Selection:
+    """The select op: top-``k`` tokens by ``scores`` [B, N] (ties: lower index), index order kept."""
+    order = topk_order(scores, k)
+    kept_index, rest_index = order[:, :k], order[:, k:]
+    return Selection(
+        gather_rows(tokens, kept_index), gather_rows(tokens, rest_index), gather_rows(metric, rest_index),
+        kept_index, rest_index,
+    )
+
+
+def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> Tensor:
+    """The merge op (``VisionDropMerge``): fold ``R`` remaining tokens into ``c`` contextual ones.
 
     Targets sit at a uniform stride; every other token joins the target of highest cosine
     similarity (first target wins ties); a contextual token is the target's hidden state
     plus the mean of its members (count clamped at 1): target + mean, the reference's quirk.
-    ``rest_metric`` must already be L2-normalised. Returns ``(tokens [B, c, D],
-    target positions [c] as a constant int64 tensor)``.
+    ``rest_metric`` is the raw merge metric; it is L2-normalised here. Returns [B, c, D].
     """
-    num_rest = rest_tokens.shape[1]
-    targets, members = uniform_targets(num_rest, c)
-    target_pos = torch.tensor(targets, dtype=torch.int64, device=rest_tokens.device)
+    targets, members = uniform_targets(rest_tokens.shape[1], c)
+    rest_metric = l2_normalize(rest_metric)
     target_tokens = rest_tokens[:, targets]
     if not members:
-        return target_tokens, target_pos
+        return target_tokens
     member_metric = rest_metric[:, members]
     similarity = member_metric @ rest_metric[:, targets].transpose(1, 2)  # [B, R - c, c]
     assignment = similarity.argmax(-1)
@@ -90,22 +109,24 @@ def contextual_merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> tuple[
     sums = one_hot.transpose(1, 2) @ rest_tokens[:, members].float()  # [B, c, D]
     counts = one_hot.sum(1).clamp_min(1.0).unsqueeze(-1)
     merged = target_tokens.float() + sums / counts
-    return merged.to(rest_tokens.dtype), target_pos
+    return merged.to(rest_tokens.dtype)
 
 
-def prune(scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int) -> PruneResult:
+def prune(scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int, select_op=select, merge_op=merge) -> PruneResult:
     """One VisionDrop stage: top-``k`` dominant tokens, then ``c`` contextual ones.
 
-    ``scores`` [B, N] (higher is kept), ``tokens`` [B, N, D], ``metric`` [B, N, M] (raw: it
-    is L2-normalised here).
+    ``scores`` [B, N] (higher is kept), ``tokens`` [B, N, D], ``metric`` [B, N, M]. The two
+    ops are parameters so that plugin-mode export can swap in nodes for the TensorRT plugins
+    (whose forward calls these same functions).
     """
-    order = topk_order(scores, k)
-    kept_index, rest_index = order[:, :k], order[:, k:]
-    dominant = gather_rows(tokens, kept_index)
-    rest_metric = l2_normalize(gather_rows(metric, rest_index))
-    contextual, target_pos = contextual_merge(gather_rows(tokens, rest_index), rest_metric, c)
-    target_index = rest_index[:, target_pos]
-    return PruneResult(torch.cat([dominant, contextual], dim=1), kept_index, target_index)
+    chosen = select_op(scores, tokens, metric, k)
+    contextual = merge_op(chosen.rest_tokens, chosen.rest_metric, c)
+    targets, _ = uniform_targets(chosen.rest_index.shape[1], c)
+    target_index = chosen.rest_index[:, targets].long()
+    return PruneResult(torch.cat([chosen.dominant, contextual], dim=1), chosen.kept_index.long(), target_index)
+
+
+REFERENCE_OPS = (select, merge)
 
 
 def vision_scores(query: Tensor, key: Tensor, scale: float) -> Tensor:
