@@ -58,6 +58,8 @@ TOLERANCES = {
                     "choices may flip end to end, so end-to-end agreement is reported, not gated"},
 }
 
+PRUNE_OUTPUTS = ["pruned_hidden_states", "pruned_query", "pruned_key", "pruned_value", "pruned_attention_mask",
+                 "pruned_position_ids", "kept_index", "target_index", "scores"]
 B, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", "pruned_sequence_length"
 
 
@@ -115,27 +117,27 @@ def graph_specs(pipeline: VisionDropLlava, spec: ModelSpec) -> list[GraphSpec]:
         seq = 7
         graphs.append(GraphSpec(
             f"qkv_{g}", "qkv", g, pipeline.qkv[g],
-            {"hidden_states": torch.randn(batch, seq, hidden, dtype=dtype),
-             "position_ids": torch.arange(seq).expand(batch, seq).contiguous()},
+            {"hidden_states": torch.randn(batch, seq, hidden, dtype=dtype)},
             ["query", "key", "value"],
-            {"hidden_states": {0: B, 1: SEQ}, "position_ids": {0: B, 1: SEQ},
-             "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ}},
+            {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ}},
         ))
         if g > 0:
             seq = visual_counts[g - 1] + 9
             mask = torch.ones(batch, seq, dtype=torch.int64)
             mask[0, :2] = 0
+            pruned = {name: {0: B, 1: PRUNED} for name in ("pruned_hidden_states", "pruned_attention_mask", "pruned_position_ids")}
+            pruned.update({name: {0: B, 2: PRUNED} for name in ("pruned_query", "pruned_key", "pruned_value")})
             graphs.append(GraphSpec(
                 f"prune_{g - 1}", "prune", g - 1, pipeline.prunes[g - 1],
                 {"hidden_states": torch.randn(batch, seq, hidden, dtype=dtype),
                  "query": torch.randn(batch, heads, seq, head_dim, dtype=dtype),
                  "key": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+                 "value": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
                  "attention_mask": mask, "image_offset": torch.tensor([4, 3])},
-                ["pruned_hidden_states", "pruned_attention_mask", "pruned_position_ids", "kept_index", "target_index", "scores"],
-                {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ},
+                PRUNE_OUTPUTS,
+                {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ},
                  "attention_mask": {0: B, 1: SEQ}, "image_offset": {0: B},
-                 "pruned_hidden_states": {0: B, 1: PRUNED}, "pruned_attention_mask": {0: B, 1: PRUNED},
-                 "pruned_position_ids": {0: B, 1: PRUNED}, "kept_index": {0: B}, "target_index": {0: B}, "scores": {0: B}},
+                 "kept_index": {0: B}, "target_index": {0: B}, "scores": {0: B}, **pruned},
             ))
         seq, past = 5, 3
         layers = range(start, stop)

@@ -34,13 +34,13 @@ from visiondrop.loading import load_model
 from visiondrop.prompt import build_prompts, load_images, pixel_values, random_images
 
 from .manifest import read_manifest
-from .onnx_export import EXPORT_DTYPES
+from .onnx_export import EXPORT_DTYPES, PRUNE_OUTPUTS
 
 DEFAULT_PROMPTS = ("What is in this image?", "Describe the scene in one long and detailed sentence, please.")
 UNIT_OUTPUTS = {
     "vision": ["image_embeds", "kept_index", "target_index", "scores"],
     "qkv": ["query", "key", "value"],
-    "prune": ["pruned_hidden_states", "pruned_attention_mask", "pruned_position_ids", "kept_index", "target_index", "scores"],
+    "prune": PRUNE_OUTPUTS,
 }
 
 
@@ -115,8 +115,8 @@ class RecordingBackend(Backend):
     def run_embed(self, input_ids):
         return self.inner.run_embed(input_ids)
 
-    def run_qkv(self, group, hidden_states, position_ids):
-        return self._record("qkv", group, (hidden_states, position_ids), self.inner.run_qkv(group, hidden_states, position_ids))
+    def run_qkv(self, group, hidden_states):
+        return self._record("qkv", group, (hidden_states,), self.inner.run_qkv(group, hidden_states))
 
     def run_prune(self, stage, *inputs):
         return self._record("prune", stage, inputs, self.inner.run_prune(stage, *inputs))
@@ -175,7 +175,9 @@ def _compare_unit(report: Report, label: str, names: Sequence[str], ours: Sequen
     for name, o, r in zip(names, ours, ref):
         row = f"{label}.{name}"
         if name in floats:
-            group = "KV (present.*)" if name.startswith("present.") else "q/k/v" if name in UNIT_OUTPUTS["qkv"] else name
+            group = ("KV (present.*)" if name.startswith("present.") else
+                     "q/k/v" if name in UNIT_OUTPUTS["qkv"] else
+                     "pruned q/k/v" if name in ("pruned_query", "pruned_key", "pruned_value") else name)
             report.check(f"{label}.{group}").add(exported[name], floats[name], verdicts[name])
             continue
         equal = o.shape == r.shape and torch.equal(o.cpu(), r.cpu())

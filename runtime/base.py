@@ -116,14 +116,15 @@ class Backend(ABC):
         """Token embeddings [B, S, D]."""
 
     @abstractmethod
-    def run_qkv(self, group: int, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """RoPE-applied q, k and v of ``group``'s first layer."""
+    def run_qkv(self, group: int, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v (before RoPE) of ``group``'s first layer."""
 
     @abstractmethod
     def run_prune(
-        self, stage: int, hidden_states: Tensor, query: Tensor, key: Tensor, attention_mask: Tensor, image_offset: Tensor
+        self, stage: int, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
+        attention_mask: Tensor, image_offset: Tensor,
     ) -> tuple[Tensor, ...]:
-        """LLM stage ``stage`` -> hidden_states, attention_mask, position_ids, kept, targets, scores."""
+        """LLM stage ``stage`` -> hidden_states, query, key, value, attention_mask, position_ids, kept, targets, scores."""
 
     @abstractmethod
     def run_group(
@@ -156,13 +157,12 @@ class Backend(ABC):
         position_ids = positions_from_mask(mask)
         state, stages = DecoderState(), []
         for group in range(self.num_groups):
+            query, key, value = self.run_qkv(group, hidden)
             if group > 0:
-                query, key, _ = self.run_qkv(group, hidden, position_ids)
-                hidden, mask, position_ids, kept, targets, scores = self.run_prune(
-                    group - 1, hidden, query, key, mask, image_offset
+                hidden, query, key, value, mask, position_ids, kept, targets, scores = self.run_prune(
+                    group - 1, hidden, query, key, value, mask, image_offset
                 )
                 stages.append(StageTrace(kept, targets, scores))
-            query, key, value = self.run_qkv(group, hidden, position_ids)
             hidden, presents = self.run_group(
                 group, hidden, query, key, value, mask, position_ids, self.empty_past(group, hidden.shape[0])
             )
@@ -178,7 +178,7 @@ class Backend(ABC):
             past_mask = state.masks[group]
             position_ids = past_mask.sum(-1, keepdim=True)
             mask = torch.cat([past_mask, torch.ones_like(past_mask[:, :1])], dim=1)
-            query, key, value = self.run_qkv(group, hidden, position_ids)
+            query, key, value = self.run_qkv(group, hidden)
             hidden, presents = self.run_group(group, hidden, query, key, value, mask, position_ids, state.caches[group])
             new_state.caches.append(presents)
             new_state.masks.append(mask)

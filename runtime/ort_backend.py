@@ -93,11 +93,11 @@ class OrtBackend(Backend):
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.cpu(), self.embed_table)
 
-    def run_qkv(self, group, hidden_states, position_ids):
-        return tuple(self._run(f"qkv_{group}", hidden_states, position_ids))
+    def run_qkv(self, group, hidden_states):
+        return tuple(self._run(f"qkv_{group}", hidden_states))
 
-    def run_prune(self, stage, hidden_states, query, key, attention_mask, image_offset):
-        return tuple(self._run(f"prune_{stage}", hidden_states, query, key, attention_mask, image_offset))
+    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
+        return tuple(self._run(f"prune_{stage}", hidden_states, query, key, value, attention_mask, image_offset))
 
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
         out, *presents = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)

@@ -34,12 +34,12 @@ class TorchBackend(Backend):
         return self.pipeline.embed_tokens(input_ids)
 
     @torch.inference_mode()
-    def run_qkv(self, group: int, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.pipeline.qkv[group](hidden_states, position_ids)
+    def run_qkv(self, group: int, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.pipeline.qkv[group](hidden_states)
 
     @torch.inference_mode()
-    def run_prune(self, stage, hidden_states, query, key, attention_mask, image_offset):
-        return self.pipeline.prunes[stage](hidden_states, query, key, attention_mask, image_offset)
+    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
+        return self.pipeline.prunes[stage](hidden_states, query, key, value, attention_mask, image_offset)
 
     @torch.inference_mode()
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):

@@ -4,11 +4,12 @@ Each unit is one exported graph (see ``export/``), so PyTorch and every other ba
 the same cut of the model:
 
 - :class:`VisionEncoder`: pixels -> image embeddings, with the stage-0 prune inside;
-- :class:`QKVProjection`: the first layer of a decoder group up to RoPE-applied q/k/v;
+- :class:`QKVProjection`: the first layer of a decoder group up to its q/k/v projections;
 - :class:`LLMPrune`: an LLM-stage prune (weightless: it scores with the q/k that the next
-  layer's ``QKVProjection`` produced on the unpruned sequence);
-- :class:`DecoderGroup`: the rest of that first layer and the group's other layers
-  (the last group ends in the final norm and the LM head, for the last position only).
+  layer's ``QKVProjection`` produced on the unpruned sequence, and carries those
+  projections through the prune so they are computed once per token);
+- :class:`DecoderGroup`: RoPE and the rest of that first layer, then the group's other
+  layers (the last group ends in the final norm and the LM head, last position only).
 
 The QKV cut exists so that every weight lives in exactly one unit: the prune needs the next
 layer's norm/q/k weights, and prefill and decode must share one copy of them. Decoder layer
@@ -86,7 +87,7 @@ class VisionEncoder(nn.Module):
         hidden, query, key = _clip_layer_with_qk(last, hidden)
         scores = pruning.vision_scores(query, key, last.self_attn.scale)
         result = pruning.prune(
-            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual, *self.ops
+            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual, self.ops
         )
         return self.projector(result.tokens), result.kept_index, result.target_index, scores
 
@@ -107,24 +108,28 @@ def _clip_layer_with_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tenso
 
 
 # --------------------------------------------------------------------------- decoder
-def project_qkv(layer: nn.Module, rotary: nn.Module, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A Llama layer's input norm, q/k/v projections and RoPE -> [B, H(kv), S, hd] each."""
+def project_qkv(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A Llama layer's input norm and q/k/v projections (before RoPE) -> [B, H(kv), S, hd] each."""
     attn = layer.self_attn
     batch, length, _ = hidden.shape
     x = layer.input_layernorm(hidden)
     query = attn.q_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
     key = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
     value = attn.v_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = rotary(x, position_ids)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
     return query, key, value
+
+
+def rotate(rotary: nn.Module, query: Tensor, key: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """RoPE at ``position_ids`` (the rotary module holds only the inverse frequencies, no weights)."""
+    cos, sin = rotary(query, position_ids)
+    return apply_rotary_pos_emb(query, key, cos, sin)
 
 
 def attend(
     layer: nn.Module, hidden: Tensor, query: Tensor, key: Tensor, value: Tensor,
     past_key: Tensor, past_value: Tensor, mask: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The rest of a Llama layer after its q/k/v: SDPA over the cache, o_proj, MLP.
+    """The rest of a Llama layer after its RoPE-applied q/k/v: SDPA over the cache, o_proj, MLP.
 
     Returns the new hidden states and the layer's present key/value (past + new).
     """
@@ -141,54 +146,80 @@ def attend(
     return hidden, key, value
 
 
-class QKVProjection(nn.Module):
-    """Graph ``qkv_{g}``: q/k/v of decoder group ``g``'s first layer."""
+def _heads_to_rows(x: Tensor) -> Tensor:
+    """[B, H, S, hd] -> [B, S, H * hd]."""
+    return x.transpose(1, 2).flatten(2)
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module):
+
+def _rows_to_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, S, H * hd] -> [B, H, S, hd]."""
+    batch, length, width = x.shape
+    return x.view(batch, length, heads, width // heads).transpose(1, 2)
+
+
+class QKVProjection(nn.Module):
+    """Graph ``qkv_{g}``: q/k/v (before RoPE) of decoder group ``g``'s first layer."""
+
+    def __init__(self, layer: nn.Module):
         super().__init__()
         self.layer = layer
-        self.rotary = rotary
 
-    def forward(self, hidden_states: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return project_qkv(self.layer, self.rotary, hidden_states, position_ids)
+    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return project_qkv(self.layer, hidden_states)
 
 
 class LLMPrune(nn.Module):
-    """Graph ``prune_{s}``: an LLM-stage prune of the ``num_visual``-token block.
+    """Graph ``prune_{s}``: an LLM-stage prune of the ``num_visual``-token block. No weights.
 
-    Scores come from the next layer's q/k on the unpruned sequence; the pruned sequence is
-    ``[text before, dominant, contextual, text after]`` with positions renumbered.
+    It scores with the next layer's q/k (from ``qkv_{g}`` on the unpruned sequence, RoPE'd
+    here at the current positions) and returns the pruned sequence ``[text before, dominant,
+    contextual, text after]`` with positions renumbered, together with that layer's q/k/v
+    for it (carried through the prune, see :func:`visiondrop.pruning.prune`), so the layer's
+    projections run once per token.
     """
 
-    def __init__(self, stage: Stage, num_visual: int, scale: float, ops: tuple = pruning.REFERENCE_OPS):
+    def __init__(self, stage: Stage, num_visual: int, scale: float, rotary: nn.Module, rms_eps: float, ops: tuple = pruning.REFERENCE_OPS):
         super().__init__()
         self.stage = stage
-        self.ops = ops
         self.num_visual = num_visual
         self.scale = scale
+        self.rotary = rotary
+        self.rms_eps = rms_eps
+        self.ops = ops
 
     def forward(
-        self, hidden_states: Tensor, query: Tensor, key: Tensor, attention_mask: Tensor, image_offset: Tensor
+        self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor, image_offset: Tensor
     ) -> tuple[Tensor, ...]:
-        """-> hidden_states, attention_mask, position_ids, kept_index, target_index, scores."""
+        """-> hidden_states, query, key, value, attention_mask, position_ids, kept_index, target_index, scores."""
         positions = pruning.visual_positions(image_offset, self.num_visual)
-        scores = pruning.llm_scores(query, key, attention_mask, positions, self.scale)
-        visual = pruning.gather_rows(hidden_states, positions)
-        metric = pruning.heads_mean_metric(pruning.gather_positions(key, positions))
-        result = pruning.prune(scores, visual, metric, self.stage.dominant, self.stage.contextual, *self.ops)
+        rotated_query, rotated_key = rotate(self.rotary, query, key, positions_from_mask(attention_mask))
+        scores = pruning.llm_scores(rotated_query, rotated_key, attention_mask, positions, self.scale)
+        metric = pruning.heads_mean_metric(pruning.gather_positions(rotated_key, positions))
+        projections = torch.cat([_heads_to_rows(query), _heads_to_rows(key), _heads_to_rows(value)], dim=-1)
+        result = pruning.prune(
+            scores, pruning.gather_rows(hidden_states, positions), metric, self.stage.dominant, self.stage.contextual,
+            self.ops, carried=(pruning.gather_rows(projections, positions), self.rms_eps),
+        )
         hidden_states = pruning.splice(hidden_states, image_offset, self.num_visual, result.tokens)
+        projections = pruning.splice(projections, image_offset, self.num_visual, result.projections)
+        q_width, k_width = query.shape[1] * query.shape[3], key.shape[1] * key.shape[3]
+        query = _rows_to_heads(projections[..., :q_width], query.shape[1])
+        key = _rows_to_heads(projections[..., q_width:q_width + k_width], key.shape[1])
+        value = _rows_to_heads(projections[..., q_width + k_width:], value.shape[1])
         kept_ones = torch.ones_like(result.kept_index[:, :1]).expand(-1, self.stage.total)
         attention_mask = pruning.splice(attention_mask, image_offset, self.num_visual, kept_ones.to(attention_mask.dtype))
         position_ids = positions_from_mask(attention_mask)
-        return hidden_states, attention_mask, position_ids, result.kept_index, result.target_index, scores
+        return (hidden_states, query, key, value, attention_mask, position_ids,
+                result.kept_index, result.target_index, scores)
 
 
 class DecoderGroup(nn.Module):
     """Graph ``decoder_{g}``: decoder layers ``[start, stop)``, the first one from its q/k/v.
 
-    ``past`` is ``(key_0, value_0, key_1, value_1, ...)`` for the group's layers, each
-    [B, H_kv, past_len, hd]; the outputs are the hidden states (or, for the last group,
-    the final-norm LM-head logits of the last position) then the presents in that order.
+    ``query``/``key``/``value`` are the first layer's projections before RoPE (applied here
+    at ``position_ids``). ``past`` is ``(key_0, value_0, key_1, value_1, ...)`` for the
+    group's layers, each [B, H_kv, past_len, hd]; the outputs are the hidden states (or, for
+    the last group, the final-norm LM-head logits of the last position) then the presents.
     """
 
     def __init__(self, layers: list[nn.Module], rotary: nn.Module, start: int, norm: nn.Module | None = None, lm_head: nn.Module | None = None):
@@ -207,7 +238,8 @@ class DecoderGroup(nn.Module):
         presents: list[Tensor] = []
         for index, layer in enumerate(self.layers):
             if index > 0:
-                query, key, value = project_qkv(layer, self.rotary, hidden_states, position_ids)
+                query, key, value = project_qkv(layer, hidden_states)
+            query, key = rotate(self.rotary, query, key, position_ids)
             hidden_states, key, value = attend(
                 layer, hidden_states, query, key, value, past[2 * index], past[2 * index + 1], mask
             )
@@ -234,11 +266,13 @@ class VisionDropLlava(nn.Module):
         self.embed_tokens = text.embed_tokens
         self.vision = VisionEncoder(llava, schedule.vision, ops)
         groups = schedule.layer_groups()
-        self.qkv = nn.ModuleList(QKVProjection(text.layers[start], text.rotary_emb) for start, _ in groups)
+        self.qkv = nn.ModuleList(QKVProjection(text.layers[start]) for start, _ in groups)
         scale = text.layers[0].self_attn.scaling
         visual_counts = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
         self.prunes = nn.ModuleList(
-            LLMPrune(stage, visual_counts[i], scale, ops) for i, stage in enumerate(schedule.llm_stages)
+            LLMPrune(stage, visual_counts[i], scale, text.rotary_emb,
+                     text.layers[stage.after_layer].input_layernorm.variance_epsilon, ops)
+            for i, stage in enumerate(schedule.llm_stages)
         )
         last = len(groups) - 1
         self.groups = nn.ModuleList(

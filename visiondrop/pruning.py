@@ -22,6 +22,7 @@ class PruneResult:
     tokens: Tensor  # [B, k + c, D]: dominant (index order), then contextual (target order)
     kept_index: Tensor  # [B, k] int64, ascending
     target_index: Tensor  # [B, c] int64, ascending
+    projections: Tensor | None = None  # [B, k + c, P]: the carried projections of the output tokens
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -112,18 +113,48 @@ def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> Tensor:
     return merged.to(rest_tokens.dtype)
 
 
-def prune(scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int, select_op=select, merge_op=merge) -> PruneResult:
+def rms_scale(hidden: Tensor, eps: float) -> Tensor:
+    """RMSNorm's per-token factor ``1 / sqrt(mean(x^2) + eps)`` in fp32 -> [B, N, 1]."""
+    return torch.rsqrt(hidden.float().pow(2).mean(-1, keepdim=True) + eps)
+
+
+def prune(
+    scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int,
+    ops: tuple = None, carried: tuple[Tensor, float] | None = None,
+) -> PruneResult:
     """One VisionDrop stage: top-``k`` dominant tokens, then ``c`` contextual ones.
 
-    ``scores`` [B, N] (higher is kept), ``tokens`` [B, N, D], ``metric`` [B, N, M]. The two
-    ops are parameters so that plugin-mode export can swap in nodes for the TensorRT plugins
-    (whose forward calls these same functions).
+    ``scores`` [B, N] (higher is kept), ``tokens`` [B, N, D], ``metric`` [B, N, M]. ``ops``
+    is the (select, merge) pair: the reference math, or stand-ins that plugin-mode export
+    traces into TensorRT plugin nodes (their forward calls these same functions).
+
+    ``carried`` = (projections [B, N, P], rms_eps) carries the next layer's q/k/v projections
+    (before RoPE) through the prune, so that layer need not recompute them: dominant rows
+    are gathered with the tokens; a contextual token's projection follows exactly from its
+    members', because RMSNorm is ``g * x * r(x)`` with a per-token scalar ``r`` and the
+    projections are linear (no bias): ``u = p / r(x)`` merges like the hidden states
+    (target + mean) and the merged token's projection is ``r(y) * u(y)``.
     """
+    select_op, merge_op = ops or REFERENCE_OPS
+    width = tokens.shape[-1]
+    if carried is not None:
+        projections, eps = carried
+        tokens = torch.cat([tokens, projections.to(tokens.dtype)], dim=-1)
     chosen = select_op(scores, tokens, metric, k)
-    contextual = merge_op(chosen.rest_tokens, chosen.rest_metric, c)
     targets, _ = uniform_targets(chosen.rest_index.shape[1], c)
     target_index = chosen.rest_index[:, targets].long()
-    return PruneResult(torch.cat([chosen.dominant, contextual], dim=1), chosen.kept_index.long(), target_index)
+    if carried is None:
+        contextual = merge_op(chosen.rest_tokens, chosen.rest_metric, c)
+        return PruneResult(torch.cat([chosen.dominant, contextual], dim=1), chosen.kept_index.long(), target_index)
+    rest_hidden, rest_projections = chosen.rest_tokens[..., :width], chosen.rest_tokens[..., width:]
+    unscaled = rest_projections.float() / rms_scale(rest_hidden, eps)
+    merged = merge_op(torch.cat([rest_hidden.float(), unscaled], dim=-1), chosen.rest_metric, c)
+    contextual = merged[..., :width].to(rest_hidden.dtype)
+    contextual_projections = (merged[..., width:] * rms_scale(contextual, eps)).to(rest_projections.dtype)
+    return PruneResult(
+        torch.cat([chosen.dominant[..., :width], contextual], dim=1), chosen.kept_index.long(), target_index,
+        torch.cat([chosen.dominant[..., width:], contextual_projections], dim=1),
+    )
 
 
 REFERENCE_OPS = (select, merge)
