@@ -186,7 +186,11 @@ def _finalize(model: onnx.ModelProto, graph: GraphSpec, reference: tuple[Tensor,
         for value, tensor in zip(values, tensors):
             axes = graph.dynamic.get(value.name, {})
             _set_shape(value, [axes.get(i, size) for i, size in enumerate(tensor.shape)])
+    # Keep only the traced types of plugin-node outputs: ONNX shape inference cannot know them.
+    plugin_outputs = {o for n in model.graph.node if n.domain == PLUGIN_NAMESPACE for o in n.output}
+    kept = [v for v in model.graph.value_info if v.name in plugin_outputs]
     del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
     onnx.helper.set_model_props(model, metadata)
     return model
 

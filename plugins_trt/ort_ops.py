@@ -55,28 +55,33 @@ def custom_ops_library() -> str:
     return _LIBRARY
 
 
-def ort_model(model: onnx.ModelProto, token_dtype: int) -> onnx.ModelProto:
-    """Rewrite a plugin-mode graph (in place) so ONNX Runtime runs it with the Python ops."""
+def ort_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite a plugin-mode graph (in place) so ONNX Runtime runs it with the Python ops.
+
+    The token dtype of each node is read from the traced type of its first output, which
+    export records in the graph's value_info (ONNX shape inference cannot type custom ops).
+    """
     from onnxruntime_extensions import default_opset_domain
 
     domain = default_opset_domain()
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     nodes = []
     for node in model.graph.node:
         if node.domain != PLUGIN_NAMESPACE:
             nodes.append(node)
             continue
         node.domain = domain
-        if token_dtype != onnx.TensorProto.FLOAT:
-            for index in TOKEN_INPUTS[node.op_type]:
-                name = node.input[index]
-                nodes.append(helper.make_node("Cast", [name], [f"{name}__in_fp32"], to=onnx.TensorProto.FLOAT))
-                node.input[index] = f"{name}__in_fp32"
+        token_dtype = types[node.output[0]]
+        cast = token_dtype != onnx.TensorProto.FLOAT
+        for index in TOKEN_INPUTS[node.op_type] if cast else ():
+            name = node.input[index]
+            nodes.append(helper.make_node("Cast", [name], [f"{name}__in_fp32"], to=onnx.TensorProto.FLOAT))
+            node.input[index] = f"{name}__in_fp32"
         nodes.append(node)
-        if token_dtype != onnx.TensorProto.FLOAT:
-            for index in TOKEN_OUTPUTS[node.op_type]:
-                name = node.output[index]
-                node.output[index] = f"{name}__out_fp32"
-                nodes.append(helper.make_node("Cast", [f"{name}__out_fp32"], [name], to=token_dtype))
+        for index in TOKEN_OUTPUTS[node.op_type] if cast else ():
+            name = node.output[index]
+            node.output[index] = f"{name}__out_fp32"
+            nodes.append(helper.make_node("Cast", [f"{name}__out_fp32"], [name], to=token_dtype))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]

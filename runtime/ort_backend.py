@@ -77,8 +77,7 @@ class OrtBackend(Backend):
 
         from plugins_trt.ort_ops import ort_model
 
-        token_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(self.spec.dtype))
-        model = ort_model(onnx.load(str(path)), token_dtype)
+        model = ort_model(onnx.load(str(path)))
         if model.ByteSize() >= 2**31:
             raise UserError(f"{entry.file} is over 2 GB: run plugin-mode artifacts of this size with TensorRT, not ONNX Runtime")
         return model.SerializeToString()
