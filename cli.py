@@ -278,5 +278,94 @@ def validate(artifacts, json_path, images, batch, new_tokens, seed, provider, de
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to inspect.")
+@click.option("--prompt", default="Describe the image.", show_default=True, help="Question (LLM-stage scores depend on the prompt).")
+@click.option("--budget", default=None, help=BUDGET_HELP)
+@click.option("--schedule", default=None, help=SCHEDULE_HELP)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG to draw (one panel per stage).")
+@click.option("--json", "as_json", is_flag=True, help="Print the kept patches and contextual groups as JSON.")
+@user_errors
+def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
+    """Draw which image patches each VisionDrop stage keeps.
+
+    One panel per stage (LLM stages mapped back to original patch positions): dominant
+    tokens' patches bright with a white outline, each contextual group's patches coloured by
+    its target (target outlined). Patch indices are row-major over the patch grid.
+    """
+    from visiondrop.inspection import draw, inspect_image, panels_json
+    from visiondrop.loading import load_model
+    from visiondrop.prompt import load_images
+
+    if out is None and not as_json:
+        raise UserError("give --out kept.png to draw the panels, --json to print them, or both")
+    picture = load_images([image])[0]
+    progress(f"loading {model} ...")
+    loaded = load_model(model)
+    plan = model_schedule(loaded, budget, schedule)
+    if plan.is_full:
+        raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
+    panels, seen = inspect_image(loaded, plan, picture, prompt)
+    if out is not None:
+        draw(panels, seen, loaded.config.vision_config.patch_size, out)
+        progress(f"wrote {out}")
+    if as_json:
+        click.echo(json.dumps({"schedule": plan.describe(), "patch_size": loaded.config.vision_config.patch_size,
+                               "grid": seen.shape[1] // loaded.config.vision_config.patch_size, "stages": panels_json(panels)}))
+
+
+@cli.command()
+@click.option("--model", default="small", show_default=True, help=MODEL_HELP)
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort"]), help="Run the PyTorch pipeline, or the exported graphs on ONNX Runtime (exported per budget into a temporary folder).")
+@click.option("--budgets", default="32,64,128,192,full", show_default=True, help="Budgets to measure; 'full' (the baseline) is always measured.")
+@click.option("--batch", default="1,4", show_default=True, help="Batch sizes.")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096), help="Decode steps per request.")
+@click.option("--warmup", default=1, show_default=True, type=click.IntRange(0, 100))
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 1000), help="Timed requests per configuration (medians reported).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda).")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
+@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --backend ort.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every measurement as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
+@user_errors
+def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path) -> None:
+    """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
+
+    Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
+    tokens/s, peak memory (RSS on CPU, max allocated on CUDA), KV-cache bytes, analytic FLOPs
+    per stage, and the 'ideal' counterpart (each stage's exact sequence size, no scoring or
+    merging) so that pruning overhead = pruned / ideal - 1 is measured directly.
+    """
+    import torch
+
+    from bench.plot import plot_bench
+    from bench.run import BenchConfig, run_bench
+    from visiondrop.loading import load_model
+    from visiondrop.trace import write_json
+
+    check_device(device)
+    budget_list = tuple(b.strip() for b in budgets.split(",") if b.strip())
+    config = BenchConfig(budgets=budget_list, batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens,
+                         warmup=warmup, repeats=repeats, backend=backend, provider=provider)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    if backend == "ort" and dtype == "bf16":
+        raise UserError("--backend ort exports fp32 or fp16 graphs: use --dtype fp32 or fp16")
+    progress(f"loading {model} ({dtype}, {device}) ...")
+    loaded = load_model(model, dtype=torch_dtype, device=device)
+    report = run_bench(loaded, config, progress=progress)
+    rows = [[s["budget"], s["batch"], f"{s['prefill_speedup']:.2f}x", f"{s['ideal_prefill_speedup']:.2f}x",
+             f"{s['fraction_of_ideal_speedup']:.2f}", f"{100 * s['pruning_overhead']:+.1f}%", f"{s['ttft_speedup']:.2f}x",
+             f"{s['decode_speedup']:.2f}x", f"{s['flops_fraction']:.2f}"] for s in report["summary"]]
+    print_table(["budget", "batch", "prefill speed-up", "ideal speed-up", "of ideal", "overhead", "TTFT speed-up",
+                 "decode speed-up", "FLOPs vs full"], rows)
+    if json_path is not None:
+        write_json(json_path, report)
+        progress(f"wrote {json_path}")
+    if plot_path is not None:
+        plot_bench(report, plot_path)
+        progress(f"wrote {plot_path}")
+
+
 if __name__ == "__main__":
     cli()

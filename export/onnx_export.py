@@ -200,6 +200,7 @@ def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: Expo
     args = tuple(graph.inputs.values())
     with torch.no_grad():
         reference = graph.module(*args)
+    reference = (reference,) if isinstance(reference, Tensor) else tuple(reference)
     traced = scratch / graph.name / f"{graph.name}.onnx"
     traced.parent.mkdir(parents=True)
     torch.onnx.export(

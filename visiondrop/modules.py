@@ -71,6 +71,7 @@ class VisionEncoder(nn.Module):
         self.projector = llava.model.multi_modal_projector
         self.stage = stage
         self.ops = ops
+        self.trace: list | None = None  # set to a list to collect each run's PruneResult (inspect)
         self.drop_cls = config.vision_feature_select_strategy == "default"
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
@@ -87,9 +88,22 @@ class VisionEncoder(nn.Module):
         hidden, query, key = _clip_layer_with_qk(last, hidden)
         scores = pruning.vision_scores(query, key, last.self_attn.scale)
         result = pruning.prune(
-            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual, self.ops
+            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual, self.ops,
+            trace=self.trace is not None,
         )
+        if self.trace is not None:
+            self.trace.append(result)
         return self.projector(result.tokens), result.kept_index, result.target_index, scores
+
+    def ideal(self, pixel_values: Tensor) -> Tensor:
+        """Benchmark baseline: the same tower and projector producing exactly the stage's
+        token count (its first tokens), with no scoring and no merging."""
+        if self.stage is None:
+            return self.forward(pixel_values)[0]
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        for layer in self.layers:
+            hidden = layer(hidden, None)
+        return self.projector(hidden[:, : self.stage.total])
 
 
 def _clip_layer_with_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -186,6 +200,7 @@ class LLMPrune(nn.Module):
         self.rotary = rotary
         self.rms_eps = rms_eps
         self.ops = ops
+        self.trace: list | None = None  # set to a list to collect each run's PruneResult (inspect)
 
     def forward(
         self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor, image_offset: Tensor
@@ -198,8 +213,10 @@ class LLMPrune(nn.Module):
         projections = torch.cat([_heads_to_rows(query), _heads_to_rows(key), _heads_to_rows(value)], dim=-1)
         result = pruning.prune(
             scores, pruning.gather_rows(hidden_states, positions), metric, self.stage.dominant, self.stage.contextual,
-            self.ops, carried=(pruning.gather_rows(projections, positions), self.rms_eps),
+            self.ops, carried=(pruning.gather_rows(projections, positions), self.rms_eps), trace=self.trace is not None,
         )
+        if self.trace is not None:
+            self.trace.append(result)
         hidden_states = pruning.splice(hidden_states, image_offset, self.num_visual, result.tokens)
         projections = pruning.splice(projections, image_offset, self.num_visual, result.projections)
         q_width, k_width = query.shape[1] * query.shape[3], key.shape[1] * key.shape[3]

@@ -23,6 +23,8 @@ class PruneResult:
     kept_index: Tensor  # [B, k] int64, ascending
     target_index: Tensor  # [B, c] int64, ascending
     projections: Tensor | None = None  # [B, k + c, P]: the carried projections of the output tokens
+    rest_index: Tensor | None = None  # [B, N - k]: the tokens not kept (only with ``trace``)
+    slots: Tensor | None = None  # [B, N - k]: each one's contextual slot (only with ``trace``)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -90,6 +92,22 @@ def select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int) -> Selection:
     )
 
 
+def _member_assignment(rest_metric: Tensor, targets: list[int], members: list[int]) -> Tensor:
+    """For each member row, the index (into ``targets``) of its most cosine-similar target."""
+    similarity = rest_metric[:, members] @ rest_metric[:, targets].transpose(1, 2)  # [B, R - c, c]
+    return similarity.argmax(-1)  # first maximum: the first target wins ties
+
+
+def assign(rest_metric: Tensor, c: int) -> Tensor:
+    """Contextual slot [B, R] of every remaining token (a target is its own slot), for traces."""
+    targets, members = uniform_targets(rest_metric.shape[1], c)
+    slots = torch.empty(rest_metric.shape[:2], dtype=torch.int64, device=rest_metric.device)
+    slots[:, targets] = torch.arange(c, device=rest_metric.device)
+    if members:
+        slots[:, members] = _member_assignment(l2_normalize(rest_metric), targets, members)
+    return slots
+
+
 def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> Tensor:
     """The merge op (``VisionDropMerge``): fold ``R`` remaining tokens into ``c`` contextual ones.
 
@@ -99,13 +117,10 @@ def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> Tensor:
     ``rest_metric`` is the raw merge metric; it is L2-normalised here. Returns [B, c, D].
     """
     targets, members = uniform_targets(rest_tokens.shape[1], c)
-    rest_metric = l2_normalize(rest_metric)
     target_tokens = rest_tokens[:, targets]
     if not members:
         return target_tokens
-    member_metric = rest_metric[:, members]
-    similarity = member_metric @ rest_metric[:, targets].transpose(1, 2)  # [B, R - c, c]
-    assignment = similarity.argmax(-1)
+    assignment = _member_assignment(l2_normalize(rest_metric), targets, members)
     one_hot = (assignment.unsqueeze(-1) == torch.arange(c, device=assignment.device)).float()
     sums = one_hot.transpose(1, 2) @ rest_tokens[:, members].float()  # [B, c, D]
     counts = one_hot.sum(1).clamp_min(1.0).unsqueeze(-1)
@@ -120,7 +135,7 @@ def rms_scale(hidden: Tensor, eps: float) -> Tensor:
 
 def prune(
     scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int,
-    ops: tuple = None, carried: tuple[Tensor, float] | None = None,
+    ops: tuple = None, carried: tuple[Tensor, float] | None = None, trace: bool = False,
 ) -> PruneResult:
     """One VisionDrop stage: top-``k`` dominant tokens, then ``c`` contextual ones.
 
@@ -134,6 +149,8 @@ def prune(
     members', because RMSNorm is ``g * x * r(x)`` with a per-token scalar ``r`` and the
     projections are linear (no bias): ``u = p / r(x)`` merges like the hidden states
     (target + mean) and the merged token's projection is ``r(y) * u(y)``.
+
+    ``trace`` also returns which contextual slot every dropped token joined (for ``inspect``).
     """
     select_op, merge_op = ops or REFERENCE_OPS
     width = tokens.shape[-1]
@@ -143,9 +160,10 @@ def prune(
     chosen = select_op(scores, tokens, metric, k)
     targets, _ = uniform_targets(chosen.rest_index.shape[1], c)
     target_index = chosen.rest_index[:, targets].long()
+    traced = {"rest_index": chosen.rest_index.long(), "slots": assign(chosen.rest_metric, c)} if trace else {}
     if carried is None:
         contextual = merge_op(chosen.rest_tokens, chosen.rest_metric, c)
-        return PruneResult(torch.cat([chosen.dominant, contextual], dim=1), chosen.kept_index.long(), target_index)
+        return PruneResult(torch.cat([chosen.dominant, contextual], dim=1), chosen.kept_index.long(), target_index, **traced)
     rest_hidden, rest_projections = chosen.rest_tokens[..., :width], chosen.rest_tokens[..., width:]
     unscaled = rest_projections.float() / rms_scale(rest_hidden, eps)
     merged = merge_op(torch.cat([rest_hidden.float(), unscaled], dim=-1), chosen.rest_metric, c)
@@ -153,7 +171,7 @@ def prune(
     contextual_projections = (merged[..., width:] * rms_scale(contextual, eps)).to(rest_projections.dtype)
     return PruneResult(
         torch.cat([chosen.dominant[..., :width], contextual], dim=1), chosen.kept_index.long(), target_index,
-        torch.cat([chosen.dominant[..., width:], contextual_projections], dim=1),
+        torch.cat([chosen.dominant[..., width:], contextual_projections], dim=1), **traced,
     )
 
 

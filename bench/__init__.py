@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory per budget (CPU here, GPU via bench/gpu.sh)."""

@@ -1,0 +1,229 @@
+"""``bench``: speed and memory per budget, pruned against ideal against full, in one run.
+
+For every budget and batch size the pipeline runs three ways, interleaved repeat by repeat
+so that machine drift hits all alike: ``pruned`` (VisionDrop), ``ideal`` (the same model
+fed sequences of exactly each stage's size, no scoring or merging: see
+``Backend.prefill(ideal=True)``) and ``full`` (no pruning, the baseline). Reported:
+median/min/max of vision encode, prefill and TTFT, decode time per token and tokens/s,
+peak memory (process RSS on CPU, max allocated on CUDA), KV-cache bytes and analytic FLOPs
+per stage; then speed-ups against full and the pruning overhead ``pruned / ideal - 1``.
+Nothing here is a pass/fail test: the numbers are for the user (and issue notes).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from runtime.base import Backend
+from runtime.torch_backend import TorchBackend
+from visiondrop.loading import LoadedModel
+from visiondrop.prompt import build_prompts, pixel_values, random_images
+from visiondrop.schedule import Schedule, resolve_schedule
+
+from .flops import stage_flops
+
+PROMPT = "Describe this image in detail."
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    budgets: tuple[str, ...] = ("32", "64", "128", "192", "full")
+    batches: tuple[int, ...] = (1, 4)
+    new_tokens: int = 32
+    warmup: int = 1
+    repeats: int = 5
+    backend: str = "torch"  # torch | ort
+    provider: str = "cpu"
+    seed: int = 0
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max-allocated, or process RSS sampled every 2 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_once(backend: Backend, pixels, prompts, new_tokens: int, ideal: bool) -> dict[str, float | list[float]]:
+    """One timed request: vision, prefill, then ``new_tokens`` greedy decode steps."""
+    device = backend.device
+    _sync(device)
+    start = time.perf_counter()
+    vision = backend.encode_image(pixels, ideal=ideal)
+    _sync(device)
+    after_vision = time.perf_counter()
+    prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset, ideal=ideal)
+    _sync(device)
+    after_prefill = time.perf_counter()
+    logits, state, steps = prefill.logits, prefill.state, []
+    for _ in range(new_tokens):
+        tick = time.perf_counter()
+        logits, state = backend.decode_step(logits.argmax(-1), state)
+        _sync(device)
+        steps.append(time.perf_counter() - tick)
+    kv_bytes = sum(t.numel() * t.element_size() for cache in state.caches for t in cache)
+    return {
+        "vision": (after_vision - start) * 1e3, "prefill": (after_prefill - after_vision) * 1e3,
+        "ttft": (after_prefill - start) * 1e3, "decode": [s * 1e3 for s in steps], "kv_bytes": kv_bytes,
+    }
+
+
+def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provider: str) -> Backend:
+    """Export this budget (and the ideal vision graph) to ``scratch`` and open it on ONNX Runtime."""
+    from export.onnx_export import EXPORT_DTYPES, ExportOptions, GraphSpec, export_artifacts, export_graph
+    from runtime.ort_backend import OrtBackend
+    from visiondrop.modules import VisionEncoder
+
+    options = ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[next(loaded.model.parameters()).dtype])
+    folder = scratch / f"budget-{schedule.describe().replace(',', '_').replace(':', '-')}"
+    export_artifacts(loaded, schedule, folder, options)
+
+    class IdealVision(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = VisionEncoder(loaded.model, schedule.vision)
+
+        def forward(self, pixel_values):
+            return self.vision.ideal(pixel_values)
+
+    size = loaded.config.vision_config.image_size
+    graph = GraphSpec("vision_ideal", "vision", 0, IdealVision().eval(),
+                      {"pixel_values": torch.randn(2, 3, size, size, dtype=EXPORT_DTYPES[options.dtype])},
+                      ["image_embeds"], {"pixel_values": {0: "batch_size"}, "image_embeds": {0: "batch_size"}})
+    (scratch / "ideal").mkdir(exist_ok=True)
+    entry = export_graph(graph, scratch / "ideal", Path(tempfile.mkdtemp(dir=scratch)), options, {})
+    return OrtBackend(folder, provider=provider, ideal_vision=scratch / "ideal" / entry.file)
+
+
+def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Measure every (budget, batch); returns the JSON-ready report."""
+    text = loaded.config.text_config
+    vision = loaded.config.vision_config
+    num_patches = (vision.image_size // vision.patch_size) ** 2
+    budgets = list(dict.fromkeys([*config.budgets, "full"]))  # full is always measured: it is the baseline
+    schedules = {b: resolve_schedule(b, None, text.num_hidden_layers, num_patches) for b in budgets}
+    total = sum(len(config.batches) * (1 if schedules[b].is_full else 2) for b in budgets)
+    rows, done = [], 0
+    with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch:
+        for budget in budgets:
+            schedule = schedules[budget]
+            if config.backend == "ort":
+                progress(f"exporting budget {budget} for ONNX Runtime ...")
+                backend = _ort_backend(loaded, schedule, Path(scratch), config.provider)
+            else:
+                backend = TorchBackend(loaded, schedule)
+            for batch in config.batches:
+                pixels = pixel_values(loaded.processor.image_processor, random_images(batch, seed=config.seed))
+                prompts = build_prompts(loaded.tokenizer, [PROMPT] * batch, schedule.image_tokens,
+                                        backend.spec.image_token_id, backend.spec.pad_token_id)
+                text_tokens = prompts.input_ids.shape[1] - schedule.image_tokens
+                variants = ["full"] if schedule.is_full else ["pruned", "ideal"]
+                runs = {v: [] for v in variants}
+                peaks = {}
+                for v in variants:  # warm-up
+                    for _ in range(config.warmup):
+                        run_once(backend, pixels, prompts, min(config.new_tokens, 2), ideal=v == "ideal")
+                for v in variants:
+                    with PeakMemory(backend.device) as memory:
+                        run_once(backend, pixels, prompts, config.new_tokens, ideal=v == "ideal")
+                    peaks[v] = memory.peak
+                for _ in range(config.repeats):  # interleaved so drift hits every variant alike
+                    for v in variants:
+                        runs[v].append(run_once(backend, pixels, prompts, config.new_tokens, ideal=v == "ideal"))
+                for v in variants:
+                    done += 1
+                    measured = runs[v]
+                    decode = [statistics.median(r["decode"]) for r in measured] if config.new_tokens else [float("nan")]
+                    row = {
+                        "budget": budget, "batch": batch, "variant": v, "schedule": schedule.describe(),
+                        "average_tokens_per_layer": schedule.average_tokens(), "text_tokens": text_tokens,
+                        "vision_ms": _stats([r["vision"] for r in measured]),
+                        "prefill_ms": _stats([r["prefill"] for r in measured]),
+                        "ttft_ms": _stats([r["ttft"] for r in measured]),
+                        "decode_ms_per_token": _stats(decode),
+                        "tokens_per_s": batch * 1e3 / statistics.median(decode),
+                        "peak_memory_bytes": peaks[v],
+                        "kv_cache_bytes": measured[0]["kv_bytes"],
+                        "flops": stage_flops(loaded.config, schedule, text_tokens, batch, ideal=v == "ideal"),
+                    }
+                    rows.append(row)
+                    progress(f"[{done}/{total}] budget {budget} batch {batch} {v}: prefill {row['prefill_ms']['median']:.1f} ms, "
+                             f"TTFT {row['ttft_ms']['median']:.1f} ms, decode {row['decode_ms_per_token']['median']:.2f} ms/token")
+    return {"config": asdict(config), "machine": _machine(loaded), "results": rows, "summary": summarize(rows)}
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Speed-ups against full and the pruning overhead, per (budget, batch)."""
+    index = {(r["budget"], r["batch"], r["variant"]): r for r in rows}
+    summary = []
+    for (budget, batch, variant), row in index.items():
+        if variant != "pruned":
+            continue
+        full, ideal = index[("full", batch, "full")], index[(budget, batch, "ideal")]
+        med = lambda r, key: r[key]["median"]  # noqa: E731
+        summary.append({
+            "budget": budget, "batch": batch,
+            "prefill_speedup": med(full, "prefill_ms") / med(row, "prefill_ms"),
+            "ideal_prefill_speedup": med(full, "prefill_ms") / med(ideal, "prefill_ms"),
+            "fraction_of_ideal_speedup": med(ideal, "prefill_ms") / med(row, "prefill_ms"),
+            "pruning_overhead": med(row, "prefill_ms") / med(ideal, "prefill_ms") - 1,
+            "ttft_speedup": med(full, "ttft_ms") / med(row, "ttft_ms"),
+            "ttft_overhead": med(row, "ttft_ms") / med(ideal, "ttft_ms") - 1,
+            "decode_speedup": med(full, "decode_ms_per_token") / med(row, "decode_ms_per_token"),
+            "flops_fraction": row["flops"]["prefill_total"] / full["flops"]["prefill_total"],
+        })
+    return summary
+
+
+def _machine(loaded: LoadedModel) -> dict:
+    device = next(loaded.model.parameters()).device
+    info = {"device": str(device), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""), "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

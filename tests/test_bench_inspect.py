@@ -1,0 +1,100 @@
+"""bench (structure and exact accounting, never timings) and inspect (panels follow the schedule)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import cli
+from bench.flops import stage_flops
+from runtime.torch_backend import TorchBackend, pad_token_id
+from visiondrop.inspection import CLS, inspect_image
+from visiondrop.prompt import build_prompts, pixel_values, random_images
+from visiondrop.schedule import Schedule
+
+
+def test_ideal_prefill_gives_every_group_the_pruned_sizes(tiny):
+    schedule = Schedule.from_budget(64, 8, 576)
+    backend = TorchBackend(tiny, schedule)
+    pixels = pixel_values(tiny.processor.image_processor, random_images(2, seed=4))
+    batch = build_prompts(tiny.tokenizer, ["a", "a longer prompt"], schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
+    shapes = {}
+    for ideal in (False, True):
+        vision = backend.encode_image(pixels, ideal=ideal)
+        assert vision.image_embeds.shape == (2, schedule.image_tokens, 64)
+        state = backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset, ideal=ideal).state
+        shapes[ideal] = [[tuple(t.shape) for t in cache] for cache in state.caches]
+        assert [m.sum(-1).tolist() for m in state.masks] == [
+            (batch.attention_mask.sum(-1) - schedule.image_tokens + count).tolist()
+            for count in [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+        ]
+    assert shapes[False] == shapes[True]
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_bench_reports_every_budget_against_full(tmp_path, backend):
+    out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--backend", backend, "--budgets", "32,128",
+                                          "--batch", "1,2", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+                                          "--json", str(out), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert Image.open(plot).size[0] > 800
+    variants = {(r["budget"], r["batch"], r["variant"]) for r in report["results"]}
+    assert variants == {(b, n, v) for b in ("32", "128") for n in (1, 2) for v in ("pruned", "ideal")} | {("full", n, "full") for n in (1, 2)}
+    assert {(s["budget"], s["batch"]) for s in report["summary"]} == {(b, n) for b in ("32", "128") for n in (1, 2)}
+    for row in report["results"]:
+        schedule = Schedule.from_budget(row["budget"], 8, 576)
+        for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token"):
+            assert row[key]["min"] <= row[key]["median"] <= row[key]["max"] and row[key]["min"] > 0
+        assert row["peak_memory_bytes"] > 0
+        # KV bytes, counted independently: per layer K and V of batch x 2 heads x length x 16 dims x 4 bytes,
+        # where a group's length is the prompt's text, its visual tokens and the 3 generated tokens.
+        visual = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+        expected = sum(2 * row["batch"] * 2 * (row["text_tokens"] + visual[g] + 3) * 16 * 4 * (stop - start)
+                       for g, (start, stop) in enumerate(schedule.layer_groups()))
+        assert row["kv_cache_bytes"] == expected
+    flops = {(r["budget"], r["batch"], r["variant"]): r["flops"]["prefill_total"] for r in report["results"]}
+    assert flops[("32", 1, "ideal")] < flops[("32", 1, "pruned")] < flops[("128", 1, "pruned")] < flops[("full", 1, "full")]
+    assert flops[("32", 2, "pruned")] == pytest.approx(2 * flops[("32", 1, "pruned")])
+
+
+def test_flops_scale_with_sequence_length(tiny):
+    full = stage_flops(tiny.config, Schedule.from_budget("full", 8, 576), text_tokens=20, batch=1)
+    pruned = stage_flops(tiny.config, Schedule.from_budget(64, 8, 576), text_tokens=20, batch=1)
+    assert set(pruned) >= {"vision", "prune_0", "prune_1", "prune_2", "decoder_0", "decoder_3", "lm_head", "decode_step"}
+    assert pruned["decoder_3"] < full["decoder_0"] / 4  # 2 layers of 58 tokens against 2 of 596
+    assert pruned["decode_step"] < full["decode_step"]
+
+
+@pytest.mark.parametrize("budget", [32, 128])
+def test_inspect_panels_follow_the_schedule(tiny, budget):
+    schedule = Schedule.from_budget(budget, 8, 576)
+    image = Image.open("examples/cat.png").convert("RGB")
+    panels, seen = inspect_image(tiny, schedule, image, "What is this?")
+    assert seen.shape == (336, 336, 3) and len(panels) == len(schedule.stages)
+    for panel, stage in zip(panels, schedule.stages):
+        assert len(panel.dominant) == stage.dominant and len(panel.contextual) == stage.contextual
+        covered = [p for c in panel.dominant_coverage for p in c] + [p for g in panel.contextual for p in g["patches"]]
+        assert sorted(covered) == list(range(576))  # every patch is in exactly one token at every stage
+        representatives = [p for p in panel.dominant if p != CLS] + [g["target"] for g in panel.contextual if g["target"] != CLS]
+        assert len(set(representatives)) == len(representatives)
+    backend = TorchBackend(tiny, schedule)
+    vision = backend.encode_image(pixel_values(tiny.processor.image_processor, [image]))
+    assert panels[0].dominant == [CLS] + [i - 1 for i in vision.stage.kept_index[0].tolist()[1:]]
+
+
+def test_inspect_cli_draws_one_panel_per_stage(tmp_path):
+    out = tmp_path / "kept.png"
+    result = CliRunner().invoke(cli.cli, ["inspect", "--image", "examples/cat.png", "--budget", "64", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    schedule = Schedule.from_budget(64, 8, 576)
+    assert [(len(s["dominant"]), len(s["contextual"])) for s in data["stages"]] == [(s.dominant, s.contextual) for s in schedule.stages]
+    picture = np.asarray(Image.open(out))
+    assert picture.shape[1] > 3 * picture.shape[0]  # four panels side by side
+    bad = CliRunner().invoke(cli.cli, ["inspect", "--image", "examples/cat.png", "--budget", "full", "--out", str(out)])
+    assert bad.exit_code == 2 and "nothing to inspect" in bad.stderr
