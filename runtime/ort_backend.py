@@ -57,6 +57,9 @@ class OrtBackend(Backend):
         self.providers = resolve_providers(provider)
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
+        # One request runs a dozen sessions back to back: idle threads must not spin and
+        # steal the cores from the next session.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         plugins = self.manifest.export.get("mode") == "plugins"
         if plugins:
             from plugins_trt.ort_ops import custom_ops_library

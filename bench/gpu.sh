@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one call (e.g. the device tool's H200; ~6 minutes):
+#   1. the CUDA kernels: build for sm_90, check against the PyTorch reference, time them
+#      against the same PyTorch ops (plugins_trt/tests/gpu_check.sh);
+#   2. the torch-backend benchmark on the LLaVA-1.5-7B shape (random weights, fp16):
+#      pruned vs ideal vs full at every budget, batch 1 and 4.
+# Results land in $OUT (the device tool's output folder) or build/gpu.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-build/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 VISIONDROP_CACHE=${VISIONDROP_CACHE:-/tmp/visiondrop-cache}
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+bash plugins_trt/tests/gpu_check.sh || status=1
+python3 cli.py bench --model llava-1.5-7b-shape --backend torch --device cuda --dtype fp16 \
+    --budgets 32,64,128,192,full --batch 1,4 --new-tokens 32 --warmup 2 --repeats 10 \
+    --json "$OUT/bench_7b.json" --plot "$OUT/bench_7b.png" 2>&1 | tee "$OUT/bench_7b.log" || status=1
+exit $status
