@@ -52,7 +52,8 @@ def test_contextual_merge_is_target_plus_mean(r, c):
     assert merged.shape == (2, c, 32)
     for b in range(2):
         expected, targets = loop_merge(tokens[b], metric[b], c)
-        assert pruning.uniform_targets(r, c)[0] == targets
+        assert list(range(r))[pruning.target_positions(r, c)] == targets
+        assert pruning.member_positions(r, c).tolist() == [i for i in range(r) if i not in targets]
         torch.testing.assert_close(merged[b], expected, rtol=1e-5, atol=1e-5)
 
 

@@ -57,12 +57,23 @@ def topk_order(scores: Tensor, k: int) -> Tensor:
     return torch.zeros_like(destination).scatter(1, destination, index.expand_as(destination))
 
 
-def uniform_targets(num_rest: int, c: int) -> tuple[list[int], list[int]]:
-    """Contextual targets at stride ``max(1, R // c)`` (first ``c``) and the member positions."""
+def target_positions(num_rest: int, c: int) -> slice:
+    """Contextual targets: rest positions ``0, s, 2s, ...`` with ``s = max(1, R // c)``, the first ``c``.
+
+    A slice (a strided view), so selecting them copies nothing from the host.
+    """
     stride = max(1, num_rest // c)
-    targets = list(range(0, num_rest, stride))[:c]
-    chosen = set(targets)
-    return targets, [i for i in range(num_rest) if i not in chosen]
+    return slice(0, (c - 1) * stride + 1, stride)
+
+
+def member_positions(num_rest: int, c: int, device: torch.device | str | None = None) -> Tensor:
+    """The ``R - c`` non-target rest positions, ascending, computed on ``device`` (no host copy)."""
+    stride = max(1, num_rest // c)
+    m = torch.arange(num_rest - c, device=device)
+    if stride == 1:  # the targets are the first c positions
+        return m + c
+    between = (c - 1) * (stride - 1)  # members between the targets, stride - 1 per gap
+    return torch.where(m < between, m + m // (stride - 1) + 1, m - between + (c - 1) * stride + 1)
 
 
 def l2_normalize(x: Tensor) -> Tensor:
@@ -92,19 +103,21 @@ def select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int) -> Selection:
     )
 
 
-def _member_assignment(rest_metric: Tensor, targets: list[int], members: list[int]) -> Tensor:
-    """For each member row, the index (into ``targets``) of its most cosine-similar target."""
-    similarity = rest_metric[:, members] @ rest_metric[:, targets].transpose(1, 2)  # [B, R - c, c]
+def _member_assignment(rest_metric: Tensor, members: Tensor, c: int) -> Tensor:
+    """For each member row, the index of its most cosine-similar target (``rest_metric`` normalised)."""
+    targets = rest_metric[:, target_positions(rest_metric.shape[1], c)]
+    similarity = rest_metric.index_select(1, members) @ targets.transpose(1, 2)  # [B, R - c, c]
     return similarity.argmax(-1)  # first maximum: the first target wins ties
 
 
 def assign(rest_metric: Tensor, c: int) -> Tensor:
     """Contextual slot [B, R] of every remaining token (a target is its own slot), for traces."""
-    targets, members = uniform_targets(rest_metric.shape[1], c)
+    num_rest = rest_metric.shape[1]
     slots = torch.empty(rest_metric.shape[:2], dtype=torch.int64, device=rest_metric.device)
-    slots[:, targets] = torch.arange(c, device=rest_metric.device)
-    if members:
-        slots[:, members] = _member_assignment(l2_normalize(rest_metric), targets, members)
+    slots[:, target_positions(num_rest, c)] = torch.arange(c, device=rest_metric.device)
+    if num_rest > c:
+        members = member_positions(num_rest, c, rest_metric.device)
+        slots.index_copy_(1, members, _member_assignment(l2_normalize(rest_metric), members, c))
     return slots
 
 
@@ -116,13 +129,14 @@ def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> Tensor:
     plus the mean of its members (count clamped at 1): target + mean, the reference's quirk.
     ``rest_metric`` is the raw merge metric; it is L2-normalised here. Returns [B, c, D].
     """
-    targets, members = uniform_targets(rest_tokens.shape[1], c)
-    target_tokens = rest_tokens[:, targets]
-    if not members:
+    num_rest = rest_tokens.shape[1]
+    target_tokens = rest_tokens[:, target_positions(num_rest, c)]
+    if num_rest == c:
         return target_tokens
-    assignment = _member_assignment(l2_normalize(rest_metric), targets, members)
+    members = member_positions(num_rest, c, rest_tokens.device)
+    assignment = _member_assignment(l2_normalize(rest_metric), members, c)
     one_hot = (assignment.unsqueeze(-1) == torch.arange(c, device=assignment.device)).float()
-    sums = one_hot.transpose(1, 2) @ rest_tokens[:, members].float()  # [B, c, D]
+    sums = one_hot.transpose(1, 2) @ rest_tokens.index_select(1, members).float()  # [B, c, D]
     counts = one_hot.sum(1).clamp_min(1.0).unsqueeze(-1)
     merged = target_tokens.float() + sums / counts
     return merged.to(rest_tokens.dtype)
@@ -158,8 +172,7 @@ def prune(
         projections, eps = carried
         tokens = torch.cat([tokens, projections.to(tokens.dtype)], dim=-1)
     chosen = select_op(scores, tokens, metric, k)
-    targets, _ = uniform_targets(chosen.rest_index.shape[1], c)
-    target_index = chosen.rest_index[:, targets].long()
+    target_index = chosen.rest_index[:, target_positions(chosen.rest_index.shape[1], c)].long()
     traced = {"rest_index": chosen.rest_index.long(), "slots": assign(chosen.rest_metric, c)} if trace else {}
     if carried is None:
         contextual = merge_op(chosen.rest_tokens, chosen.rest_metric, c)

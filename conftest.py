@@ -1,0 +1,43 @@
+"""Repository-wide pytest setup: imports from the repo root, and visible hardware skips.
+
+Tests marked ``gpu`` need a CUDA GPU, ``trt`` need TensorRT; where this machine lacks
+them they are skipped with the reason (never counted as passed).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {
+        "gpu": None if _has_cuda() else "needs an NVIDIA GPU with CUDA (none visible to PyTorch here)",
+        "trt": None if _has_tensorrt() else "needs TensorRT (the 'tensorrt' Python package is not installed here)",
+    }
+    for item in items:
+        for marker, reason in reasons.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,0 +1,47 @@
+"""Fixtures for the plugin/kernel tests: one cached CMake build per session.
+
+Hardware skips (``gpu``/``trt`` markers) come from the repository's root conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from plugins_trt import build as vd_build
+
+TEST_BUILD_ROOT = vd_build.DEFAULT_BUILD_DIR / "tests"
+
+
+def build_or_skip(arch: str) -> dict[str, Path]:
+    """Build for one architecture into build/plugins_trt/tests/sm<arch> (incremental across sessions).
+
+    Skips when cmake or nvcc is missing; $TensorRT_ROOT (or JetPack headers) adds the plugin library.
+    """
+    if vd_build.find_cmake() is None:
+        pytest.skip("cmake not found on PATH (install CMake >= 3.18)")
+    if vd_build.find_nvcc() is None:
+        pytest.skip("nvcc not found (install the CUDA toolkit or set CUDACXX)")
+    return vd_build.build(archs=[arch], build_dir=TEST_BUILD_ROOT / f"sm{arch}", jobs=max(2, os.cpu_count() or 2))
+
+
+@pytest.fixture(scope="session")
+def sm90_build() -> dict[str, Path]:
+    """The libraries built once per session for sm_90 (the compile check; no GPU needed)."""
+    return build_or_skip("90")
+
+
+@pytest.fixture(scope="session")
+def kernels():
+    """The kernels on this machine's GPU: $VISIONDROP_KERNELS_LIB, else built for the GPU's architecture."""
+    import torch
+
+    from plugins_trt.kernels import Kernels
+
+    path = os.environ.get("VISIONDROP_KERNELS_LIB")
+    if not path:
+        major, minor = torch.cuda.get_device_capability()
+        path = build_or_skip(f"{major}{minor}")["kernels"]
+    return Kernels(path)

@@ -1,0 +1,230 @@
+// Smoke test of libvisiondrop_trt_plugins.so without TensorRT's libraries: only its headers.
+// dlopen the library as TensorRT would, then drive the creators and plugins through the
+// IPluginV3 interfaces (shapes with a stand-in IExprBuilder, types, formats, serialisation).
+//
+//   g++ -std=c++17 -I$TensorRT_ROOT/include -I/usr/local/cuda/include plugin_smoke.cpp -ldl -o smoke
+//   ./smoke build/plugins_trt/libvisiondrop_trt_plugins.so
+
+#include <NvInferRuntime.h>
+
+#include <dlfcn.h>
+
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <string>
+#include <vector>
+
+using namespace nvinfer1;
+
+namespace {
+
+int gFailures = 0;
+#define CHECK(condition)                                                          \
+    do {                                                                          \
+        if (!(condition)) {                                                       \
+            std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #condition);      \
+            ++gFailures;                                                          \
+        }                                                                         \
+    } while (0)
+
+struct CountingLogger : ILogger {
+    int errors = 0;
+    void log(Severity severity, AsciiChar const* message) noexcept override {
+        if (severity <= Severity::kERROR) ++errors;
+        std::printf("  [plugin log] %s\n", message);
+    }
+};
+
+struct Finder : ILoggerFinder {
+    CountingLogger logger;
+    ILogger* findLogger() override { return &logger; }
+};
+
+// Stand-in for TensorRT's dimension expressions: every expression carries its value.
+struct Expr : IDimensionExpr, apiv::VDimensionExpr {
+    int64_t value;
+    explicit Expr(int64_t v) : value(v) { mImpl = this; }
+    bool isConstant() const override { return true; }
+    int64_t getConstantValue() const override { return value; }
+    bool isSizeTensor() const override { return false; }
+};
+
+struct Builder : IExprBuilder, apiv::VExprBuilder {
+    std::deque<Expr> pool;
+    Builder() { mImpl = this; }
+    IDimensionExpr const* constant(int64_t v) override { return &pool.emplace_back(v); }
+    IDimensionExpr const* operation(DimensionOperation op, IDimensionExpr const& a, IDimensionExpr const& b) override {
+        int64_t const x = a.getConstantValue(), y = b.getConstantValue();
+        return constant(op == DimensionOperation::kSUB ? x - y : op == DimensionOperation::kSUM ? x + y : -1);
+    }
+    IDimensionExpr const* declareSizeTensor(int32_t, IDimensionExpr const&, IDimensionExpr const&) override {
+        return nullptr;
+    }
+};
+
+DimsExprs dims(Builder& builder, std::vector<int64_t> const& values) {
+    DimsExprs out{};
+    out.nbDims = int32_t(values.size());
+    for (size_t i = 0; i < values.size(); ++i) out.d[i] = builder.constant(values[i]);
+    return out;
+}
+
+std::vector<int64_t> values(DimsExprs const& e) {
+    std::vector<int64_t> out;
+    for (int32_t i = 0; i < e.nbDims; ++i) out.push_back(e.d[i]->getConstantValue());
+    return out;
+}
+
+DynamicPluginTensorDesc desc(DataType type, std::vector<int64_t> const& shape,
+                             TensorFormat format = TensorFormat::kLINEAR) {
+    DynamicPluginTensorDesc d{};
+    d.desc.type = type;
+    d.desc.format = format;
+    d.desc.dims.nbDims = int32_t(shape.size());
+    for (size_t i = 0; i < shape.size(); ++i) d.desc.dims.d[i] = d.min.d[i] = d.max.d[i] = d.opt.d[i] = shape[i];
+    d.min.nbDims = d.max.nbDims = d.opt.nbDims = d.desc.dims.nbDims;
+    return d;
+}
+
+IPluginV3* create(IPluginCreatorV3One* creator, char const* name, int32_t value) {
+    PluginField field(name, &value, PluginFieldType::kINT32, 1);
+    PluginFieldCollection fc{1, &field};
+    return creator->createPlugin("smoke", &fc, TensorRTPhase::kBUILD);
+}
+
+void checkSelect(IPluginCreatorV3One* creator, Finder& finder) {
+    IPluginV3* plugin = create(creator, "k", 168);
+    CHECK(plugin != nullptr);
+    if (!plugin) return;
+    auto* core = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    CHECK(core && build && runtime);
+    CHECK(std::string(core->getPluginName()) == "VisionDropSelect");
+    CHECK(std::string(core->getPluginNamespace()) == "visiondrop");
+    CHECK(build->getNbOutputs() == 5);
+
+    DataType const in[3] = {DataType::kFLOAT, DataType::kHALF, DataType::kFLOAT};
+    DataType out[5];
+    CHECK(build->getOutputDataTypes(out, 5, in, 3) == 0);
+    CHECK(out[0] == DataType::kHALF && out[1] == DataType::kHALF && out[2] == DataType::kFLOAT &&
+          out[3] == DataType::kINT32 && out[4] == DataType::kINT32);
+
+    Builder builder;
+    DimsExprs inputs[3] = {dims(builder, {2, 576}), dims(builder, {2, 576, 4096}), dims(builder, {2, 576, 128})};
+    DimsExprs shapes[5];
+    CHECK(build->getOutputShapes(inputs, 3, nullptr, 0, shapes, 5, builder) == 0);
+    CHECK((values(shapes[0]) == std::vector<int64_t>{2, 168, 4096}));
+    CHECK((values(shapes[1]) == std::vector<int64_t>{2, 408, 4096}));
+    CHECK((values(shapes[2]) == std::vector<int64_t>{2, 408, 128}));
+    CHECK((values(shapes[3]) == std::vector<int64_t>{2, 168}));
+    CHECK((values(shapes[4]) == std::vector<int64_t>{2, 408}));
+    int const errors = finder.logger.errors;
+    DimsExprs small[3] = {dims(builder, {1, 100}), dims(builder, {1, 100, 8}), dims(builder, {1, 100, 8})};
+    CHECK(build->getOutputShapes(small, 3, nullptr, 0, shapes, 5, builder) != 0);  // N < k
+    CHECK(finder.logger.errors == errors + 1);
+
+    std::vector<DynamicPluginTensorDesc> io = {desc(DataType::kFLOAT, {2, 576}), desc(DataType::kBF16, {2, 576, 64}),
+        desc(DataType::kFLOAT, {2, 576, 16}), desc(DataType::kBF16, {2, 168, 64}), desc(DataType::kBF16, {2, 408, 64}),
+        desc(DataType::kFLOAT, {2, 408, 16}), desc(DataType::kINT32, {2, 168}), desc(DataType::kINT32, {2, 408})};
+    for (int32_t pos = 0; pos < 8; ++pos) CHECK(build->supportsFormatCombination(pos, io.data(), 3, 5));
+    io[3].desc.type = DataType::kHALF;  // dominant must match tokens
+    CHECK(!build->supportsFormatCombination(3, io.data(), 3, 5));
+    io[1].desc.type = DataType::kINT8;
+    CHECK(!build->supportsFormatCombination(1, io.data(), 3, 5));
+    io[0].desc.format = TensorFormat::kCHW32;
+    CHECK(!build->supportsFormatCombination(0, io.data(), 3, 5));
+
+    PluginFieldCollection const* fields = runtime->getFieldsToSerialize();
+    CHECK(fields && fields->nbFields == 1 && std::string(fields->fields[0].name) == "k" &&
+          fields->fields[0].type == PluginFieldType::kINT32 &&
+          *static_cast<int32_t const*>(fields->fields[0].data) == 168);
+    IPluginV3* restored = creator->createPlugin("restored", fields, TensorRTPhase::kRUNTIME);
+    CHECK(restored != nullptr);
+    IPluginV3* copy = restored ? restored->clone() : nullptr;
+    CHECK(copy != nullptr);
+    delete copy;
+    delete restored;
+    delete plugin;
+}
+
+void checkMerge(IPluginCreatorV3One* creator, Finder& finder) {
+    IPluginV3* plugin = create(creator, "c", 24);
+    CHECK(plugin != nullptr);
+    if (!plugin) return;
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    CHECK(build && runtime);
+    CHECK(build->getNbOutputs() == 1);
+    DataType const in[2] = {DataType::kBF16, DataType::kFLOAT};
+    DataType out[1];
+    CHECK(build->getOutputDataTypes(out, 1, in, 2) == 0 && out[0] == DataType::kBF16);
+
+    Builder builder;
+    DimsExprs inputs[2] = {dims(builder, {2, 408, 4096}), dims(builder, {2, 408, 128})};
+    DimsExprs shapes[1];
+    CHECK(build->getOutputShapes(inputs, 2, nullptr, 0, shapes, 1, builder) == 0);
+    CHECK((values(shapes[0]) == std::vector<int64_t>{2, 24, 4096}));
+
+    std::vector<DynamicPluginTensorDesc> io = {desc(DataType::kHALF, {2, 408, 4096}),
+        desc(DataType::kFLOAT, {2, 408, 128}), desc(DataType::kHALF, {2, 24, 4096})};
+    for (int32_t pos = 0; pos < 3; ++pos) CHECK(build->supportsFormatCombination(pos, io.data(), 2, 1));
+    io[2].desc.type = DataType::kFLOAT;
+    CHECK(!build->supportsFormatCombination(2, io.data(), 2, 1));
+    io[1].desc.type = DataType::kHALF;  // the metric stays fp32
+    CHECK(!build->supportsFormatCombination(1, io.data(), 2, 1));
+    CHECK(build->getWorkspaceSize(io.data(), 2, io.data() + 2, 1) >= size_t(2) * 408 * 4);
+
+    PluginFieldCollection const* fields = runtime->getFieldsToSerialize();
+    CHECK(fields && fields->nbFields == 1 && std::string(fields->fields[0].name) == "c" &&
+          *static_cast<int32_t const*>(fields->fields[0].data) == 24);
+    int const errors = finder.logger.errors;
+    CHECK(create(creator, "c", 0) == nullptr);           // c >= 1
+    CHECK(create(creator, "k", 3) == nullptr);           // wrong attribute name
+    CHECK(finder.logger.errors == errors + 2);
+    delete plugin;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    if (argc != 2) {
+        std::printf("usage: %s libvisiondrop_trt_plugins.so\n", argv[0]);
+        return 2;
+    }
+    void* library = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+    if (!library) {
+        std::printf("FAIL dlopen: %s\n", dlerror());
+        return 1;
+    }
+    using GetCreators = IPluginCreatorInterface* const* (*)(int32_t&);
+    using SetLoggerFinder = void (*)(ILoggerFinder*);
+    auto getCreators = reinterpret_cast<GetCreators>(dlsym(library, "getCreators"));
+    auto setLoggerFinder = reinterpret_cast<SetLoggerFinder>(dlsym(library, "setLoggerFinder"));
+    CHECK(getCreators && setLoggerFinder);
+    if (!getCreators || !setLoggerFinder) return 1;
+
+    Finder finder;
+    setLoggerFinder(&finder);
+    int32_t count = 0;
+    IPluginCreatorInterface* const* creators = getCreators(count);
+    CHECK(count == 2);
+    for (int32_t i = 0; i < count; ++i) {
+        CHECK(std::string(creators[i]->getInterfaceInfo().kind) == "PLUGIN CREATOR_V3ONE");
+        auto* creator = static_cast<IPluginCreatorV3One*>(creators[i]);
+        std::string const name = creator->getPluginName();
+        CHECK(std::string(creator->getPluginVersion()) == "1");
+        CHECK(std::string(creator->getPluginNamespace()) == "visiondrop");
+        PluginFieldCollection const* names = creator->getFieldNames();
+        CHECK(names && names->nbFields == 1 && names->fields[0].type == PluginFieldType::kINT32);
+        if (name == "VisionDropSelect")
+            checkSelect(creator, finder);
+        else if (name == "VisionDropMerge")
+            checkMerge(creator, finder);
+        else
+            CHECK(!"unexpected creator name");
+    }
+    std::printf(gFailures ? "plugin smoke: %d failure(s)\n" : "plugin smoke OK\n", gFailures);
+    return gFailures ? 1 : 0;
+}
