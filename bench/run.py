@@ -47,12 +47,20 @@ class BenchConfig:
 
 
 class PeakMemory:
-    """Peak memory over a block: CUDA max-allocated, or process RSS sampled every 2 ms."""
+    """Peak memory over a block: CUDA max-allocated, or process RSS sampled every 2 ms.
+
+    ``delta`` is the peak above the level at the start: what the request itself added
+    (activations, caches), separable from weights and from earlier configurations.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.peak = 0
+        self.peak = self.start = 0
         self._stop = threading.Event()
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.start
 
     def _rss(self) -> int:
         with open("/proc/self/statm") as handle:
@@ -65,8 +73,9 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
         else:
-            self.peak = self._rss()
+            self.peak = self.start = self._rss()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -171,7 +180,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                 for v in variants:
                     with PeakMemory(backend.device) as memory:
                         run_once(backend, pixels, prompts, config.new_tokens, ideal=v == "ideal")
-                    peaks[v] = memory.peak
+                    peaks[v] = (memory.peak, memory.delta)
                 for _ in range(config.repeats):  # interleaved so drift hits every variant alike
                     for v in variants:
                         runs[v].append(run_once(backend, pixels, prompts, config.new_tokens, ideal=v == "ideal"))
@@ -187,7 +196,8 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                         "ttft_ms": _stats([r["ttft"] for r in measured]),
                         "decode_ms_per_token": _stats(decode),
                         "tokens_per_s": batch * 1e3 / statistics.median(decode),
-                        "peak_memory_bytes": peaks[v],
+                        "peak_memory_bytes": peaks[v][0],
+                        "peak_memory_delta_bytes": peaks[v][1],
                         "kv_cache_bytes": measured[0]["kv_bytes"],
                         "flops": stage_flops(loaded.config, schedule, text_tokens, batch, ideal=v == "ideal"),
                     }

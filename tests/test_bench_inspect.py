@@ -50,7 +50,7 @@ def test_bench_reports_every_budget_against_full(tmp_path, backend):
         schedule = Schedule.from_budget(row["budget"], 8, 576)
         for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token"):
             assert row[key]["min"] <= row[key]["median"] <= row[key]["max"] and row[key]["min"] > 0
-        assert row["peak_memory_bytes"] > 0
+        assert row["peak_memory_bytes"] > 0 and 0 <= row["peak_memory_delta_bytes"] <= row["peak_memory_bytes"]
         # KV bytes, counted independently: per layer K and V of batch x 2 heads x length x 16 dims x 4 bytes,
         # where a group's length is the prompt's text, its visual tokens and the 3 generated tokens.
         visual = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]

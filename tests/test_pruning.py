@@ -92,7 +92,7 @@ def test_llm_scores_are_causal_visual_to_visual():
     mask = torch.ones(batch, seq, dtype=torch.int64)
     offset, nvis = 3, 6
     positions = pruning.visual_positions(torch.tensor([offset]), nvis)
-    scores = pruning.llm_scores(q, k, mask, positions, hd ** -0.5)
+    scores = pruning.llm_scores(pruning.gather_positions(q, positions), k, mask, positions, hd ** -0.5)
     kk = k.repeat_interleave(2, dim=1)
     expected = []
     for j in range(nvis):

@@ -207,22 +207,29 @@ class LLMPrune(nn.Module):
     ) -> tuple[Tensor, ...]:
         """-> hidden_states, query, key, value, attention_mask, position_ids, kept_index, target_index, scores."""
         positions = pruning.visual_positions(image_offset, self.num_visual)
-        rotated_query, rotated_key = rotate(self.rotary, query, key, positions_from_mask(attention_mask))
+        position_ids = positions_from_mask(attention_mask)
+        visual_query, visual_key, visual_value = (pruning.gather_positions(t, positions) for t in (query, key, value))
+        # RoPE at the current positions: every key (they are all attended), the visual queries only.
+        rotated_query, _ = rotate(self.rotary, visual_query, visual_query, torch.gather(position_ids, 1, positions))
+        _, rotated_key = rotate(self.rotary, key, key, position_ids)
         scores = pruning.llm_scores(rotated_query, rotated_key, attention_mask, positions, self.scale)
         metric = pruning.heads_mean_metric(pruning.gather_positions(rotated_key, positions))
-        projections = torch.cat([_heads_to_rows(query), _heads_to_rows(key), _heads_to_rows(value)], dim=-1)
+        projections = torch.cat([_heads_to_rows(visual_query), _heads_to_rows(visual_key), _heads_to_rows(visual_value)], dim=-1)
         result = pruning.prune(
             scores, pruning.gather_rows(hidden_states, positions), metric, self.stage.dominant, self.stage.contextual,
-            self.ops, carried=(pruning.gather_rows(projections, positions), self.rms_eps), trace=self.trace is not None,
+            self.ops, carried=(projections, self.rms_eps), trace=self.trace is not None,
         )
         if self.trace is not None:
             self.trace.append(result)
         hidden_states = pruning.splice(hidden_states, image_offset, self.num_visual, result.tokens)
-        projections = pruning.splice(projections, image_offset, self.num_visual, result.projections)
-        q_width, k_width = query.shape[1] * query.shape[3], key.shape[1] * key.shape[3]
-        query = _rows_to_heads(projections[..., :q_width], query.shape[1])
-        key = _rows_to_heads(projections[..., q_width:q_width + k_width], key.shape[1])
-        value = _rows_to_heads(projections[..., q_width + k_width:], value.shape[1])
+        q_width, k_width = visual_query.shape[1] * visual_query.shape[3], visual_key.shape[1] * visual_key.shape[3]
+        new_query = _rows_to_heads(result.projections[..., :q_width], query.shape[1])
+        new_key = _rows_to_heads(result.projections[..., q_width:q_width + k_width], key.shape[1])
+        new_value = _rows_to_heads(result.projections[..., q_width + k_width:], value.shape[1])
+        query, key, value = (
+            pruning.splice(t, image_offset, self.num_visual, new, dim=2)
+            for t, new in ((query, new_query), (key, new_key), (value, new_value))
+        )
         kept_ones = torch.ones_like(result.kept_index[:, :1]).expand(-1, self.stage.total)
         attention_mask = pruning.splice(attention_mask, image_offset, self.num_visual, kept_ones.to(attention_mask.dtype))
         position_ids = positions_from_mask(attention_mask)

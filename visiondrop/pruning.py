@@ -213,21 +213,18 @@ def visual_positions(image_offset: Tensor, num_visual: int) -> Tensor:
     return image_offset.unsqueeze(-1) + torch.arange(num_visual, device=image_offset.device)
 
 
-def llm_scores(
-    query: Tensor, key: Tensor, attention_mask: Tensor, positions: Tensor, scale: float
-) -> Tensor:
+def llm_scores(visual_query: Tensor, key: Tensor, attention_mask: Tensor, positions: Tensor, scale: float) -> Tensor:
     """LLM-stage scores [B, V]: visual-to-visual attention of the next layer.
 
-    ``query`` [B, H, S, hd] and ``key`` [B, H_kv, S, hd] are the next layer's RoPE-applied
-    projections of the current sequence, ``attention_mask`` [B, S] (1 = real token) and
-    ``positions`` [B, V] where the visual tokens sit. Visual queries attend to every key
-    (causal + padding mask), softmax in fp32, mean over heads, visual key columns kept, mean
-    over visual queries (masked entries count as zeros, as in the reference).
+    ``visual_query`` [B, H, V, hd] (the visual rows) and ``key`` [B, H_kv, S, hd] are the next
+    layer's RoPE-applied projections of the current sequence, ``attention_mask`` [B, S]
+    (1 = real token) and ``positions`` [B, V] where the visual tokens sit. Visual queries
+    attend to every key (causal + padding mask), softmax in fp32, mean over heads, visual key
+    columns kept, mean over visual queries (masked entries count as zeros, as in the reference).
     """
-    heads, kv_heads = query.shape[1], key.shape[1]
-    seq = key.shape[2]
-    visual_query = gather_positions(query, positions).float()  # [B, H, V, hd]
-    batch, _, _, head_dim = key.shape
+    batch, kv_heads, seq, head_dim = key.shape
+    heads = visual_query.shape[1]
+    visual_query = visual_query.float()
     keys = key.float()[:, :, None].expand(batch, kv_heads, heads // kv_heads, seq, head_dim).reshape(batch, heads, seq, head_dim)
     logits = (visual_query @ keys.transpose(-1, -2)) * scale  # [B, H, V, S]
     key_index = torch.arange(seq, device=key.device)
@@ -240,21 +237,21 @@ def llm_scores(
     return visual_columns.mean(1)
 
 
-def splice(sequence: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor) -> Tensor:
-    """Replace the ``num_visual``-long block at ``image_offset`` [B] by ``visual`` [B, V', ...].
+def splice(sequence: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor, dim: int = 1) -> Tensor:
+    """Replace the ``num_visual``-long block at ``image_offset`` [B] by ``visual``.
 
-    Works on [B, S] and [B, S, D] tensors; per-sample offsets (left padding) are a gather.
+    The sequence axis is ``dim``: 1 for [B, S] and [B, S, D] tensors, 2 for per-head
+    [B, H, S, hd] ones. Per-sample offsets (left padding) make it one concat and one gather.
     """
-    new_visual = visual.shape[1]
-    new_len = sequence.shape[1] - num_visual + new_visual
-    pos = torch.arange(new_len, device=sequence.device).unsqueeze(0)
+    length, new_visual = sequence.shape[dim], visual.shape[dim]
+    pos = torch.arange(length - num_visual + new_visual, device=sequence.device).unsqueeze(0)
     offset = image_offset.unsqueeze(-1)
     source = torch.where(
         pos < offset,
         pos,
-        torch.where(pos < offset + new_visual, sequence.shape[1] + pos - offset, pos - new_visual + num_visual),
+        torch.where(pos < offset + new_visual, length + pos - offset, pos - new_visual + num_visual),
     )
-    combined = torch.cat([sequence, visual], dim=1)
+    combined = torch.cat([sequence, visual], dim=dim)
     if combined.dim() == 2:
         return torch.gather(combined, 1, source)
-    return gather_rows(combined, source)
+    return gather_positions(combined, source) if dim == 2 else gather_rows(combined, source)
