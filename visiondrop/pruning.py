@@ -28,14 +28,22 @@ class PruneResult:
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
-    """``x[b, index[b, i]]`` for ``x`` of shape [B, N, D] and ``index`` [B, K] -> [B, K, D]."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """``x[b, index[b, i]]`` for ``x`` of shape [B, N, D] and ``index`` [B, K] -> [B, K, D].
+
+    Rows are taken from the flattened [B * N, D] tensor with one row index per output row
+    (a plain Gather), not an element-wise gather whose index would be as large as the data.
+    """
+    batch, length = x.shape[:2]
+    flat = index + torch.arange(batch, device=index.device).unsqueeze(-1) * length
+    return x.flatten(0, 1).index_select(0, flat.flatten()).view(batch, index.shape[1], *x.shape[2:])
 
 
 def gather_positions(x: Tensor, positions: Tensor) -> Tensor:
     """``x[b, h, positions[b, i]]`` for per-head ``x`` [B, H, S, hd] -> [B, H, V, hd]."""
-    index = positions[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
-    return torch.gather(x, 2, index)
+    batch, heads, length, _ = x.shape
+    rows = torch.arange(batch * heads, device=positions.device).view(batch, heads, 1) * length
+    flat = rows + positions.unsqueeze(1)  # [B, H, V]
+    return x.flatten(0, 2).index_select(0, flat.flatten()).view(batch, heads, positions.shape[1], x.shape[-1])
 
 
 def topk_order(scores: Tensor, k: int) -> Tensor:
@@ -229,8 +237,8 @@ def llm_scores(visual_query: Tensor, key: Tensor, attention_mask: Tensor, positi
     logits = (visual_query @ keys.transpose(-1, -2)) * scale  # [B, H, V, S]
     key_index = torch.arange(seq, device=key.device)
     allowed = (key_index <= positions.unsqueeze(-1)) & attention_mask.bool().unsqueeze(1)
-    logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-    attention = logits.softmax(-1).mean(1)  # [B, V, S]
+    bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill(~allowed, float("-inf"))
+    attention = (logits + bias.unsqueeze(1)).softmax(-1).mean(1)  # [B, V, S]; the mask broadcasts over heads
     visual_columns = torch.gather(
         attention, 2, positions.unsqueeze(1).expand(-1, positions.shape[1], -1)
     )
