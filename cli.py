@@ -91,8 +91,10 @@ def cli() -> None:
     """VisionDrop Edge: prune LLaVA's visual tokens to a fixed budget and deploy it.
 
     \b
-    Quick start on the built-in model:
-      python cli.py generate --model tiny --image cat.png --prompt "What is this?" --budget 64
+    The main job, on the built-in tiny model, then checking and running it:
+      python cli.py export --budget 128
+      python cli.py validate --artifacts artifacts/tiny-128
+      python cli.py generate --artifacts artifacts/tiny-128 --image examples/cat.png --prompt "What is this?"
     """
     quiet_libraries()
 
