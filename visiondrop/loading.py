@@ -123,6 +123,8 @@ def check_supported(config: dict, where: str) -> None:
     text_type = (config.get("text_config") or {}).get("model_type", "llama")
     if text_type not in SUPPORTED_DECODERS:
         raise UserError(f"{where}: decoder type '{text_type}' is not supported (supported: {', '.join(SUPPORTED_DECODERS)})")
+    if (config.get("text_config") or {}).get("attention_bias", False):
+        raise UserError(f"{where}: q/k/v projections with biases are not supported (attention_bias is true)")
     vision_type = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
     if vision_type not in SUPPORTED_VISION:
         raise UserError(f"{where}: vision tower '{vision_type}' is not supported (supported: CLIP)")

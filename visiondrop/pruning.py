@@ -157,7 +157,7 @@ def rms_scale(hidden: Tensor, eps: float) -> Tensor:
 
 def prune(
     scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int,
-    ops: tuple = None, carried: tuple[Tensor, float] | None = None, trace: bool = False,
+    ops: tuple | None = None, carried: tuple[Tensor, float] | None = None, trace: bool = False,
 ) -> PruneResult:
     """One VisionDrop stage: top-``k`` dominant tokens, then ``c`` contextual ones.
 
