@@ -48,19 +48,15 @@ class Preset:
     text_heads: int
     text_kv_heads: int
     vocab_size: int | None = None  # None: the byte-level tokenizer's size
-    description: str = ""
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(64, 128, 3, 4, 64, 128, 8, 4, 2, description="CI model: 576 patches, 8 layers, hidden 64"),
-    "small": Preset(
-        256, 1024, 4, 4, 1024, 2816, 12, 16, 16,
-        description="CPU timing model: 576 patches, 12 layers, hidden 1024",
-    ),
-    "llava-1.5-7b-shape": Preset(
-        1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, vocab_size=32064,
-        description="LLaVA-1.5-7B shapes with random weights, for GPU timing",
-    ),
+    # CI model: 576 patches, an 8-layer decoder of width 64 (GQA: 4 heads, 2 KV heads).
+    "tiny": Preset(64, 128, 3, 4, 64, 128, 8, 4, 2),
+    # CPU timing model: 576 patches, a 12-layer decoder of width 1024.
+    "small": Preset(256, 1024, 4, 4, 1024, 2816, 12, 16, 16),
+    # LLaVA-1.5-7B's shapes with random weights, for GPU timing.
+    "llava-1.5-7b-shape": Preset(1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, vocab_size=32064),
 }
 
 

@@ -246,11 +246,10 @@ class DecoderGroup(nn.Module):
     the last group, the final-norm LM-head logits of the last position) then the presents.
     """
 
-    def __init__(self, layers: list[nn.Module], rotary: nn.Module, start: int, norm: nn.Module | None = None, lm_head: nn.Module | None = None):
+    def __init__(self, layers: list[nn.Module], rotary: nn.Module, norm: nn.Module | None = None, lm_head: nn.Module | None = None):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary
-        self.start = start
         self.norm = norm
         self.lm_head = lm_head
 
@@ -301,7 +300,7 @@ class VisionDropLlava(nn.Module):
         last = len(groups) - 1
         self.groups = nn.ModuleList(
             DecoderGroup(
-                list(text.layers[start:stop]), text.rotary_emb, start,
+                list(text.layers[start:stop]), text.rotary_emb,
                 norm=text.norm if g == last else None, lm_head=llava.lm_head if g == last else None,
             )
             for g, (start, stop) in enumerate(groups)
