@@ -56,14 +56,6 @@ def check_device(device: str) -> None:
         raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU: use --device cpu")
 
 
-def model_schedule(loaded, budget, schedule):
-    from visiondrop.schedule import resolve_schedule
-
-    vision = loaded.config.vision_config
-    num_patches = (vision.image_size // vision.patch_size) ** 2
-    return resolve_schedule(budget, schedule, loaded.config.text_config.num_hidden_layers, num_patches)
-
-
 def open_torch(model: str, budget, schedule, device: str):
     """(backend, processor, source) for the PyTorch pipeline."""
     from runtime.torch_backend import TorchBackend
@@ -72,7 +64,7 @@ def open_torch(model: str, budget, schedule, device: str):
     check_device(device)
     progress(f"loading {model} ...")
     loaded = load_model(model, device=device)
-    return TorchBackend(loaded, model_schedule(loaded, budget, schedule)), loaded.processor, loaded.source
+    return TorchBackend(loaded, loaded.schedule(budget, schedule)), loaded.processor, loaded.source
 
 
 def open_artifacts(directory: Path, provider: str):
@@ -219,7 +211,7 @@ def export(model, budget, schedule, out, dtype, opset, max_seq_len, plugins, for
     options = ExportOptions(dtype=dtype, opset=opset, max_seq_len=max_seq_len, plugins=plugins)
     progress(f"loading {model} ...")
     loaded = load_model(model, dtype=EXPORT_DTYPES[dtype])
-    plan = model_schedule(loaded, budget, schedule)
+    plan = loaded.schedule(budget, schedule)
     if out is None:
         label = "full" if plan.is_full else (budget or ("custom" if schedule else "128"))
         out = Path("artifacts") / f"{Path(loaded.source).name}-{label}{'-plugins' if plugins else ''}"
@@ -305,7 +297,7 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     picture = load_images([image])[0]
     progress(f"loading {model} ...")
     loaded = load_model(model)
-    plan = model_schedule(loaded, budget, schedule)
+    plan = loaded.schedule(budget, schedule)
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
     panels, seen = inspect_image(loaded, plan, picture, prompt)

@@ -27,7 +27,7 @@ from runtime.base import Backend
 from runtime.torch_backend import TorchBackend
 from visiondrop.loading import LoadedModel
 from visiondrop.prompt import build_prompts, pixel_values, random_images
-from visiondrop.schedule import Schedule, resolve_schedule
+from visiondrop.schedule import Schedule
 
 from .flops import stage_flops
 
@@ -151,11 +151,8 @@ def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provide
 
 def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:
     """Measure every (budget, batch); returns the JSON-ready report."""
-    text = loaded.config.text_config
-    vision = loaded.config.vision_config
-    num_patches = (vision.image_size // vision.patch_size) ** 2
     budgets = list(dict.fromkeys([*config.budgets, "full"]))  # full is always measured: it is the baseline
-    schedules = {b: resolve_schedule(b, None, text.num_hidden_layers, num_patches) for b in budgets}
+    schedules = {b: loaded.schedule(b) for b in budgets}
     total = sum(len(config.batches) * (1 if schedules[b].is_full else 2) for b in budgets)
     rows, done = [], 0
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visiondrop.modules import positions_from_mask
+from visiondrop.modules import positions_from_mask, splice_visual
 from visiondrop.pruning import gather_rows, splice, visual_positions
 from visiondrop.schedule import Schedule
 
@@ -172,9 +172,9 @@ class Backend(ABC):
         for group in range(self.num_groups):
             if group > 0 and ideal:
                 keep = self.spec.schedule.llm_stages[group - 1].total
-                hidden = splice(hidden, image_offset, visual, gather_rows(hidden, visual_positions(image_offset, keep)))
-                mask = splice(mask, image_offset, visual, torch.ones_like(mask[:, :keep]))
-                position_ids, visual = positions_from_mask(mask), keep
+                first = gather_rows(hidden, visual_positions(image_offset, keep))
+                hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, first)
+                visual = keep
             query, key, value = self.run_qkv(group, hidden)
             if group > 0 and not ideal:
                 hidden, query, key, value, mask, position_ids, kept, targets, scores = self.run_prune(

@@ -21,6 +21,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, PreTraine
 
 from .builtin import BUILTIN_VERSION, PRESETS, build_model
 from .errors import UserError
+from .schedule import Schedule, resolve_schedule
 
 SUPPORTED_DECODERS = ("llama", "mistral")
 SUPPORTED_VISION = ("clip_vision_model",)
@@ -50,6 +51,12 @@ class LoadedModel:
     @property
     def tokenizer(self):
         return self.processor.tokenizer
+
+    def schedule(self, budget: str | int | None = None, schedule: str | None = None) -> Schedule:
+        """The schedule ``--budget``/``--schedule`` ask for, sized to this model."""
+        vision = self.config.vision_config
+        num_patches = (vision.image_size // vision.patch_size) ** 2
+        return resolve_schedule(budget, schedule, self.config.text_config.num_hidden_layers, num_patches)
 
 
 def cache_root() -> Path:
@@ -153,6 +160,11 @@ def state_dict_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     """Load ``spec`` (a preset name or a checkpoint directory) for inference."""
     if spec in PRESETS and spec not in SAVED_PRESETS:
@@ -168,16 +180,14 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
             path, dtype=dtype, output_loading_info=True, attn_implementation="sdpa"
         )
     except Exception as exc:  # any parse/IO failure from transformers or safetensors
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"could not load the weights in {path} ({first_line}): re-download the checkpoint") from None
+        raise UserError(f"could not load the weights in {path} ({_first_line(exc)}): re-download the checkpoint") from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise UserError(f"{path} lacks {len(missing)} weights (first: {missing[0]}): the checkpoint is incomplete")
     try:
         processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path} has no usable tokenizer/image processor ({first_line}): copy the processor files next to the weights") from None
+        raise UserError(f"{path} has no usable tokenizer/image processor ({_first_line(exc)}): copy the processor files next to the weights") from None
     model = model.to(device).eval()
     source = spec if spec in PRESETS else str(path)
     return LoadedModel(model, processor, source, lambda: content_hash(path))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
 
 from . import pruning
 from .schedule import Schedule, Stage
@@ -139,6 +139,20 @@ def rotate(rotary: nn.Module, query: Tensor, key: Tensor, position_ids: Tensor) 
     return apply_rotary_pos_emb(query, key, cos, sin)
 
 
+def rope(rotary: nn.Module, x: Tensor, position_ids: Tensor) -> Tensor:
+    """RoPE of one per-head tensor [B, H, S, hd] (``rotate`` does a query/key pair at once)."""
+    cos, sin = rotary(x, position_ids)
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def splice_visual(hidden: Tensor, attention_mask: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Replace the visual block by ``visual`` [B, V', D]: hidden states, mask and renumbered positions."""
+    hidden = pruning.splice(hidden, image_offset, num_visual, visual)
+    ones = torch.ones_like(attention_mask[:, :1]).expand(-1, visual.shape[1])
+    attention_mask = pruning.splice(attention_mask, image_offset, num_visual, ones)
+    return hidden, attention_mask, positions_from_mask(attention_mask)
+
+
 def attend(
     layer: nn.Module, hidden: Tensor, query: Tensor, key: Tensor, value: Tensor,
     past_key: Tensor, past_value: Tensor, mask: Tensor,
@@ -210,8 +224,8 @@ class LLMPrune(nn.Module):
         position_ids = positions_from_mask(attention_mask)
         visual_query, visual_key, visual_value = (pruning.gather_positions(t, positions) for t in (query, key, value))
         # RoPE at the current positions: every key (they are all attended), the visual queries only.
-        rotated_query, _ = rotate(self.rotary, visual_query, visual_query, torch.gather(position_ids, 1, positions))
-        _, rotated_key = rotate(self.rotary, key, key, position_ids)
+        rotated_query = rope(self.rotary, visual_query, torch.gather(position_ids, 1, positions))
+        rotated_key = rope(self.rotary, key, position_ids)
         scores = pruning.llm_scores(rotated_query, rotated_key, attention_mask, positions, self.scale)
         metric = pruning.heads_mean_metric(pruning.gather_positions(rotated_key, positions))
         projections = torch.cat([_heads_to_rows(visual_query), _heads_to_rows(visual_key), _heads_to_rows(visual_value)], dim=-1)
@@ -221,7 +235,6 @@ class LLMPrune(nn.Module):
         )
         if self.trace is not None:
             self.trace.append(result)
-        hidden_states = pruning.splice(hidden_states, image_offset, self.num_visual, result.tokens)
         q_width, k_width = visual_query.shape[1] * visual_query.shape[3], visual_key.shape[1] * visual_key.shape[3]
         new_query = _rows_to_heads(result.projections[..., :q_width], query.shape[1])
         new_key = _rows_to_heads(result.projections[..., q_width:q_width + k_width], key.shape[1])
@@ -230,9 +243,9 @@ class LLMPrune(nn.Module):
             pruning.splice(t, image_offset, self.num_visual, new, dim=2)
             for t, new in ((query, new_query), (key, new_key), (value, new_value))
         )
-        kept_ones = torch.ones_like(result.kept_index[:, :1]).expand(-1, self.stage.total)
-        attention_mask = pruning.splice(attention_mask, image_offset, self.num_visual, kept_ones.to(attention_mask.dtype))
-        position_ids = positions_from_mask(attention_mask)
+        hidden_states, attention_mask, position_ids = splice_visual(
+            hidden_states, attention_mask, image_offset, self.num_visual, result.tokens
+        )
         return (hidden_states, query, key, value, attention_mask, position_ids,
                 result.kept_index, result.target_index, scores)
 
