@@ -34,14 +34,11 @@ from visiondrop.loading import load_model
 from visiondrop.prompt import build_prompts, load_images, pixel_values, random_images
 
 from .manifest import read_manifest
-from .onnx_export import EXPORT_DTYPES, PRUNE_OUTPUTS
+from .onnx_export import EXPORT_DTYPES
 
 DEFAULT_PROMPTS = ("What is in this image?", "Describe the scene in one long and detailed sentence, please.")
-UNIT_OUTPUTS = {
-    "vision": ["image_embeds", "kept_index", "target_index", "scores"],
-    "qkv": ["query", "key", "value"],
-    "prune": PRUNE_OUTPUTS,
-}
+FLOAT_GROUPS = {"query": "q/k/v", "key": "q/k/v", "value": "q/k/v",
+                "pruned_query": "pruned q/k/v", "pruned_key": "pruned q/k/v", "pruned_value": "pruned q/k/v"}
 
 
 @dataclass
@@ -175,9 +172,7 @@ def _compare_unit(report: Report, label: str, names: Sequence[str], ours: Sequen
     for name, o, r in zip(names, ours, ref):
         row = f"{label}.{name}"
         if name in floats:
-            group = ("KV (present.*)" if name.startswith("present.") else
-                     "q/k/v" if name in UNIT_OUTPUTS["qkv"] else
-                     "pruned q/k/v" if name in ("pruned_query", "pruned_key", "pruned_value") else name)
+            group = "KV (present.*)" if name.startswith("present.") else FLOAT_GROUPS.get(name, name)
             report.check(f"{label}.{group}").add(exported[name], floats[name], verdicts[name])
             continue
         equal = o.shape == r.shape and torch.equal(o.cpu(), r.cpu())
@@ -188,26 +183,26 @@ def _compare_unit(report: Report, label: str, names: Sequence[str], ours: Sequen
         report.check(row, "exact").add(_np(o), _np(r), equal, detail)
 
 
-def _replay(report: Report, recorder: RecordingBackend, exported: Backend, rel: float, phases: set[str]) -> None:
-    """Feed each exported unit the inputs its PyTorch twin saw and compare the outputs."""
+def _replay(report: Report, recorder: RecordingBackend, exported: OrtBackend, rel: float, phases: set[str]) -> None:
+    """Feed each exported graph the inputs its PyTorch twin saw and compare the outputs.
+
+    Output names come from the manifest: the I/O contract the graphs were exported with.
+    """
     for phase, role, index, inputs, ref in recorder.calls:
         if phase not in phases:
             continue
+        names = [o["name"] for o in exported.manifest.graph(role, index).outputs]
+        when = phase.split("[")[0]
         if role == "vision":
-            ours, names = exported.run_vision(*inputs), UNIT_OUTPUTS["vision"]
-            label = "vision_encoder"
+            ours, label = exported.run_vision(*inputs), "vision_encoder"
         elif role == "qkv":
-            ours, names, label = exported.run_qkv(index, *inputs), UNIT_OUTPUTS["qkv"], f"qkv_{index} ({phase.split('[')[0]})"
+            ours, label = exported.run_qkv(index, *inputs), f"qkv_{index} ({when})"
         elif role == "prune":
-            ours, names, label = exported.run_prune(index, *inputs), UNIT_OUTPUTS["prune"], f"prune_{index}"
+            ours, label = exported.run_prune(index, *inputs), f"prune_{index}"
         else:
             out, presents = exported.run_group(index, *inputs[:6], list(inputs[6:]))
-            ours = (out, *presents)
-            last = index == exported.num_groups - 1
-            start, stop = exported.spec.schedule.layer_groups()[index]
-            names = ["logits" if last else "hidden_states_out"] + [f"present.{i}.{k}" for i in range(start, stop) for k in ("key", "value")]
-            label = f"decoder_{index} ({phase.split('[')[0]})"
-        _compare_unit(report, label, names[: len(ref)], ours, ref, rel)
+            ours, label = (out, *presents), f"decoder_{index} ({when})"
+        _compare_unit(report, label, names, ours, ref, rel)
 
 
 def validate_artifacts(
