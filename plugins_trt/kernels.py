@@ -1,12 +1,13 @@
 """ctypes binding of the VisionDrop kernels' C ABI (visiondrop_kernels.h) on torch CUDA tensors.
 
 For tests and GPU checks: ``select`` / ``merge`` mirror ``visiondrop.pruning.select`` / ``merge``
-(same fields and shapes; indices are int32) but run the CUDA kernels on the current stream.
+(same fields and shapes; indices are int32; merge also returns each member's target, the
+plugin's second output) but run the CUDA kernels on the current stream.
 
     from plugins_trt import kernels
     kernels.load("build/plugins_trt/libvisiondrop_kernels.so")   # or $VISIONDROP_KERNELS_LIB
     chosen = kernels.select(scores, tokens, metric, k)
-    contextual = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)
+    contextual, assignment = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)
 
 ``out=`` takes preallocated outputs (the tests poison them with NaN first).
 """
@@ -35,7 +36,7 @@ class Kernels:
         self.path = Path(path)
         self.lib = ctypes.CDLL(str(self.path))
         self.lib.vd_select.argtypes = [_P] * 8 + [_I] * 6 + [_P, _P]
-        self.lib.vd_merge.argtypes = [_P] * 3 + [_I] * 6 + [_P, _P]
+        self.lib.vd_merge.argtypes = [_P] * 4 + [_I] * 6 + [_P, _P]
         self.lib.vd_select.restype = self.lib.vd_merge.restype = _I
         for name in ("vd_select_workspace_size", "vd_merge_workspace_size"):
             getattr(self.lib, name).argtypes = [_I, _I, _I]
@@ -69,23 +70,31 @@ class Kernels:
             raise RuntimeError(f"vd_select failed with CUDA error {status} (B={batch}, N={n}, D={width}, M={m}, k={k})")
         return out
 
-    def merge(self, rest_tokens: Tensor, rest_metric: Tensor, c: int, out: Tensor | None = None) -> Tensor:
-        """``c`` contextual tokens [B, c, D] from the rest tokens and their raw merge metric."""
+    def merge(self, rest_tokens: Tensor, rest_metric: Tensor, c: int,
+              out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """``c`` contextual tokens [B, c, D] and the members' target ids [B, R - c] (int32).
+
+        The second output is ``pruning._member_assignment`` (members in ``member_positions``
+        order, first target wins ties); ``out`` = (contextual, assignment) preallocated.
+        """
         rest_tokens, rest_metric = rest_tokens.contiguous(), rest_metric.contiguous()
         batch, r, width = rest_tokens.shape
         _check(rest_tokens, rest_tokens.dtype, (batch, r, width), "rest_tokens")
         _check(rest_metric, torch.float32, (batch, r, rest_metric.shape[-1]), "rest_metric")
         if out is None:
-            out = torch.empty((batch, c, width), dtype=rest_tokens.dtype, device=rest_tokens.device)
-        _check(out, rest_tokens.dtype, (batch, c, width), "contextual")
+            out = (torch.empty((batch, c, width), dtype=rest_tokens.dtype, device=rest_tokens.device),
+                   torch.empty((batch, r - c), dtype=torch.int32, device=rest_tokens.device))
+        contextual, assignment = out
+        _check(contextual, rest_tokens.dtype, (batch, c, width), "contextual")
+        _check(assignment, torch.int32, (batch, r - c), "assignment")
         workspace = self._workspace(self.lib.vd_merge_workspace_size(batch, r, c), rest_tokens.device)
         status = self.lib.vd_merge(
-            _ptr(rest_tokens), _ptr(rest_metric), _ptr(out), batch, r, width, rest_metric.shape[-1], c,
-            _code(rest_tokens), _ptr(workspace), _stream(rest_tokens),
+            _ptr(rest_tokens), _ptr(rest_metric), _ptr(contextual), _ptr(assignment), batch, r, width,
+            rest_metric.shape[-1], c, _code(rest_tokens), _ptr(workspace), _stream(rest_tokens),
         )
         if status:
             raise RuntimeError(f"vd_merge failed with CUDA error {status} (B={batch}, R={r}, D={width}, c={c})")
-        return out
+        return contextual, assignment
 
     @staticmethod
     def _workspace(size: int, device: torch.device) -> Tensor | None:
@@ -133,6 +142,7 @@ def select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int, out: Selectio
     return _library().select(scores, tokens, metric, k, out)
 
 
-def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int, out: Tensor | None = None) -> Tensor:
-    """``visiondrop.pruning.merge`` on the CUDA kernel (see :meth:`Kernels.merge`)."""
+def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int,
+          out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """``visiondrop.pruning.merge`` (and the member assignment) on the CUDA kernel (see :meth:`Kernels.merge`)."""
     return _library().merge(rest_tokens, rest_metric, c, out)

@@ -46,9 +46,11 @@ VD_API size_t vd_merge_workspace_size(int B, int R, int c);
 /* c contextual tokens [B,c,D] from rest_tokens [B,R,D] and the raw merge metric [B,R,M]:
  * targets at rest positions 0, s, 2s, ... (s = max(1, R / c)), each other row joins the target
  * of highest cosine similarity (first wins), contextual = target + mean(members).
+ * assignment [B,R-c] (int32, may be NULL): for each member (the non-target rest rows in ascending
+ * order), the index 0..c-1 of the target it joined.
  * 1 <= c <= R <= VD_MAX_TOKENS, 1 <= M <= VD_MAX_METRIC. */
-VD_API int vd_merge(const void* rest_tokens, const float* rest_metric, void* contextual, int B, int R, int D,
-    int M, int c, int dtype, void* workspace, void* stream);
+VD_API int vd_merge(const void* rest_tokens, const float* rest_metric, void* contextual, int32_t* assignment, int B,
+    int R, int D, int M, int c, int dtype, void* workspace, void* stream);
 
 #ifdef __cplusplus
 }

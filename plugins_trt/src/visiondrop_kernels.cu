@@ -3,9 +3,10 @@
 //
 // select = 2 launches: a per-batch-row ranking kernel (sort in shared memory + scan), then a
 //          wide row-gather kernel (one block per output row, 16-byte copies when aligned).
-// merge  = 2 launches: a target-assignment kernel (cosine argmax, targets in shared memory),
-//          then an accumulate kernel (one block per target and D slice, members summed in
-//          ascending row order: deterministic, no float atomics).
+// merge  = 2 launches: a target-assignment kernel (cosine argmax, targets in shared memory; it
+//          also writes the optional per-member `assignment` output), then an accumulate kernel
+//          (one block per target and D slice, members summed in ascending row order:
+//          deterministic, no float atomics).
 
 #include "visiondrop_kernels.h"
 
@@ -199,12 +200,14 @@ __device__ __forceinline__ void load_normalised(const float* __restrict__ row, i
 __device__ __forceinline__ bool is_target(int r, int stride, int c) { return r % stride == 0 && r / stride < c; }
 
 // assign[b, r] = the target (0..c-1) of highest cosine similarity for each member row r, -1 for
-// targets. A warp owns kRowsPerWarp member rows in registers; targets stream through shared
+// targets; the same target ids also go to assignment[b, m] (nullable), m the member's rank among
+// the R - c members in ascending row order (pruning.member_positions). A warp owns kRowsPerWarp member rows in registers; targets stream through shared
 // memory in chunks. Targets are visited in ascending order and only a strictly greater
 // similarity replaces the best, so the first target wins ties; NaN counts as the maximum
 // (first NaN wins), which is torch.argmax's rule.
-__global__ void merge_assign_kernel(const float* __restrict__ metric, int32_t* __restrict__ assign, int R, int M,
-                                    int c, int stride, int tiles_per_batch, int chunk) {
+__global__ void merge_assign_kernel(const float* __restrict__ metric, int32_t* __restrict__ assign,
+                                    int32_t* __restrict__ assignment, int R, int M, int c, int stride,
+                                    int tiles_per_batch, int chunk) {
     extern __shared__ float target_rows[];  // chunk x M, normalised
     const int b = blockIdx.x / tiles_per_batch, tile = blockIdx.x % tiles_per_batch;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -263,6 +266,15 @@ __global__ void merge_assign_kernel(const float* __restrict__ metric, int32_t* _
 #pragma unroll
         for (int q = 0; q < kRowsPerWarp; ++q)
             if (row_index[q] < R) assign[size_t(b) * R + row_index[q]] = member[q] ? best_target[q] : -1;
+        if (assignment) {
+#pragma unroll
+            for (int q = 0; q < kRowsPerWarp; ++q) {
+                if (!member[q]) continue;
+                const int r = row_index[q];
+                const int targets_before = min(c, r / stride + 1);  // targets at rows <= r
+                assignment[size_t(b) * (R - c) + (r - targets_before)] = best_target[q];
+            }
+        }
     }
 }
 
@@ -404,8 +416,8 @@ VD_API size_t vd_merge_workspace_size(int B, int R, int) {
     return (bytes + 255) / 256 * 256;
 }
 
-VD_API int vd_merge(const void* rest_tokens, const float* rest_metric, void* contextual, int B, int R, int D, int M,
-                    int c, int dtype, void* workspace, void* stream_handle) {
+VD_API int vd_merge(const void* rest_tokens, const float* rest_metric, void* contextual, int32_t* assignment, int B,
+                    int R, int D, int M, int c, int dtype, void* workspace, void* stream_handle) {
     if (B < 0 || R < 1 || R > VD_MAX_TOKENS || c < 1 || c > R || D < 1 || M < 1 || M > VD_MAX_METRIC ||
         !valid_dtype(dtype) || int64_t(B) * c > INT_MAX || int64_t(B) * R > INT_MAX)
         return int(cudaErrorInvalidValue);
@@ -418,8 +430,8 @@ VD_API int vd_merge(const void* rest_tokens, const float* rest_metric, void* con
     const int tiles = (R + kRowsPerBlock - 1) / kRowsPerBlock;
     const int chunk = c < kTargetChunkFloats / M ? c : kTargetChunkFloats / M;
     const size_t shared = size_t(chunk) * M * sizeof(float);
-    merge_assign_kernel<<<unsigned(B) * tiles, kAssignWarps * 32, shared, stream>>>(rest_metric, assign, R, M, c,
-                                                                                    stride, tiles, chunk);
+    merge_assign_kernel<<<unsigned(B) * tiles, kAssignWarps * 32, shared, stream>>>(
+        rest_metric, assign, R > c ? assignment : nullptr, R, M, c, stride, tiles, chunk);
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess) return int(status);
 

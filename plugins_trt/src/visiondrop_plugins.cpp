@@ -162,7 +162,8 @@ public:
     }
 };
 
-// Inputs: rest_tokens [B,R,D] T, rest_metric [B,R,M] f32 (attribute c). Output: contextual [B,c,D] T.
+// Inputs: rest_tokens [B,R,D] T, rest_metric [B,R,M] f32 (attribute c).
+// Outputs: contextual [B,c,D] T, assignment [B,R-c] i32 (each member's target, members ascending).
 class MergePlugin final : public CountPlugin {
 public:
     static constexpr char const* kName = "VisionDropMerge";
@@ -172,38 +173,44 @@ public:
 
     IPluginV3* clone() noexcept override { return new (std::nothrow) MergePlugin(mCount); }
     char const* getPluginName() const noexcept override { return kName; }
-    int32_t getNbOutputs() const noexcept override { return 1; }
+    int32_t getNbOutputs() const noexcept override { return 2; }
 
     int32_t getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                                int32_t nbInputs) const noexcept override {
-        if (nbInputs != 2 || nbOutputs != 1) return -1;
+        if (nbInputs != 2 || nbOutputs != 2) return -1;
         outputTypes[0] = inputTypes[0];
+        outputTypes[1] = DataType::kINT32;
         return 0;
     }
 
     int32_t getOutputShapes(DimsExprs const* inputs, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* outputs,
                             int32_t nbOutputs, IExprBuilder& builder) noexcept override {
-        if (nbInputs != 2 || nbOutputs != 1 || inputs[0].nbDims != 3 || inputs[1].nbDims != 3 ||
+        if (nbInputs != 2 || nbOutputs != 2 || inputs[0].nbDims != 3 || inputs[1].nbDims != 3 ||
             !countFits(inputs[0].d[1])) {
             logError("VisionDropMerge: expected rest_tokens [B,R,D], rest_metric [B,R,M] with R >= c");
             return -1;
         }
+        IDimensionExpr const* contextual = builder.constant(mCount);
         outputs[0].nbDims = 3;
         outputs[0].d[0] = inputs[0].d[0];
-        outputs[0].d[1] = builder.constant(mCount);
+        outputs[0].d[1] = contextual;
         outputs[0].d[2] = inputs[0].d[2];
+        outputs[1].nbDims = 2;
+        outputs[1].d[0] = inputs[0].d[0];
+        outputs[1].d[1] = builder.operation(DimensionOperation::kSUB, *inputs[0].d[1], *contextual);
         return 0;
     }
 
     bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
                                    int32_t nbOutputs) noexcept override {
-        if (nbInputs != 2 || nbOutputs != 1 || pos < 0 || pos >= 3) return false;
+        if (nbInputs != 2 || nbOutputs != 2 || pos < 0 || pos >= 4) return false;
         PluginTensorDesc const& desc = inOut[pos].desc;
         if (desc.format != TensorFormat::kLINEAR) return false;
         switch (pos) {
         case 0: return isTokenType(desc.type);                 // rest_tokens
         case 1: return desc.type == DataType::kFLOAT;          // rest_metric
-        default: return desc.type == inOut[0].desc.type;       // contextual
+        case 2: return desc.type == inOut[0].desc.type;        // contextual
+        default: return desc.type == DataType::kINT32;         // assignment
         }
     }
 
@@ -216,8 +223,8 @@ public:
                     void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
         Dims const& tokens = inputDesc[0].dims;
         int32_t const status = vd_merge(inputs[0], static_cast<float const*>(inputs[1]), outputs[0],
-            int32_t(tokens.d[0]), int32_t(tokens.d[1]), int32_t(tokens.d[2]), int32_t(inputDesc[1].dims.d[2]),
-            mCount, dtypeCode(inputDesc[0].type), workspace, stream);
+            static_cast<int32_t*>(outputs[1]), int32_t(tokens.d[0]), int32_t(tokens.d[1]), int32_t(tokens.d[2]),
+            int32_t(inputDesc[1].dims.d[2]), mCount, dtypeCode(inputDesc[0].type), workspace, stream);
         if (status != 0) logError("VisionDropMerge: kernel launch failed (unsupported size or CUDA error)");
         return status;
     }

@@ -131,13 +131,13 @@ def time_cases(kernels) -> list[dict]:
                            empty(1, k, dt=torch.int32), empty(1, r, dt=torch.int32))
         rest_tokens = torch.randn(1, r, d, device="cuda", dtype=dtype)
         rest_metric = torch.randn(1, r, m, device="cuda")
-        contextual = empty(1, c, d)
+        merged = (empty(1, c, d), empty(1, r - c, dt=torch.int32))
         ops = {
             f"select k={k}": (f"B=1 N={n} D={d} M={m}",
                               lambda: kernels.select(scores, tokens, metric, k, out=chosen),
                               lambda: pruning.select(scores, tokens, metric, k)),
             f"merge c={c}": (f"B=1 R={r} D={d} M={m}",
-                             lambda: kernels.merge(rest_tokens, rest_metric, c, out=contextual),
+                             lambda: kernels.merge(rest_tokens, rest_metric, c, out=merged),
                              lambda: pruning.merge(rest_tokens, rest_metric, c)),
         }
         for op, (shape, kernel_fn, torch_fn) in ops.items():

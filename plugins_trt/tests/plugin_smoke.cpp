@@ -156,25 +156,36 @@ void checkMerge(IPluginCreatorV3One* creator, Finder& finder) {
     auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
     auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
     CHECK(build && runtime);
-    CHECK(build->getNbOutputs() == 1);
+    CHECK(build->getNbOutputs() == 2);
     DataType const in[2] = {DataType::kBF16, DataType::kFLOAT};
-    DataType out[1];
-    CHECK(build->getOutputDataTypes(out, 1, in, 2) == 0 && out[0] == DataType::kBF16);
+    DataType out[2];
+    CHECK(build->getOutputDataTypes(out, 2, in, 2) == 0 && out[0] == DataType::kBF16 && out[1] == DataType::kINT32);
 
     Builder builder;
     DimsExprs inputs[2] = {dims(builder, {2, 408, 4096}), dims(builder, {2, 408, 128})};
-    DimsExprs shapes[1];
-    CHECK(build->getOutputShapes(inputs, 2, nullptr, 0, shapes, 1, builder) == 0);
+    DimsExprs shapes[2];
+    CHECK(build->getOutputShapes(inputs, 2, nullptr, 0, shapes, 2, builder) == 0);
     CHECK((values(shapes[0]) == std::vector<int64_t>{2, 24, 4096}));
+    CHECK((values(shapes[1]) == std::vector<int64_t>{2, 384}));  // one target id per member: R - c
+    int const shapeErrors = finder.logger.errors;
+    DimsExprs small[2] = {dims(builder, {1, 10, 8}), dims(builder, {1, 10, 8})};
+    CHECK(build->getOutputShapes(small, 2, nullptr, 0, shapes, 2, builder) != 0);  // R < c
+    CHECK(finder.logger.errors == shapeErrors + 1);
 
     std::vector<DynamicPluginTensorDesc> io = {desc(DataType::kHALF, {2, 408, 4096}),
-        desc(DataType::kFLOAT, {2, 408, 128}), desc(DataType::kHALF, {2, 24, 4096})};
-    for (int32_t pos = 0; pos < 3; ++pos) CHECK(build->supportsFormatCombination(pos, io.data(), 2, 1));
+        desc(DataType::kFLOAT, {2, 408, 128}), desc(DataType::kHALF, {2, 24, 4096}), desc(DataType::kINT32, {2, 384})};
+    for (int32_t pos = 0; pos < 4; ++pos) CHECK(build->supportsFormatCombination(pos, io.data(), 2, 2));
+    CHECK(!build->supportsFormatCombination(4, io.data(), 2, 2));  // no fifth tensor
+    io[3].desc.format = TensorFormat::kCHW32;  // the assignment is linear only
+    CHECK(!build->supportsFormatCombination(3, io.data(), 2, 2));
+    io[3].desc.format = TensorFormat::kLINEAR;
+    io[3].desc.type = DataType::kFLOAT;  // and int32 only
+    CHECK(!build->supportsFormatCombination(3, io.data(), 2, 2));
     io[2].desc.type = DataType::kFLOAT;
-    CHECK(!build->supportsFormatCombination(2, io.data(), 2, 1));
+    CHECK(!build->supportsFormatCombination(2, io.data(), 2, 2));
     io[1].desc.type = DataType::kHALF;  // the metric stays fp32
-    CHECK(!build->supportsFormatCombination(1, io.data(), 2, 1));
-    CHECK(build->getWorkspaceSize(io.data(), 2, io.data() + 2, 1) >= size_t(2) * 408 * 4);
+    CHECK(!build->supportsFormatCombination(1, io.data(), 2, 2));
+    CHECK(build->getWorkspaceSize(io.data(), 2, io.data() + 2, 2) >= size_t(2) * 408 * 4);
 
     PluginFieldCollection const* fields = runtime->getFieldsToSerialize();
     CHECK(fields && fields->nbFields == 1 && std::string(fields->fields[0].name) == "c" &&

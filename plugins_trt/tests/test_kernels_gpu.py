@@ -1,6 +1,7 @@
 """The CUDA kernels against the PyTorch reference (visiondrop.pruning.select / merge), on a GPU.
 
-Indices must be identical and select outputs bit-identical (pure gathers). Merge outputs may
+Indices must be identical (select's kept/rest indices, merge's member -> target assignment, on
+data whose similarities have a clear margin) and select outputs bit-identical (pure gathers). Merge outputs may
 differ only by the order of fp32 additions: within 1e-5 of the output's scale for fp32 and one
 ulp of the output dtype at that scale (finfo.eps * scale) for fp16/bf16. Every output is
 poisoned with NaN (indices with -7) first, and every op runs twice to prove bit-reproducibility.
@@ -98,20 +99,34 @@ def merge_tolerance(ref: torch.Tensor) -> float:
     return (1e-5 if ref.dtype == torch.float32 else torch.finfo(ref.dtype).eps) * scale
 
 
+def reference_assignment(rest_metric: torch.Tensor, c: int) -> torch.Tensor:
+    """Each member's target in the reference's own words (pruning._member_assignment) -> [B, R - c]."""
+    b, r, _ = rest_metric.shape
+    if r == c:
+        return torch.zeros((b, 0), dtype=torch.int64, device=rest_metric.device)
+    members = pruning.member_positions(r, c, rest_metric.device)
+    return pruning._member_assignment(pruning.l2_normalize(rest_metric), members, c)
+
+
 def assert_merge_matches(kernels, rest_tokens, rest_metric, c):
     ref = pruning.merge(rest_tokens, rest_metric, c)
-    b, _, d = rest_tokens.shape
+    ref_assignment = reference_assignment(rest_metric, c)
+    b, r, d = rest_tokens.shape
     runs = []
     for _ in range(2):
-        out = torch.full((b, c, d), float("nan"), dtype=rest_tokens.dtype, device="cuda")
+        out = (torch.full((b, c, d), float("nan"), dtype=rest_tokens.dtype, device="cuda"),
+               torch.full((b, r - c), -7, dtype=torch.int32, device="cuda"))
         runs.append(kernels.merge(rest_tokens, rest_metric, c, out=out))
-    got = runs[0]
+    got, assignment = runs[0]
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert not torch.isnan(got).any(), "an output element was never written"
     error = (got.float() - ref.float()).abs().max().item()
     assert error <= merge_tolerance(ref), f"max abs error {error} > {merge_tolerance(ref)}"
-    assert torch.equal(bits(runs[0]), bits(runs[1])), "merge is not bit-reproducible"
-    return got
+    assert assignment.dtype == torch.int32 and assignment.shape == (b, r - c)
+    assert torch.equal(assignment.long(), ref_assignment), "member -> target assignment differs from the reference"
+    assert torch.equal(bits(runs[0][0]), bits(runs[1][0])), "merge is not bit-reproducible"
+    assert torch.equal(runs[0][1], runs[1][1]), "assignment is not reproducible"
+    return got, assignment
 
 
 # ------------------------------------------------------------------ select
@@ -204,7 +219,8 @@ def test_merge_edge_cases(kernels, dtype):
         rest = torch.randn(b, r, d, device="cuda").to(dtype)
         assert_merge_matches(kernels, rest, clustered_metric(b, r, m, c), c)
     same = torch.randn(1, 24, 64, device="cuda").to(dtype)
-    assert torch.equal(kernels.merge(same, torch.randn(1, 24, 8, device="cuda"), 24), same)
+    contextual, assignment = kernels.merge(same, torch.randn(1, 24, 8, device="cuda"), 24)
+    assert torch.equal(contextual, same) and assignment.shape == (1, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -215,9 +231,10 @@ def test_merge_ties_go_to_the_first_target(kernels, dtype):
     metric[:, 20] = metric[:, 10]  # identical targets: exact similarity ties, target 10 must win
     metric[:, 30] = metric[:, 10] * 2.0  # same direction, different norm
     rest = torch.randn(b, r, 256, device="cuda").to(dtype)
-    got = assert_merge_matches(kernels, rest, metric, c)
+    got, assignment = assert_merge_matches(kernels, rest, metric, c)
     # Targets 20 and 30 can only have lost their members: they come out unchanged.
     assert torch.equal(bits(got[:, 2]), bits(rest[:, 20])) and torch.equal(bits(got[:, 3]), bits(rest[:, 30]))
+    assert set(assignment.unique().tolist()) <= {0, 1}, "a tied member went to a later target"
 
 
 def test_pipeline_select_then_merge(kernels):
@@ -230,7 +247,7 @@ def test_pipeline_select_then_merge(kernels):
     rest_index = pruning.select(scores, tokens, metric, k).rest_index  # put a clear-margin metric on the rest rows
     metric.scatter_(1, rest_index[..., None].expand(-1, -1, m), clustered_metric(b, n - k, m, c))
     chosen = kernels.select(scores, tokens, metric, k)
-    contextual = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)
+    contextual, _ = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)
     ref = pruning.prune(scores, tokens, metric, k, c)
     assert torch.equal(bits(chosen.dominant), bits(ref.tokens[:, :k]))
     assert (contextual.float() - ref.tokens[:, k:].float()).abs().max().item() <= merge_tolerance(ref.tokens[:, k:])
