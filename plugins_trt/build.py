@@ -1,10 +1,12 @@
 """Build the VisionDrop CUDA kernels, and the TensorRT plugins when TensorRT headers are found.
 
-    python -m plugins_trt.build [--tensorrt-root DIR] [--arch 90 ...] [--build-dir DIR]
+    python -m plugins_trt.build [--tensorrt-root DIR] [--arch 90 ...] [--build-dir DIR] [--nvinfer LIB]
 
-or ``build(tensorrt_root=None, archs=None) -> {"kernels": path[, "plugins": path]}``. CMake does
-the work (plugins_trt/CMakeLists.txt); this module only checks the tools first so that a missing
-cmake or nvcc is reported as such, and returns the built libraries' paths.
+or ``build(tensorrt_root=None, archs=None) -> {"kernels": path[, "plugins": path[, "plugins_static": path]]}``.
+CMake does the work (plugins_trt/CMakeLists.txt); this module only checks the tools first so that a
+missing cmake or nvcc is reported as such, and returns the built libraries' paths. The plugin
+library comes in two variants (see src/visiondrop_plugins.cpp): ``plugins`` exports getCreators,
+``plugins_static`` registers itself when loaded and is built only where libnvinfer is found.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ REPO_ROOT = SOURCE_DIR.parent
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "plugins_trt"
 KERNELS_LIB = "libvisiondrop_kernels.so"
 PLUGINS_LIB = "libvisiondrop_trt_plugins.so"
+STATIC_PLUGINS_LIB = "libvisiondrop_trt_plugins_static.so"
 
 
 class BuildError(RuntimeError):
@@ -51,11 +54,15 @@ def build(
     build_dir: str | os.PathLike | None = None,
     jobs: int | None = None,
     verbose: bool = False,
+    nvinfer_library: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
-    """Configure and build; return ``{"kernels": lib}`` plus ``"plugins"`` if TensorRT headers were found.
+    """Configure and build; return ``{"kernels": lib}`` plus ``"plugins"`` if TensorRT headers were found
+    and ``"plugins_static"`` if libnvinfer was too.
 
     ``tensorrt_root`` defaults to ``$TensorRT_ROOT`` (then the JetPack header paths); ``archs``
-    (e.g. ``["90"]`` or ``"87;90"``) defaults to the CMake list 87;89;90;110;120.
+    (e.g. ``["90"]`` or ``"87;90"``) defaults to the CMake list 87;89;90;110;120; ``nvinfer_library``
+    (the libnvinfer.so to link the static-registration variant against) defaults to CMake's search
+    of ``<tensorrt_root>/lib`` and the JetPack / Debian library folders.
     """
     cmake = find_cmake()
     if cmake is None:
@@ -75,12 +82,17 @@ def build(
         command.append(f"-DCMAKE_CUDA_ARCHITECTURES={archs if isinstance(archs, str) else ';'.join(map(str, archs))}")
     else:
         command.append("-UCMAKE_CUDA_ARCHITECTURES")  # back to the CMakeLists default, not a cached list
-    (out / PLUGINS_LIB).unlink(missing_ok=True)  # a stale plugin library must not look freshly built
+    # An explicit libnvinfer, else a fresh search (never a cached path from an earlier configure).
+    command.append(f"-DVISIONDROP_NVINFER_LIBRARY={nvinfer_library}" if nvinfer_library
+                   else "-UVISIONDROP_NVINFER_LIBRARY")
+    for stale in (PLUGINS_LIB, STATIC_PLUGINS_LIB):  # a stale plugin library must not look freshly built
+        (out / stale).unlink(missing_ok=True)
     _run(command, "CMake configure", verbose)
     _run([cmake, "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 2)], "CMake build", verbose)
     built = {"kernels": out / KERNELS_LIB}
-    if (out / PLUGINS_LIB).exists():
-        built["plugins"] = out / PLUGINS_LIB
+    for key, name in (("plugins", PLUGINS_LIB), ("plugins_static", STATIC_PLUGINS_LIB)):
+        if (out / name).exists():
+            built[key] = out / name
     return built
 
 
@@ -89,17 +101,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensorrt-root", help="TensorRT root with include/NvInferRuntime.h (default: $TensorRT_ROOT)")
     parser.add_argument("--arch", action="append", help="CUDA architecture, repeatable (default: 87;89;90;110;120)")
     parser.add_argument("--build-dir", default=str(DEFAULT_BUILD_DIR))
+    parser.add_argument("--nvinfer", help="libnvinfer.so for the static-registration variant (default: searched)")
     parser.add_argument("-j", "--jobs", type=int)
     parser.add_argument("-v", "--verbose", action="store_true", help="show the CMake output")
     args = parser.parse_args(argv)
     try:
-        built = build(args.tensorrt_root, args.arch, args.build_dir, args.jobs, args.verbose)
+        built = build(args.tensorrt_root, args.arch, args.build_dir, args.jobs, args.verbose, args.nvinfer)
     except BuildError as error:
         parser.exit(1, f"error: {error}\n")
     for name, path in built.items():
         print(f"{name}: {path}")
     if "plugins" not in built:
         print("plugins: not built (no TensorRT headers: pass --tensorrt-root or set TensorRT_ROOT)")
+    elif "plugins_static" not in built:
+        print("plugins_static: not built (libnvinfer not found: pass --nvinfer PATH/libnvinfer.so)")
     return 0
 
 

@@ -1,9 +1,15 @@
 // TensorRT IPluginV3 plugins VisionDropSelect and VisionDropMerge (version "1", namespace
 // "visiondrop"). They only describe shapes/types to TensorRT and call the C ABI of
-// visiondrop_kernels.h in enqueue. The library is loaded dynamically (trtexec --dynamicPlugins,
-// IPluginRegistry::loadLibrary) through getCreators / setLoggerFinder; it registers nothing
-// statically, since TensorRT refuses a library that does both. Every TensorRT call used here is
-// virtual or inline, so the library needs no link-time libnvinfer.
+// visiondrop_kernels.h in enqueue.
+//
+// One source, two libraries (IPluginRegistry::loadLibrary fails on a library whose plugins are
+// already registered, so one binary cannot serve both kinds of loader):
+// - default: exports getCreators / setLoggerFinder for loaders that ask (trtexec --dynamicPlugins,
+//   IPluginRegistry::loadLibrary, tensorrt.get_plugin_registry().load_library); registers nothing
+//   and needs no libnvinfer at link time (every TensorRT call here is virtual or inline).
+// - VISIONDROP_STATIC_REGISTRATION: registers both creators with getPluginRegistry() when the
+//   library is loaded, for loaders that only dlopen (Polygraphy --plugins, Triton, ONNX Runtime's
+//   TensorRT EP, ctypes.CDLL); exports no getCreators; links libnvinfer (getPluginRegistry, getLogger).
 
 #include "visiondrop_kernels.h"
 
@@ -22,6 +28,12 @@ namespace {
 char const* const kNamespace = "visiondrop";
 char const* const kVersion = "1";
 
+#ifdef VISIONDROP_STATIC_REGISTRATION
+void logError(char const* message) noexcept {
+    ILogger* logger = getLogger();  // libnvinfer's logger (the application's, once it created one)
+    if (logger) logger->log(ILogger::Severity::kERROR, message);
+}
+#else
 ILoggerFinder* gLoggerFinder = nullptr;
 
 void logError(char const* message) noexcept {
@@ -29,6 +41,7 @@ void logError(char const* message) noexcept {
     ILogger* logger = gLoggerFinder ? gLoggerFinder->findLogger() : nullptr;
     if (logger) logger->log(ILogger::Severity::kERROR, message);
 }
+#endif
 
 int32_t dtypeCode(DataType type) {
     switch (type) {
@@ -267,13 +280,7 @@ private:
     PluginFieldCollection mFields{};
 };
 
-}  // namespace
-
-extern "C" {
-
-VD_PLUGIN_API void setLoggerFinder(ILoggerFinder* finder) { gLoggerFinder = finder; }
-
-VD_PLUGIN_API IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
+IPluginCreatorInterface* const* creatorList(int32_t& nbCreators) noexcept {
     static CountPluginCreator<SelectPlugin> select;
     static CountPluginCreator<MergePlugin> merge;
     static IPluginCreatorInterface* const creators[] = {&select, &merge};
@@ -281,4 +288,31 @@ VD_PLUGIN_API IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
     return creators;
 }
 
+#ifdef VISIONDROP_STATIC_REGISTRATION
+// Runs when the library is loaded. Without a registry (libnvinfer not initialised) nothing happens.
+struct StaticRegistration {
+    StaticRegistration() noexcept {
+        IPluginRegistry* registry = getPluginRegistry();
+        if (!registry) return;
+        int32_t count = 0;
+        IPluginCreatorInterface* const* creators = creatorList(count);
+        for (int32_t i = 0; i < count; ++i) {
+            if (!registry->registerCreator(*creators[i], kNamespace))
+                logError("VisionDrop plugins: registerCreator failed (already registered? load one plugin library only)");
+        }
+    }
+};
+StaticRegistration const gStaticRegistration;
+#endif
+
+}  // namespace
+
+#ifndef VISIONDROP_STATIC_REGISTRATION
+extern "C" {
+
+VD_PLUGIN_API void setLoggerFinder(ILoggerFinder* finder) { gLoggerFinder = finder; }
+
+VD_PLUGIN_API IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) { return creatorList(nbCreators); }
+
 }  // extern "C"
+#endif

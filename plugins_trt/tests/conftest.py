@@ -6,6 +6,7 @@ Hardware skips (``gpu``/``trt`` markers) come from the repository's root conftes
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +14,28 @@ import pytest
 from plugins_trt import build as vd_build
 
 TEST_BUILD_ROOT = vd_build.DEFAULT_BUILD_DIR / "tests"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # trt_stub
+
+from trt_stub import header_major, stub_nvinfer, trt_include_dir  # noqa: E402
 
 
 def build_or_skip(arch: str) -> dict[str, Path]:
     """Build for one architecture into build/plugins_trt/tests/sm<arch> (incremental across sessions).
 
-    Skips when cmake or nvcc is missing; $TensorRT_ROOT (or JetPack headers) adds the plugin library.
+    Skips when cmake or nvcc is missing; $TensorRT_ROOT (or JetPack headers) adds both plugin
+    libraries, the static-registration one linked against a libnvinfer stub (a link check: the
+    smoke test interposes its own registry) unless $VISIONDROP_NVINFER_LIB names a real one.
     """
     if vd_build.find_cmake() is None:
         pytest.skip("cmake not found on PATH (install CMake >= 3.18)")
     if vd_build.find_nvcc() is None:
         pytest.skip("nvcc not found (install the CUDA toolkit or set CUDACXX)")
-    return vd_build.build(archs=[arch], build_dir=TEST_BUILD_ROOT / f"sm{arch}", jobs=max(2, os.cpu_count() or 2))
+    build_dir = TEST_BUILD_ROOT / f"sm{arch}"
+    include = trt_include_dir()
+    nvinfer = os.environ.get("VISIONDROP_NVINFER_LIB") or (
+        stub_nvinfer(build_dir / "nvinfer_stub", header_major(include)) if include else None)
+    return vd_build.build(archs=[arch], build_dir=build_dir, jobs=max(2, os.cpu_count() or 2),
+                          nvinfer_library=nvinfer)
 
 
 @pytest.fixture(scope="session")

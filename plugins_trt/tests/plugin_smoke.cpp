@@ -1,9 +1,14 @@
-// Smoke test of libvisiondrop_trt_plugins.so without TensorRT's libraries: only its headers.
-// dlopen the library as TensorRT would, then drive the creators and plugins through the
+// Smoke test of the VisionDrop plugin libraries without TensorRT's libraries: only its headers.
+// Load a library as TensorRT's loaders would, then drive the creators and plugins through the
 // IPluginV3 interfaces (shapes with a stand-in IExprBuilder, types, formats, serialisation).
 //
-//   g++ -std=c++17 -I$TensorRT_ROOT/include -I/usr/local/cuda/include plugin_smoke.cpp -ldl -o smoke
-//   ./smoke build/plugins_trt/libvisiondrop_trt_plugins.so
+//   g++ -std=c++17 -rdynamic -I$TensorRT_ROOT/include -I/usr/local/cuda/include plugin_smoke.cpp -ldl -o smoke
+//   ./smoke build/plugins_trt/libvisiondrop_trt_plugins.so                 # getCreators variant
+//   LD_LIBRARY_PATH=<stub dir> ./smoke --static build/plugins_trt/libvisiondrop_trt_plugins_static.so
+//
+// --static: this executable exports getPluginRegistry / getLogger (-rdynamic), which take
+// precedence over the libnvinfer stub the library was linked against, and hands out a recording
+// registry: loading the library must register exactly the two creators under "visiondrop".
 
 #include <NvInferRuntime.h>
 
@@ -197,14 +202,72 @@ void checkMerge(IPluginCreatorV3One* creator, Finder& finder) {
     delete plugin;
 }
 
+// Records registerCreator calls; everything else is unused by the plugins and answers "nothing".
+struct RecordingRegistry : IPluginRegistry {
+    std::vector<IPluginCreatorInterface*> creators;
+    std::vector<std::string> namespaces;
+    bool registerCreator(IPluginCreatorInterface& creator, AsciiChar const* const ns) noexcept override {
+        creators.push_back(&creator);
+        namespaces.emplace_back(ns ? ns : "");
+        return true;
+    }
+    IPluginCreatorInterface* const* getAllCreators(int32_t* const n) const noexcept override {
+        *n = int32_t(creators.size());
+        return creators.data();
+    }
+    IPluginCreatorInterface* getCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept
+        override {
+        return nullptr;
+    }
+    bool deregisterCreator(IPluginCreatorInterface const&) noexcept override { return false; }
+    void setErrorRecorder(IErrorRecorder* const) noexcept override {}
+    IErrorRecorder* getErrorRecorder() const noexcept override { return nullptr; }
+    bool isParentSearchEnabled() const override { return false; }
+    void setParentSearchEnabled(bool const) override {}
+    PluginLibraryHandle loadLibrary(AsciiChar const*) noexcept override { return nullptr; }
+    void deregisterLibrary(PluginLibraryHandle) noexcept override {}
+    IPluginResource* acquirePluginResource(AsciiChar const*, IPluginResource*) noexcept override { return nullptr; }
+    int32_t releasePluginResource(AsciiChar const*) noexcept override { return 0; }
+    // Pure virtual in some versions only (no `override`, so each compiles everywhere).
+    IPluginCreatorInterface* const* getAllCreatorsRecursive(int32_t* const n) noexcept {
+        *n = 0;
+        return nullptr;
+    }
+#if NV_TENSORRT_MAJOR < 11  // the IPluginCreator (V1) overloads, removed in TensorRT 11
+    bool registerCreator(IPluginCreator&, AsciiChar const* const) noexcept override { return false; }
+    IPluginCreator* const* getPluginCreatorList(int32_t* const n) const noexcept override {
+        *n = 0;
+        return nullptr;
+    }
+    IPluginCreator* getPluginCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept
+        override {
+        return nullptr;
+    }
+    bool deregisterCreator(IPluginCreator const&) noexcept override { return false; }
+#endif
+};
+
+RecordingRegistry gRegistry;
+Finder gFinder;
+int gRegistryCalls = 0;
+
 }  // namespace
 
+// Interpose libnvinfer's entry points for the statically registering library.
+extern "C" __attribute__((visibility("default"))) IPluginRegistry* getPluginRegistry() noexcept {
+    ++gRegistryCalls;
+    return &gRegistry;
+}
+extern "C" __attribute__((visibility("default"))) ILogger* getLogger() noexcept { return &gFinder.logger; }
+
 int main(int argc, char** argv) {
-    if (argc != 2) {
-        std::printf("usage: %s libvisiondrop_trt_plugins.so\n", argv[0]);
+    bool const staticMode = argc == 3 && std::string(argv[1]) == "--static";
+    if (argc != 2 && !staticMode) {
+        std::printf("usage: %s [--static] libvisiondrop_trt_plugins[_static].so\n", argv[0]);
         return 2;
     }
-    void* library = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
+    char const* path = argv[argc - 1];
+    void* library = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (!library) {
         std::printf("FAIL dlopen: %s\n", dlerror());
         return 1;
@@ -213,13 +276,23 @@ int main(int argc, char** argv) {
     using SetLoggerFinder = void (*)(ILoggerFinder*);
     auto getCreators = reinterpret_cast<GetCreators>(dlsym(library, "getCreators"));
     auto setLoggerFinder = reinterpret_cast<SetLoggerFinder>(dlsym(library, "setLoggerFinder"));
-    CHECK(getCreators && setLoggerFinder);
-    if (!getCreators || !setLoggerFinder) return 1;
-
-    Finder finder;
-    setLoggerFinder(&finder);
+    Finder& finder = gFinder;
     int32_t count = 0;
-    IPluginCreatorInterface* const* creators = getCreators(count);
+    IPluginCreatorInterface* const* creators = nullptr;
+    if (staticMode) {
+        // Registered while loading, under the plugins' namespace; no getCreators for loadLibrary to trip on.
+        CHECK(!getCreators && !setLoggerFinder);
+        CHECK(gRegistryCalls == 1);
+        CHECK(gRegistry.creators.size() == 2);
+        for (std::string const& ns : gRegistry.namespaces) CHECK(ns == "visiondrop");
+        creators = gRegistry.getAllCreators(&count);
+    } else {
+        CHECK(getCreators && setLoggerFinder);
+        if (!getCreators || !setLoggerFinder) return 1;
+        CHECK(gRegistryCalls == 0);  // registers nothing by itself
+        setLoggerFinder(&finder);
+        creators = getCreators(count);
+    }
     CHECK(count == 2);
     for (int32_t i = 0; i < count; ++i) {
         CHECK(std::string(creators[i]->getInterfaceInfo().kind) == "PLUGIN CREATOR_V3ONE");
@@ -236,6 +309,7 @@ int main(int argc, char** argv) {
         else
             CHECK(!"unexpected creator name");
     }
-    std::printf(gFailures ? "plugin smoke: %d failure(s)\n" : "plugin smoke OK\n", gFailures);
+    std::printf(gFailures ? "plugin smoke (%s): %d failure(s)\n" : "plugin smoke (%s) OK\n",
+                staticMode ? "static registration" : "getCreators", gFailures);
     return gFailures ? 1 : 0;
 }

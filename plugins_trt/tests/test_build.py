@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from trt_stub import header_major, trt_include_dir
 
 C_ABI = ("vd_select", "vd_merge", "vd_select_workspace_size", "vd_merge_workspace_size")
 NO_TRT_HEADERS = "TensorRT headers not found: set TensorRT_ROOT to a TensorRT include root"
@@ -43,11 +44,17 @@ def _trt_headers_expected() -> bool:
     return bool(root) and (Path(root) / "include" / "NvInferRuntime.h").is_file()
 
 
-def _plugins(build: dict[str, Path]) -> Path:
-    if "plugins" not in build:
-        assert not _trt_headers_expected(), "TensorRT_ROOT has headers but the plugin library was not built"
+def _plugins(build: dict[str, Path], variant: str = "plugins") -> Path:
+    if variant not in build:
+        assert not _trt_headers_expected(), f"TensorRT_ROOT has headers but the {variant} library was not built"
         pytest.skip(NO_TRT_HEADERS)
-    return build["plugins"]
+    return build[variant]
+
+
+def _needed(library: Path) -> list[str]:
+    readelf = tool_or_skip("readelf")
+    dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    return [line.split("[")[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
 
 
 def test_plugin_library_exports_loader_entry_points_without_nvinfer(sm90_build):
@@ -55,11 +62,10 @@ def test_plugin_library_exports_loader_entry_points_without_nvinfer(sm90_build):
     symbols = exported(library)
     for name in ("getCreators", "setLoggerFinder", *C_ABI):
         assert symbols.get(name) == "T", f"{name} is not exported by {library.name}"
-    undefined = [name for name in exported(library, undefined=True) if "nvinfer" in name.lower()]
-    assert not undefined, f"undefined TensorRT symbols: {undefined}"
-    readelf = tool_or_skip("readelf")
-    needed = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True, check=True).stdout
-    assert "libnvinfer" not in needed, "the plugin library must not need libnvinfer at link time"
+    undefined = exported(library, undefined=True)
+    trt_entry_points = [n for n in undefined if "nvinfer" in n.lower() or n in ("getPluginRegistry", "getLogger")]
+    assert not trt_entry_points, f"undefined TensorRT symbols: {trt_entry_points}"
+    assert not any("libnvinfer" in n for n in _needed(library)), "the plugin library must not need libnvinfer"
     # Loadable with every symbol resolved (RTLD_NOW), and getCreators answers without TensorRT.
     lib = ctypes.CDLL(str(library))
     lib.getCreators.argtypes = [ctypes.POINTER(ctypes.c_int32)]
@@ -75,18 +81,47 @@ def _cache_value(build_dir: Path, name: str) -> str:
     return ""
 
 
-def test_plugins_behave_through_the_tensorrt_interfaces(sm90_build, tmp_path):
-    """plugin_smoke.cpp: creators, shapes, types, formats, serialisation, via the headers only."""
-    library = _plugins(sm90_build)
+def test_static_plugin_library_registers_at_load_and_exports_no_getcreators(sm90_build):
+    """The dlopen variant: registration through libnvinfer's getPluginRegistry, no loadLibrary entry points."""
+    library = _plugins(sm90_build, "plugins_static")
+    symbols = exported(library)
+    assert "getCreators" not in symbols and "setLoggerFinder" not in symbols, \
+        "a library that registers itself must not also offer getCreators (loadLibrary would fail on it)"
+    for name in C_ABI:
+        assert symbols.get(name) == "T", f"{name} is not exported by {library.name}"
+    undefined = exported(library, undefined=True)
+    assert {"getPluginRegistry", "getLogger"} <= set(undefined), sorted(undefined)
+    assert not [n for n in undefined if "nvinfer" in n.lower()], "only the two C entry points come from libnvinfer"
+    major = header_major(trt_include_dir())
+    assert f"libnvinfer.so.{major}" in _needed(library)
+
+
+def _smoke_executable(build_dir: Path, tmp_path: Path) -> Path:
     compiler = tool_or_skip("g++")
-    build_dir = library.parent
     includes = [_cache_value(build_dir, "VISIONDROP_TRT_INCLUDE")]
     includes += _cache_value(build_dir, "VISIONDROP_CUDA_INCLUDE_DIRS").split(";")
     executable = tmp_path / "plugin_smoke"
     source = Path(__file__).with_name("plugin_smoke.cpp")
-    compile_command = [compiler, "-std=c++17", "-Wno-deprecated-declarations", *(f"-I{d}" for d in includes if d),
-                       str(source), "-ldl", "-o", str(executable)]
+    compile_command = [compiler, "-std=c++17", "-rdynamic", "-Wall", "-Wno-deprecated-declarations",
+                       *(f"-I{d}" for d in includes if d), str(source), "-ldl", "-o", str(executable)]
     compiled = subprocess.run(compile_command, capture_output=True, text=True)
     assert compiled.returncode == 0, compiled.stderr[-4000:]
-    run = subprocess.run([str(executable), str(library)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0 and "plugin smoke OK" in run.stdout, run.stdout + run.stderr
+    return executable
+
+
+def test_plugins_behave_through_the_tensorrt_interfaces(sm90_build, tmp_path):
+    """plugin_smoke.cpp: creators, shapes, types, formats, serialisation, via the headers only (getCreators)."""
+    library = _plugins(sm90_build)
+    run = subprocess.run([str(_smoke_executable(library.parent, tmp_path)), str(library)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "plugin smoke (getCreators) OK" in run.stdout, run.stdout + run.stderr
+
+
+def test_static_plugins_register_both_creators_when_loaded(sm90_build, tmp_path):
+    """plugin_smoke.cpp --static: loading registers exactly the two creators under "visiondrop"."""
+    library = _plugins(sm90_build, "plugins_static")
+    stub_dir = library.parent / "nvinfer_stub"  # satisfies the NEEDED libnvinfer; the executable interposes
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{stub_dir}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+    run = subprocess.run([str(_smoke_executable(library.parent, tmp_path)), "--static", str(library)],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert run.returncode == 0 and "plugin smoke (static registration) OK" in run.stdout, run.stdout + run.stderr

@@ -33,36 +33,22 @@ import ast
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trt_stub import build_stub  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-STUB_SOURCE = HERE / "nvinfer_stub.c"
-STUB_LIBRARIES = ("libnvinfer", "libnvinfer_plugin", "libnvonnxparser")
 MODULE = "<module>"
 RETURN_TYPE = re.compile(r"->\s*tensorrt(?:_bindings)?\.tensorrt\.([A-Za-z_][\w.]*)")
 SIGNATURE = re.compile(r"^(?:\d+\.\s*)?\w+\((.*)\)\s*->", re.M)
 
 
-# ------------------------------------------------------------------ stub and API dump
-
-def build_stub(directory: Path) -> Path:
-    """Compile nvinfer_stub.c once per soname TensorRT 10 and 11 bindings need; returns the folder."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc/gcc) to build the libnvinfer stub")
-    directory.mkdir(parents=True, exist_ok=True)
-    for major in (10, 11):
-        for name in STUB_LIBRARIES:
-            soname = f"{name}.so.{major}"
-            subprocess.run([compiler, "-shared", "-fPIC", f"-Wl,-soname,{soname}", str(STUB_SOURCE), "-o",
-                            str(directory / soname)], check=True, capture_output=True)
-    return directory
-
+# ------------------------------------------------------------------ API dump
 
 def _dump_api(import_files: list[str]) -> dict:
     """In the child process: the bindings' classes (members, return types, keyword names) and imports."""
