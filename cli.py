@@ -49,33 +49,75 @@ def progress(message: str) -> None:
     click.echo(message, err=True)
 
 
+class DeviceType(click.ParamType):
+    """A torch device a user may run on: cpu, cuda or cuda:N (meta and the like are refused)."""
+
+    name = "cpu|cuda|cuda:N"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().lower()
+        kind, _, index = text.partition(":")
+        if text == "cpu" or (kind == "cuda" and (not index or index.isdigit())):
+            return text
+        self.fail(f"'{value}' is not a device: use cpu, cuda or cuda:N", param, ctx)
+
+
+DEVICE = DeviceType()
+# Opsets the exporter handles: 17 is what TensorRT 10.3 parses; torch's TorchScript-based
+# exporter (dynamo=False) writes up to 20.
+MIN_OPSET, MAX_OPSET = 17, 20
+
+
 def check_device(device: str) -> None:
     import torch
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but PyTorch sees no CUDA GPU: use --device cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} was asked for but PyTorch sees no CUDA GPU: use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} CUDA GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+
+
+def check_outputs(**paths) -> None:
+    """Refuse unwritable output files before any model loads (name: path, None skipped)."""
+    from visiondrop.loading import check_writable
+
+    for option, path in paths.items():
+        if path is not None:
+            check_writable(path, f"--{option.replace('_', '-')}")
+
+
+def write_side_file(path: Path, write) -> None:
+    """Write an output file after the work is done (parents created); a failure is one error line."""
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as exc:
+        raise UserError(f"could not write {path} ({exc.strerror or exc}); the results above are complete") from None
 
 
 def open_torch(model: str, budget, schedule, device: str):
-    """(backend, processor, source) for the PyTorch pipeline."""
+    """(backend, processor, source, (max sequence, what sets it)) for the PyTorch pipeline."""
     from runtime.torch_backend import TorchBackend
     from visiondrop.loading import load_model
 
     check_device(device)
     progress(f"loading {model} ...")
     loaded = load_model(model, device=device)
-    return TorchBackend(loaded, loaded.schedule(budget, schedule)), loaded.processor, loaded.source
+    return TorchBackend(loaded, loaded.schedule(budget, schedule)), loaded.processor, loaded.source, loaded.max_positions
 
 
 def open_artifacts(directory: Path, provider: str):
-    """(backend, processor, source) for an exported artifact folder on ONNX Runtime."""
+    """(backend, processor, source, (max sequence, what sets it)) for an artifact folder on ONNX Runtime."""
     from transformers import AutoProcessor
 
     from runtime.ort_backend import OrtBackend
 
     progress(f"loading artifacts {directory} ...")
     backend = OrtBackend(directory, provider=provider)
-    return backend, AutoProcessor.from_pretrained(directory), backend.manifest.model["source"]
+    limit = (backend.manifest.export["max_seq_len"], "the artifacts' --max-seq-len")
+    return backend, AutoProcessor.from_pretrained(directory), backend.manifest.model["source"], limit
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -116,7 +158,7 @@ def tiny(out: Path, force: bool) -> None:
 @click.option("--budget", default=None, help=BUDGET_HELP)
 @click.option("--schedule", default=None, help=SCHEDULE_HELP)
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the PyTorch backend (cpu, cuda).")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device for the PyTorch backend (cpu, cuda, cuda:N).")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, ids) as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the answers.")
 @user_errors
@@ -126,39 +168,29 @@ def generate(model, artifacts, provider, images, prompts, budget, schedule, max_
     Runs the PyTorch pipeline on --model, or the exported graphs in --artifacts with ONNX Runtime.
     """
     from runtime.generate import greedy_generate
-    from visiondrop.prompt import build_prompts, load_images, pixel_values
+    from visiondrop.prompt import build_prompts, check_length, load_images, pixel_values
     from visiondrop.trace import stage_records, top_logits, write_json
 
     if len(prompts) not in (1, len(images)):
         raise UserError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
+    check_outputs(trace=trace_path)
     pil_images = load_images(images)
     if artifacts is not None:
         if model is not None or budget is not None or schedule is not None:
             raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
-        backend, processor, source = open_artifacts(artifacts, provider)
+        backend, processor, source, limit = open_artifacts(artifacts, provider)
     else:
-        backend, processor, source = open_torch(model or "tiny", budget, schedule, device)
+        backend, processor, source, limit = open_torch(model or "tiny", budget, schedule, device)
     plan = backend.spec.schedule
     batch = build_prompts(
         processor.tokenizer, list(prompts) * (len(images) // len(prompts)), plan.image_tokens,
         backend.spec.image_token_id, backend.spec.pad_token_id,
     )
+    check_length(batch, max_new_tokens, *limit)
     pixels = pixel_values(processor.image_processor, pil_images)
     progress(f"generating on {backend.name} with schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer)")
     result = greedy_generate(backend, pixels, batch, max_new_tokens)
     answers = processor.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
-    if trace_path is not None:
-        write_json(trace_path, {
-            "model": source,
-            "backend": backend.name,
-            "schedule": plan.to_dict(),
-            "prompts": list(prompts),
-            "images": [str(p) for p in images],
-            "stages": stage_records(plan, result.vision.stage, result.stages),
-            "first_logits_top20": top_logits(result.first_logits),
-            "generated_ids": result.tokens.tolist(),
-        })
-        progress(f"wrote trace {trace_path}")
     if as_json:
         click.echo(json.dumps({
             "answers": answers, "generated_ids": result.tokens.tolist(), "schedule": plan.describe(),
@@ -167,6 +199,18 @@ def generate(model, artifacts, provider, images, prompts, budget, schedule, max_
     else:
         for answer in answers:
             click.echo(answer)
+    if trace_path is not None:  # after the answers, so a failing write loses nothing computed
+        write_side_file(trace_path, lambda path: write_json(path, {
+            "model": source,
+            "backend": backend.name,
+            "schedule": plan.to_dict(),
+            "prompts": list(prompts),
+            "images": [str(p) for p in images],
+            "stages": stage_records(plan, result.vision.stage, result.stages),
+            "first_logits_top20": top_logits(result.first_logits),
+            "generated_ids": result.tokens.tolist(),
+        }))
+        progress(f"wrote trace {trace_path}")
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
@@ -191,7 +235,7 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 @click.option("--schedule", default=None, help=SCHEDULE_HELP)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Artifact folder. Default: artifacts/<model>-<budget>.")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weight and activation precision of the graphs.")
-@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (17 is what TensorRT 10.3 / JetPack 6 parses).")
+@click.option("--opset", default=MIN_OPSET, show_default=True, type=click.IntRange(MIN_OPSET, MAX_OPSET), help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (17 is what TensorRT 10.3 / JetPack 6 parses).")
 @click.option("--max-seq-len", default=2048, show_default=True, type=int, help="Longest prompt + generation the artifacts are meant for (recorded for engine builds).")
 @click.option("--plugins", is_flag=True, help="Emit each prune's select and merge as one TensorRT plugin node each (VisionDropSelect/VisionDropMerge, namespace visiondrop).")
 @click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
@@ -206,11 +250,17 @@ def export(model, budget, schedule, out, dtype, opset, max_seq_len, plugins, for
     so an interrupted export leaves nothing half-written.
     """
     from export.onnx_export import EXPORT_DTYPES, ExportOptions, export_artifacts
-    from visiondrop.loading import load_model
+    from visiondrop.loading import PRESETS, check_target, load_model
 
     options = ExportOptions(dtype=dtype, opset=opset, max_seq_len=max_seq_len, plugins=plugins)
+    model_dir = None if model in PRESETS else [Path(model)]
+    if out is not None:  # refuse a bad --out before the model loads (checked again under the write lock)
+        check_target(out, force, protect=model_dir or ())
     progress(f"loading {model} ...")
     loaded = load_model(model, dtype=EXPORT_DTYPES[dtype])
+    limit, limit_name = loaded.max_positions
+    if max_seq_len > limit:
+        raise UserError(f"--max-seq-len {max_seq_len} exceeds {limit_name} ({limit}): use at most {limit}")
     plan = loaded.schedule(budget, schedule)
     if out is None:
         label = "full" if plan.is_full else (budget or ("custom" if schedule else "128"))
@@ -238,7 +288,7 @@ def export(model, budget, schedule, out, dtype, opset, max_seq_len, plugins, for
 @click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(1, 1024), help="Greedy tokens to compare.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random images.")
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider.")
-@click.option("--device", default="cpu", show_default=True, help="Torch device of the PyTorch reference.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device of the PyTorch reference (cpu, cuda, cuda:N).")
 @user_errors
 def validate(artifacts, json_path, images, batch, new_tokens, seed, provider, device) -> None:
     """Compare the exported graphs with the PyTorch pipeline, stage by stage.
@@ -252,6 +302,7 @@ def validate(artifacts, json_path, images, batch, new_tokens, seed, provider, de
     from visiondrop.trace import write_json
 
     check_device(device)
+    check_outputs(json=json_path)
     report = validate_artifacts(
         artifacts, images=images, batch_sizes=parse_int_list(batch, "--batch"), new_tokens=new_tokens,
         seed=seed, provider=provider, device=device, progress=progress,
@@ -267,7 +318,7 @@ def validate(artifacts, json_path, images, batch, new_tokens, seed, provider, de
     click.echo(f"{verdict}: {sum(c.passed for c in gated)}/{len(gated)} gated checks, "
                f"tolerance {report.tolerance['relative']:g} relative ({report.dtype}, {report.provider})")
     if json_path is not None:
-        write_json(json_path, report.to_dict())
+        write_side_file(json_path, lambda path: write_json(path, report.to_dict()))
     if not report.passed:
         sys.exit(1)
 
@@ -294,6 +345,7 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
 
     if out is None and not as_json:
         raise UserError("give --out kept.png to draw the panels, --json to print them, or both")
+    check_outputs(out=out)
     picture = load_images([image])[0]
     progress(f"loading {model} ...")
     loaded = load_model(model)
@@ -301,12 +353,12 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
     panels, seen = inspect_image(loaded, plan, picture, prompt)
-    if out is not None:
-        draw(panels, seen, loaded.config.vision_config.patch_size, out)
-        progress(f"wrote {out}")
     if as_json:
         click.echo(json.dumps({"schedule": plan.describe(), "patch_size": loaded.config.vision_config.patch_size,
                                "grid": seen.shape[1] // loaded.config.vision_config.patch_size, "stages": panels_json(panels)}))
+    if out is not None:
+        write_side_file(out, lambda path: draw(panels, seen, loaded.config.vision_config.patch_size, path))
+        progress(f"wrote {out}")
 
 
 @cli.command()
@@ -317,7 +369,7 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096), help="Decode steps per request.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0, 100))
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 1000), help="Timed requests per configuration (medians reported).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device (cpu, cuda).")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device (cpu, cuda, cuda:N).")
 @click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --backend ort.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every measurement as JSON.")
@@ -339,7 +391,10 @@ def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, d
     from visiondrop.trace import write_json
 
     check_device(device)
+    check_outputs(json=json_path, plot=plot_path)
     budget_list = tuple(b.strip() for b in budgets.split(",") if b.strip())
+    if not budget_list:
+        raise UserError(f"--budgets takes budgets separated by commas, e.g. 32,64,full (got '{budgets}')")
     config = BenchConfig(budgets=budget_list, batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens,
                          warmup=warmup, repeats=repeats, backend=backend, provider=provider)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
@@ -355,10 +410,10 @@ def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, d
     print_table(["budget", "batch", "prefill speed-up", "ideal speed-up", "of ideal", "overhead", "overhead (best)", "TTFT speed-up",
                  "decode speed-up", "FLOPs vs full"], rows)
     if json_path is not None:
-        write_json(json_path, report)
+        write_side_file(json_path, lambda path: write_json(path, report))
         progress(f"wrote {json_path}")
     if plot_path is not None:
-        plot_bench(report, plot_path)
+        write_side_file(plot_path, lambda path: plot_bench(report, path))
         progress(f"wrote {plot_path}")
 
 

@@ -8,26 +8,21 @@ was edited after export is refused instead of silently running something else.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from visiondrop.errors import UserError
+from visiondrop.loading import sha256_file
+from visiondrop.schedule import Schedule
 
 MANIFEST = "manifest.json"
 FORMAT = "visiondrop-edge/artifacts"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict[str, str]:
@@ -44,6 +39,141 @@ def tool_versions() -> dict[str, str]:
     except ImportError:
         pass
     return versions
+
+
+# ------------------------------------------------------------------ schema
+# What a manifest must look like to be read at all. Fields other modules add later are
+# allowed (extra="allow") where the runtime does not read them; every field it reads is typed.
+FileName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")]  # a file in the folder, no path
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Count = Annotated[StrictInt, Field(ge=0)]
+TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TensorSchema(_Schema):
+    name: StrictStr
+    dtype: Literal[TENSOR_DTYPES]
+    shape: list[Count | StrictStr]
+
+
+class GraphSchema(_Schema):
+    name: StrictStr
+    file: FileName
+    role: Literal["vision", "qkv", "prune", "decoder"]
+    index: Count
+    inputs: list[TensorSchema] = Field(min_length=1)
+    outputs: list[TensorSchema] = Field(min_length=1)
+    external_data: FileName | None = None
+
+
+class StageSchema(_Schema):
+    after_layer: Count
+    dominant: Count
+    contextual: Count
+
+
+class ScheduleSchema(_Schema):
+    model_config = ConfigDict(extra="allow")
+    num_layers: Count
+    num_patches: Count
+    stages: list[StageSchema]
+
+
+class SpecSchema(_Schema):
+    model_config = ConfigDict(extra="allow")
+    schedule: ScheduleSchema
+    hidden_size: Count
+    num_kv_heads: Count
+    head_dim: Count
+    vocab_size: Count
+    image_size: Count
+    image_token_id: Count
+    pad_token_id: Count
+    eos_token_id: Count | None
+    dtype: Literal["float32", "float16", "bfloat16"]
+
+
+class ExportSchema(_Schema):
+    model_config = ConfigDict(extra="allow")
+    mode: Literal["portable", "plugins"]
+    dtype: Literal["fp32", "fp16"]
+    opset: Count
+    max_seq_len: Annotated[StrictInt, Field(ge=1)]
+    embed_tokens: FileName
+
+
+class ModelSchema(_Schema):
+    model_config = ConfigDict(extra="allow")
+    source: StrictStr
+    content_hash: Sha256
+
+
+class ManifestSchema(_Schema):
+    format: Literal["visiondrop-edge/artifacts"]
+    format_version: Literal[1]
+    model: ModelSchema
+    schedule: ScheduleSchema
+    spec: SpecSchema
+    export: ExportSchema
+    graphs: list[GraphSchema] = Field(min_length=1)
+    tolerances: dict[str, Any]
+    tools: dict[str, StrictStr]
+    files: dict[str, Sha256] = Field(min_length=1)
+
+
+def _schema_problem(error: ValidationError) -> str:
+    """The first schema error as 'where: what', e.g. 'graphs.3.outputs.0.dtype: Input should be ...'."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "the top level"
+    return f"{where}: {first['msg']}"
+
+
+def check_consistent(manifest: Manifest) -> Schedule:
+    """Check the graphs' recorded static shapes against the manifest's own schedule.
+
+    Every visual-token count is a constant of the graphs, so a hand-edited count (in the
+    schedule or in a graph's outputs) shows up as a disagreement; returns the schedule.
+    """
+    try:
+        schedule = Schedule.from_dict(manifest.spec["schedule"])
+    except UserError as exc:
+        raise ValueError(f"its schedule is invalid ({exc})") from None
+    groups = schedule.layer_groups()
+    expected = {("vision", 0)} | {(r, g) for r in ("qkv", "decoder") for g in range(len(groups))}
+    expected |= {("prune", s) for s in range(len(schedule.llm_stages))}
+    present = [(g.role, g.index) for g in manifest.graphs]
+    if sorted(present) != sorted(expected):
+        raise ValueError(
+            f"it lists graphs {sorted(present)} but its schedule {schedule.describe()} needs {sorted(expected)}"
+        )
+    for entry in manifest.graphs:
+        outputs = {o["name"]: o["shape"] for o in entry.outputs}
+        want: dict[str, int] = {}
+        if entry.role == "vision":
+            want["image_embeds"] = schedule.image_tokens
+            if schedule.vision is not None:
+                want.update(kept_index=schedule.vision.dominant, target_index=schedule.vision.contextual,
+                            scores=schedule.num_patches + 1)
+        elif entry.role == "prune":
+            stage = schedule.llm_stages[entry.index]
+            want.update(kept_index=stage.dominant, target_index=stage.contextual,
+                        scores=schedule.stages[entry.index].total)
+        elif entry.role == "decoder":
+            start, stop = groups[entry.index]
+            presents = [name for name in outputs if name.startswith("present.")]
+            if len(presents) != 2 * (stop - start):
+                raise ValueError(f"graph {entry.name} has {len(presents) // 2} layers' caches but the schedule "
+                                 f"gives its group layers {start + 1}..{stop}")
+        for name, count in want.items():
+            shape = outputs.get(name)
+            if shape is None or len(shape) < 2 or shape[1] != count:
+                raise ValueError(f"graph {entry.name} output {name} has shape {shape}, but its schedule "
+                                 f"{schedule.describe()} needs {count} tokens on axis 1")
+    return schedule
 
 
 @dataclass
@@ -87,11 +217,13 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse a manifest against :class:`ManifestSchema`; raises ``pydantic.ValidationError``."""
+        parsed = ManifestSchema.model_validate(data).model_dump()
         return cls(
-            model=data["model"], spec=data["spec"], export=data["export"],
-            graphs=[GraphEntry(**g) for g in data["graphs"]], tolerances=data["tolerances"],
-            files=data["files"], tools=data["tools"],
+            model=parsed["model"], spec=parsed["spec"], export=parsed["export"],
+            graphs=[GraphEntry(**g) for g in parsed["graphs"]], tolerances=parsed["tolerances"],
+            files=parsed["files"], tools=parsed["tools"],
         )
 
     def graph(self, role: str, index: int = 0) -> GraphEntry:
@@ -102,31 +234,64 @@ class Manifest:
 
     def write(self, directory: Path) -> None:
         """Hash every file in ``directory`` (but the manifest) and write the manifest."""
-        self.files = {
-            str(p.relative_to(directory)): sha256_file(p)
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST
-        }
+        self.files = {name: sha256_file(directory / name) for name in sorted(folder_files(directory))}
         (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def folder_files(directory: Path) -> set[str]:
+    """Every file below ``directory`` but the manifest, as manifest keys (relative paths)."""
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST}
+
+
 def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Load an artifact folder's manifest; with ``verify``, check every file's sha256."""
+    """Load an artifact folder's manifest and check it.
+
+    Always: the schema, the graphs' static shapes against the schedule, and that the folder
+    holds exactly the files the manifest lists (an unlisted file would be trusted without a
+    hash; a missing one breaks the pipeline). With ``verify``, every file's sha256 too.
+    """
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
         raise UserError(f"{directory} is not an artifact folder (no {MANIFEST}): create one with `python cli.py export`")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not text (binary data): re-run export") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg}): re-run export") from None
+        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): re-run export") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object: re-run export")
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise UserError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: re-run export with this version")
-    manifest = Manifest.from_dict(data)
+    try:
+        manifest = Manifest.from_dict(data)
+    except ValidationError as exc:
+        raise UserError(f"{path} does not follow the manifest schema ({_schema_problem(exc)}): re-run export") from None
+    try:
+        if any(data["schedule"][k] != data["spec"]["schedule"][k] for k in ("num_layers", "num_patches", "stages")):
+            raise ValueError("its top-level schedule differs from spec.schedule")
+        check_consistent(manifest)
+    except ValueError as exc:
+        raise UserError(f"{path} contradicts itself: {exc}; the manifest was edited after export, re-run export") from None
+    # (external data is not required: a weightless graph saved with external data has no such file)
+    needed = {e.file for e in manifest.graphs} | {manifest.export["embed_tokens"]}
+    unlisted_needed = sorted(needed - set(manifest.files))
+    if unlisted_needed:
+        raise UserError(f"{path} uses {unlisted_needed[0]} but does not list its hash: the manifest was edited; re-run export")
+    present = folder_files(directory)
+    missing = sorted(set(manifest.files) - present)
+    if missing:
+        raise UserError(f"{directory / missing[0]} is listed in the manifest but missing: re-run export")
+    unlisted = sorted(present - set(manifest.files))
+    if unlisted:
+        raise UserError(
+            f"{directory / unlisted[0]} is not listed in the manifest: an artifact folder holds only what export wrote; "
+            "remove the file or re-run export"
+        )
     if verify:
         for name, expected in manifest.files.items():
             file = directory / name
-            if not file.is_file():
-                raise UserError(f"{file} is listed in the manifest but missing: re-run export")
             actual = sha256_file(file)
             if actual != expected:
                 raise UserError(

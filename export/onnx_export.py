@@ -14,7 +14,6 @@ use external data once a graph's weights pass 2 GB.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -259,14 +258,15 @@ def export_artifacts(
         graphs=[], tolerances=TOLERANCES[options.dtype],
     )
 
-    def fill(directory: Path) -> None:
-        with tempfile.TemporaryDirectory(prefix="visiondrop-trace-") as scratch:
-            for number, graph in enumerate(graphs, 1):
-                progress(f"[{number}/{len(graphs)}] exporting {graph.name} ...")
-                manifest.graphs.append(export_graph(graph, directory, Path(scratch), options, metadata))
+    def fill(directory: Path, scratch: Path) -> None:
+        for number, graph in enumerate(graphs, 1):
+            progress(f"[{number}/{len(graphs)}] exporting {graph.name} ...")
+            manifest.graphs.append(export_graph(graph, directory, scratch, options, metadata))
         save_file({"weight": pipeline.embed_tokens.weight.detach().contiguous()}, directory / EMBED_FILE)
         loaded.processor.save_pretrained(directory)
         manifest.write(directory)
 
-    write_atomically(out, fill, force=force)
+    # The traces go to the staging folder's scratch beside --out, not $TMP, so a crash leaves
+    # nothing that the next export to --out does not clean up.
+    write_atomically(out, fill, force=force, protect=[loaded.directory] if loaded.directory else [])
     return manifest

@@ -10,8 +10,9 @@ mean something; ``llava-1.5-7b-shape`` has the real 7B shapes for GPU timing. Ea
 from __future__ import annotations
 
 import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -28,6 +29,10 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 # Bump when the weights or tokenizer of a preset change, so stale caches are rebuilt.
 BUILTIN_VERSION = 1
 SEED = 20260628
+# A saved preset carries this file: the recipe it was built from and every file's sha256,
+# so a cache that was altered or built by another version is detected and rebuilt.
+BUILTIN_MARKER = "visiondrop-builtin.json"
+BUILTIN_FORMAT = "visiondrop-edge/builtin"
 
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
@@ -58,6 +63,13 @@ PRESETS: dict[str, Preset] = {
     # LLaVA-1.5-7B's shapes with random weights, for GPU timing.
     "llava-1.5-7b-shape": Preset(1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, vocab_size=32064),
 }
+
+
+def recipe_hash(name: str) -> str:
+    """sha256 of everything a preset's files are made from (sizes, seed, version, geometry)."""
+    recipe = {"preset": name, "sizes": asdict(PRESETS[name]), "seed": SEED, "version": BUILTIN_VERSION,
+              "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "special_tokens": SPECIAL_TOKENS}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:

@@ -6,22 +6,28 @@ path; every failure a user can cause becomes a :class:`UserError` that says what
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration, PreTrainedConfig
+from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGeneration, PreTrainedConfig
 
-from .builtin import BUILTIN_VERSION, PRESETS, build_model
+from .builtin import BUILTIN_FORMAT, BUILTIN_MARKER, BUILTIN_VERSION, PRESETS, build_model, recipe_hash
 from .errors import UserError
 from .schedule import Schedule, resolve_schedule
+
+LOG = logging.getLogger("visiondrop")
 
 SUPPORTED_DECODERS = ("llama", "mistral")
 SUPPORTED_VISION = ("clip_vision_model",)
@@ -38,6 +44,7 @@ class LoadedModel:
     processor: object  # LlavaProcessor: .tokenizer and .image_processor
     source: str  # preset name, or the checkpoint directory's absolute path
     hasher: Callable[[], str] = field(repr=False)
+    directory: Path | None = None  # the checkpoint folder read (None for in-memory presets)
 
     @cached_property
     def content_hash(self) -> str:
@@ -52,6 +59,19 @@ class LoadedModel:
     def tokenizer(self):
         return self.processor.tokenizer
 
+    @property
+    def max_positions(self) -> tuple[int, str]:
+        """(longest sequence this pipeline computes exactly, what sets it).
+
+        The attention mask has no sliding window, so a Mistral decoder is exact only up to
+        its window.
+        """
+        text = self.config.text_config
+        window = getattr(text, "sliding_window", None)
+        if window and window < text.max_position_embeddings:
+            return window, "the decoder's sliding_window (VisionDrop's attention has no window)"
+        return text.max_position_embeddings, "the model's max_position_embeddings"
+
     def schedule(self, budget: str | int | None = None, schedule: str | None = None) -> Schedule:
         """The schedule ``--budget``/``--schedule`` ask for, sized to this model."""
         vision = self.config.vision_config
@@ -60,49 +80,258 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("VISIONDROP_CACHE", Path.home() / ".cache" / "visiondrop"))
+    """Where saved presets live: ``$VISIONDROP_CACHE``, else ``~/.cache/visiondrop``."""
+    value = os.environ.get("VISIONDROP_CACHE")
+    if value is None:
+        return Path.home() / ".cache" / "visiondrop"
+    if not value.strip():
+        raise UserError("VISIONDROP_CACHE is set but empty: unset it (default ~/.cache/visiondrop) or set it to a folder")
+    return Path(value).expanduser()
 
 
-def write_atomically(target: Path, fill, force: bool = False) -> Path:
-    """Run ``fill(tmp_dir)`` and rename the result to ``target``: never a half-written folder.
+# ------------------------------------------------------------------ safe folder writes
+# Every folder this tool writes (artifacts, checkpoints, the preset cache) is built in a
+# staging folder beside the target, ``.<name>.visiondrop-staging-<pid>``, and renamed into
+# place; a folder it replaces is first renamed aside to ``.<name>.visiondrop-replaced-<pid>``.
+# A lock file ``.<name>.visiondrop-lock`` serialises writers of one target.
+OWNED_FORMATS = "visiondrop-edge/"  # the "format" prefix of our manifests
+OWNER_FILES = ("manifest.json", BUILTIN_MARKER)
+STAGING, REPLACED, LOCK = "visiondrop-staging", "visiondrop-replaced", "visiondrop-lock"
 
-    A non-empty ``target`` is refused unless ``force`` (then it is replaced whole).
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def written_by_us(folder: Path) -> bool:
+    """True if ``folder`` holds one of our manifests (an artifact folder or a saved preset)."""
+    for name in OWNER_FILES:
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and str(data.get("format", "")).startswith(OWNED_FORMATS):
+            return True
+    return False
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    Missing parent folders are fine (they are created); a parent that is a file, or a
+    folder where a file cannot be created, is not.
     """
-    target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
-        raise UserError(f"{target} exists and is not empty: pass --force to replace it, or choose another --out")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    path = Path(path).expanduser()
+    if path.is_dir() and what != "folder":
+        raise UserError(f"{what} {path} is a folder: give a file path")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():  # a dangling link
+            raise UserError(f"cannot write {what} {path}: {ancestor} is a broken symbolic link")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
     try:
-        fill(tmp)
-        if target.exists():
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        fd, probe = tempfile.mkstemp(prefix=".visiondrop-probe-", dir=ancestor)
+    except OSError as exc:
+        raise UserError(f"cannot write {what} {path}: {ancestor} is not writable ({exc.strerror}); choose another path") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_target(target: Path, force: bool, protect: Sequence[Path] = (), owned: bool = False) -> Path:
+    """Refuse a target folder whose replacement could destroy data this tool did not write.
+
+    ``protect`` are folders that must survive (the model being read); ``owned`` marks a
+    path this tool names itself (a cache entry). Returns the absolute target.
+    """
+    target = Path(target).expanduser()
+    if target.is_symlink():
+        raise UserError(f"{target} is a symbolic link: give the real folder's path, or another one")
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UserError(f"{target} is the current folder or contains it: write to a new folder, e.g. artifacts/NAME")
+    for keep in protect:
+        keep = Path(keep).resolve()
+        if resolved == keep or resolved in keep.parents:
+            raise UserError(f"{target} would replace {keep}, which the model is read from: choose another output folder")
+    if resolved.exists() and not resolved.is_dir():
+        raise UserError(f"{target} is a file, not a folder: choose another output folder")
+    check_writable(resolved / "x", "folder")
+    if resolved.is_dir() and any(resolved.iterdir()):
+        if not force:
+            raise UserError(f"{target} exists and is not empty: pass --force to replace it, or choose another --out")
+        if not owned and not written_by_us(resolved):
+            raise UserError(
+                f"{target} was not written by visiondrop (no visiondrop manifest in it): --force only replaces "
+                "folders this tool wrote; move it away yourself or choose another --out"
+            )
+    return resolved
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+@contextmanager
+def _exclusive_lock(target: Path) -> Iterator[None]:
+    """Hold ``.<name>.visiondrop-lock`` beside ``target`` (flock); a second writer gets a UserError."""
+    path = target.parent / f".{target.name}.{LOCK}"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(
+                f"{target} is being written by another visiondrop process (pid {holder}): wait for it to finish, "
+                "or choose another output folder"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # we locked a lock file its holder had just removed: take the new one
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _clean_leftovers(target: Path) -> None:
+    """Remove staging/replaced folders of ``target`` whose writer died (kill -9, power loss).
+
+    A replaced folder whose target is missing (a crash between the two renames) is put back.
+    Called with the target's lock held.
+    """
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.visiondrop-*-*")):
+        kind, _, pid = path.name[len(target.name) + 2:].rpartition("-")
+        if kind not in (STAGING, REPLACED) or not pid.isdigit() or not path.is_dir():
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        if kind == REPLACED and not target.exists():
+            path.rename(target)
+            LOG.warning(f"note: restored {target} from {path.name}, left by an interrupted write (pid {pid})")
+        else:
+            shutil.rmtree(path)
+            LOG.warning(f"note: removed {path}, left by an interrupted write (pid {pid})")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _plain_permissions(folder: Path) -> None:
+    """Give every file what a plain ``open`` would (some writers, e.g. safetensors, use 0600)."""
+    mask = current_umask()
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def write_atomically(
+    target: Path, fill: Callable[[Path, Path], None], force: bool = False, protect: Sequence[Path] = (), owned: bool = False,
+) -> Path:
+    """Run ``fill(folder, scratch)`` in a staging folder beside ``target``, then swap it in.
+
+    Never a half-written folder and never lost data: a non-empty ``target`` is replaced
+    only with ``force`` and only if this tool wrote it (see :func:`check_target`); it is
+    renamed aside, the new folder renamed in, and only then the old one deleted. ``scratch``
+    is for intermediate files and is deleted with the staging folder.
+    """
+    target = check_target(target, force, protect, owned)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(target):
+        check_target(target, force, protect, owned)  # again: the last writer may have just finished
+        _clean_leftovers(target)
+        staging = target.parent / f".{target.name}.{STAGING}-{os.getpid()}"
+        try:
+            (staging / "scratch").mkdir(parents=True)
+            (staging / "folder").mkdir()
+            fill(staging / "folder", staging / "scratch")
+            _plain_permissions(staging / "folder")
+            if target.exists():
+                aside = target.parent / f".{target.name}.{REPLACED}-{os.getpid()}"
+                target.rename(aside)
+                (staging / "folder").rename(target)
+                shutil.rmtree(aside)
+            else:
+                (staging / "folder").rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def save_builtin(name: str, out: Path, force: bool = False) -> Path:
-    """Write a built-in preset as a Hugging Face checkpoint directory."""
+# ------------------------------------------------------------------ built-in presets
+def save_builtin(name: str, out: Path, force: bool = False, owned: bool = False) -> Path:
+    """Write a built-in preset as a Hugging Face checkpoint directory, with its file hashes."""
+    check_target(out, force, owned=owned)  # before building anything
     model, processor = build_model(name)
 
-    def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+    def fill(folder: Path, scratch: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        marker = {"format": BUILTIN_FORMAT, "preset": name, "recipe": recipe_hash(name), "files": files}
+        (folder / BUILTIN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
-    return write_atomically(out, fill, force=force)
+    return write_atomically(out, fill, force=force, owned=owned)
+
+
+def builtin_mismatch(path: Path, name: str) -> str | None:
+    """Why the saved preset in ``path`` cannot be trusted, or None if every file matches its hash."""
+    try:
+        marker = json.loads((path / BUILTIN_MARKER).read_text())
+    except (OSError, ValueError):
+        return f"has no readable {BUILTIN_MARKER}"
+    if not isinstance(marker, dict) or marker.get("recipe") != recipe_hash(name) or not isinstance(marker.get("files"), dict):
+        return f"was built from another version of the '{name}' preset"
+    present = {p.name for p in path.iterdir() if p.is_file() and p.name != BUILTIN_MARKER}
+    if present != set(marker["files"]):
+        return f"has other files than it was written with ({', '.join(sorted(present ^ set(marker['files'])))})"
+    for file, expected in marker["files"].items():
+        if sha256_file(path / file) != expected:
+            return f"has a changed {file}"
+    return None
 
 
 def builtin_dir(name: str) -> Path:
-    """The cached checkpoint directory of a saved preset, written on first use."""
-    path = cache_root() / f"{name}-v{BUILTIN_VERSION}"
-    if not (path / "config.json").exists():
-        save_builtin(name, path, force=True)
-    return path
+    """The cached checkpoint directory of a saved preset: written on first use, verified on
+    every use and rebuilt (saying so) when a file no longer matches."""
+    root = cache_root()
+    path = root / f"{name}-v{BUILTIN_VERSION}"
+    if path.is_dir():
+        problem = builtin_mismatch(path, name)
+        if problem is None:
+            return path
+        LOG.warning(f"note: the cached '{name}' model in {path} {problem}: rebuilding it")
+    try:
+        check_writable(path / "x", "folder")
+    except UserError as exc:
+        raise UserError(f"{exc} (the built-in model cache; set VISIONDROP_CACHE to a writable folder)") from None
+    return save_builtin(name, path, force=True, owned=True)
 
 
+# ------------------------------------------------------------------ config checks
 def _read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not path.is_dir():
@@ -111,32 +340,91 @@ def _read_config(path: Path) -> dict:
             "local Hugging Face LLaVA checkpoint folder (e.g. one made by "
             "`huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir DIR`)"
         )
-    if not config_file.exists():
+    if not config_file.is_file():
         raise UserError(f"{path} has no config.json: pass the folder that save_pretrained or huggingface-cli download wrote")
     try:
-        return json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_file} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}): re-download the checkpoint") from None
+        config = json.loads(config_file.read_text())
+    except UnicodeDecodeError:
+        raise UserError(f"{config_file} is not text (binary data): it must be the JSON that save_pretrained writes") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or replace the file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_file} holds a JSON {type(config).__name__}, not an object: it must be the JSON object that save_pretrained writes")
+    return config
+
+
+def _field(section: dict, key: str, default, kind: type, where: str):
+    value = section.get(key, default)
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"{where}: {key} must be an integer (got {value!r})")
+    return value
 
 
 def check_supported(config: dict, where: str) -> None:
-    """Refuse configs VisionDrop's graphs do not cover, naming what would be needed."""
+    """Refuse configs VisionDrop's graphs do not cover, naming the field and the valid values.
+
+    Runs on config.json as JSON, before transformers instantiates anything (transformers
+    fills a missing sub-config with a 7B Llama default, for one).
+    """
     model_type = config.get("model_type")
     if model_type != "llava":
         raise UserError(
             f"{where} is a '{model_type}' checkpoint, not LLaVA (model_type 'llava'): VisionDrop Edge "
             "runs LlavaForConditionalGeneration checkpoints such as llava-hf/llava-1.5-7b-hf"
         )
-    text_type = (config.get("text_config") or {}).get("model_type", "llama")
+    for key in ("text_config", "vision_config"):
+        if not isinstance(config.get(key), dict):
+            raise UserError(f"{where}: config.json has no {key} object: a LLaVA config needs both text_config and vision_config")
+    text, vision = config["text_config"], config["vision_config"]
+    text_type = text.get("model_type", "llama")
     if text_type not in SUPPORTED_DECODERS:
         raise UserError(f"{where}: decoder type '{text_type}' is not supported (supported: {', '.join(SUPPORTED_DECODERS)})")
-    if (config.get("text_config") or {}).get("attention_bias", False):
+    if text.get("attention_bias", False):
         raise UserError(f"{where}: q/k/v projections with biases are not supported (attention_bias is true)")
-    vision_type = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    vision_type = vision.get("model_type", "clip_vision_model")
     if vision_type not in SUPPORTED_VISION:
         raise UserError(f"{where}: vision tower '{vision_type}' is not supported (supported: CLIP)")
-    if not isinstance(config.get("vision_feature_layer", -2), int):
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise UserError(
+            f"{where}: vision_feature_select_strategy '{strategy}' is not supported (supported: 'default', which "
+            "drops CLS; 'full' would give one more image embedding than the prompt has <image> placeholders)"
+        )
+    layer = config.get("vision_feature_layer", -2)
+    if isinstance(layer, list):
         raise UserError(f"{where}: a list of vision_feature_layer values is not supported; use a single layer")
+    layer = _field(config, "vision_feature_layer", -2, int, where)
+    depth = _field(vision, "num_hidden_layers", CLIPVisionConfig().num_hidden_layers, int, where)
+    if not (1 <= layer <= depth or -depth <= layer <= -1):
+        raise UserError(
+            f"{where}: vision_feature_layer {layer} is not a layer of the {depth}-layer vision tower: "
+            f"use 1..{depth} or -{depth}..-1 (LLaVA-1.5 uses -2)"
+        )
+    image_size = _field(vision, "image_size", CLIPVisionConfig().image_size, int, where)
+    patch_size = _field(vision, "patch_size", CLIPVisionConfig().patch_size, int, where)
+    if patch_size < 1 or image_size < patch_size or image_size % patch_size:
+        raise UserError(
+            f"{where}: vision_config image_size {image_size} is not a whole number of {patch_size}-pixel patches: "
+            "the patch grid must be square and exact (LLaVA-1.5: 336 and 14)"
+        )
+    for key in ("max_position_embeddings", "num_hidden_layers"):
+        if key in text and (_field(text, key, 1, int, where) < 1):
+            raise UserError(f"{where}: text_config {key} must be positive (got {text[key]})")
+
+
+def _check_processor(path: Path, image_size: int) -> None:
+    """The image processor must crop to the tower's image size, or the patch grid is wrong."""
+    try:
+        data = json.loads((path / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return  # AutoProcessor reports a missing or unreadable processor
+    crop = data.get("crop_size") if isinstance(data, dict) else None
+    sizes = {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
+    if crop is not None and sizes != {image_size}:
+        raise UserError(
+            f"{path}: preprocessor_config.json crops images to {crop} but vision_config image_size is {image_size}: "
+            "they must agree (LLaVA-1.5: 336)"
+        )
 
 
 def content_hash(path: Path) -> str:
@@ -172,7 +460,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         model = model.to(dtype)
         return LoadedModel(model, processor, spec, lambda: state_dict_hash(model))
     path = builtin_dir(spec) if spec in PRESETS else Path(spec).expanduser().resolve()
-    check_supported(_read_config(path), str(path))
+    config = _read_config(path)
+    check_supported(config, str(path))
+    _check_processor(path, config["vision_config"].get("image_size", CLIPVisionConfig().image_size))
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
         raise UserError(f"{path} has no weight files (*.safetensors or *.bin): the download is incomplete")
     try:
@@ -180,7 +470,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
             path, dtype=dtype, output_loading_info=True, attn_implementation="sdpa"
         )
     except Exception as exc:  # any parse/IO failure from transformers or safetensors
-        raise UserError(f"could not load the weights in {path} ({_first_line(exc)}): re-download the checkpoint") from None
+        raise UserError(
+            f"could not load the weights in {path} ({_first_line(exc)}): they are damaged or do not fit config.json"
+        ) from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise UserError(f"{path} lacks {len(missing)} weights (first: {missing[0]}): the checkpoint is incomplete")
@@ -190,4 +482,4 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         raise UserError(f"{path} has no usable tokenizer/image processor ({_first_line(exc)}): copy the processor files next to the weights") from None
     model = model.to(device).eval()
     source = spec if spec in PRESETS else str(path)
-    return LoadedModel(model, processor, source, lambda: content_hash(path))
+    return LoadedModel(model, processor, source, lambda: content_hash(path), directory=path)

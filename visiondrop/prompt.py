@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import warnings
+
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import UserError
@@ -54,18 +56,54 @@ def build_prompts(
     return PromptBatch(input_ids, attention_mask, torch.tensor(offsets, dtype=torch.int64))
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
+    """Read images the way transformers' ``load_image`` does (EXIF orientation applied, RGB),
+    with 16-bit greyscale scaled to 8 bits (PIL's ``convert`` would clip it to white) and
+    PIL's decompression-bomb limit enforced."""
     images = []
     for path in paths:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"image {path} is a folder, not an image file: pass the path of a PNG or JPEG file")
         if not path.is_file():
             raise UserError(f"image {path} does not exist: pass the path of a PNG or JPEG file")
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    images.append(_to_rgb(ImageOps.exif_transpose(image)))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UserError(
+                f"image {path} is too large ({str(exc).split(',')[0]}; the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, "
+                "PIL's decompression-bomb guard): downscale it first"
+            ) from None
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise UserError(f"cannot read image {path} ({exc.__class__.__name__}): pass a PNG or JPEG file") from None
     return images
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        if values.max(initial=0) > 65535 or values.min(initial=0) < 0:
+            raise ValueError(f"{image.mode} pixel values outside 0..65535")
+        image = Image.fromarray(np.round(values / 257.0).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def check_length(batch: PromptBatch, max_new_tokens: int, limit: int, limit_name: str) -> None:
+    """Refuse a prompt that, with the answer, would run past the positions the model (or the
+    artifacts) support, before any work is done."""
+    needed = batch.input_ids.shape[1] + max_new_tokens
+    if needed > limit:
+        raise UserError(
+            f"the prompt takes {batch.input_ids.shape[1]} tokens (image included) and up to {max_new_tokens} new "
+            f"tokens: {needed} positions, more than the {limit} of {limit_name}; shorten the prompt or lower "
+            "--max-new-tokens"
+        )
 
 
 def random_images(count: int, seed: int, size: int = 336) -> list[Image.Image]:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .loading import current_umask
 from .schedule import Schedule
 
 TOP_LOGITS = 20
@@ -43,7 +44,10 @@ def top_logits(logits, count: int = TOP_LOGITS) -> list[dict[str, list]]:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
+    """Write JSON atomically (temp file + rename), so a reader never sees half a file.
+
+    The file gets the permissions a plain ``open`` would give (mkstemp's are 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -51,6 +55,7 @@ def write_json(path: str | Path, data: Any) -> None:
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
