@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from plugins_trt import MERGE_OP, PLUGIN_LIBRARY, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP
+from plugins_trt import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_LIBRARY, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP, is_plugin_node
 from plugins_trt.onnx_ops import PLUGIN_OPS
 from runtime.base import ModelSpec
 from visiondrop.errors import UserError
@@ -186,7 +186,7 @@ def _finalize(model: onnx.ModelProto, graph: GraphSpec, reference: tuple[Tensor,
             axes = graph.dynamic.get(value.name, {})
             _set_shape(value, [axes.get(i, size) for i, size in enumerate(tensor.shape)])
     # Keep only the traced types of plugin-node outputs: ONNX shape inference cannot know them.
-    plugin_outputs = {o for n in model.graph.node if n.domain == PLUGIN_NAMESPACE for o in n.output}
+    plugin_outputs = {o for n in model.graph.node if is_plugin_node(n) for o in n.output}
     kept = [v for v in model.graph.value_info if v.name in plugin_outputs]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
@@ -205,7 +205,7 @@ def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: Expo
     torch.onnx.export(
         graph.module, args, str(traced), dynamo=False, opset_version=options.opset,
         input_names=list(graph.inputs), output_names=graph.outputs, dynamic_axes=graph.dynamic,
-        do_constant_folding=True, custom_opsets={PLUGIN_NAMESPACE: 1} if options.plugins else None,
+        do_constant_folding=True, custom_opsets={PLUGIN_DOMAIN: 1} if options.plugins else None,
     )
     model = _finalize(onnx.load(str(traced)), graph, reference, options, metadata)
     problems = data_dependent_shapes(model)
@@ -251,7 +251,7 @@ def export_artifacts(
                "architecture": "LlavaForConditionalGeneration", "text_model_type": text.model_type},
         spec=spec.to_dict(),
         export={"mode": "plugins" if options.plugins else "portable", **asdict(options), "embed_tokens": EMBED_FILE,
-                "plugins": {"library": PLUGIN_LIBRARY, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
+                "plugins": {"library": PLUGIN_LIBRARY, "domain": PLUGIN_DOMAIN, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
                             "ops": [SELECT_OP, MERGE_OP]} if options.plugins else None,
                 "kv_cache_layout": "[batch_size, num_kv_heads, sequence, head_dim] per layer; "
                                    "each decoder group's cache has its own length"},

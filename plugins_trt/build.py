@@ -17,12 +17,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from plugins_trt import PLUGIN_LIBRARY, STATIC_PLUGIN_LIBRARY
+
 SOURCE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SOURCE_DIR.parent
 DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "plugins_trt"
 KERNELS_LIB = "libvisiondrop_kernels.so"
-PLUGINS_LIB = "libvisiondrop_trt_plugins.so"
-STATIC_PLUGINS_LIB = "libvisiondrop_trt_plugins_static.so"
 
 
 class BuildError(RuntimeError):
@@ -85,12 +85,12 @@ def build(
     # An explicit libnvinfer, else a fresh search (never a cached path from an earlier configure).
     command.append(f"-DVISIONDROP_NVINFER_LIBRARY={nvinfer_library}" if nvinfer_library
                    else "-UVISIONDROP_NVINFER_LIBRARY")
-    for stale in (PLUGINS_LIB, STATIC_PLUGINS_LIB):  # a stale plugin library must not look freshly built
+    for stale in (PLUGIN_LIBRARY, STATIC_PLUGIN_LIBRARY):  # a stale plugin library must not look freshly built
         (out / stale).unlink(missing_ok=True)
     _run(command, "CMake configure", verbose)
     _run([cmake, "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 2)], "CMake build", verbose)
     built = {"kernels": out / KERNELS_LIB}
-    for key, name in (("plugins", PLUGINS_LIB), ("plugins_static", STATIC_PLUGINS_LIB)):
+    for key, name in (("plugins", PLUGIN_LIBRARY), ("plugins_static", STATIC_PLUGIN_LIBRARY)):
         if (out / name).exists():
             built[key] = out / name
     return built

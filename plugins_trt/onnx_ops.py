@@ -3,7 +3,7 @@
 Each op is an autograd Function whose forward is the reference math in
 ``visiondrop.pruning`` (so tracing computes real values) and whose ONNX symbolic is one node
 that TensorRT's parser maps to the plugin: ``op_type`` = plugin name, ``domain`` =
-``plugin_namespace`` = "visiondrop", ``plugin_version`` = "1", integer attributes.
+"trt.plugins", ``plugin_namespace`` = "visiondrop", ``plugin_version`` = "1", integer attributes.
 Indices leave the plugin as int32 (what every TensorRT 10.x plugin can emit).
 """
 
@@ -14,13 +14,13 @@ from torch import Tensor
 
 from visiondrop import pruning
 
-from . import MERGE_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP
+from . import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP
 
 
 def _plugin_node(g, op: str, *inputs, outputs: int, **int_attributes):
     attributes = {f"{name}_i": value for name, value in int_attributes.items()}
     return g.op(
-        f"{PLUGIN_NAMESPACE}::{op}", *inputs, outputs=outputs,
+        f"{PLUGIN_DOMAIN}::{op}", *inputs, outputs=outputs,
         plugin_version_s=PLUGIN_VERSION, plugin_namespace_s=PLUGIN_NAMESPACE, **attributes,
     )
 

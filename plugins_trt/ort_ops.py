@@ -1,6 +1,6 @@
 """CPU implementations of the plugin ops for ONNX Runtime, so plugin-mode artifacts validate in CI.
 
-ONNX Runtime cannot run ``visiondrop::VisionDropSelect`` / ``VisionDropMerge`` nodes as they
+ONNX Runtime cannot run ``trt.plugins::VisionDropSelect`` / ``VisionDropMerge`` nodes as they
 are. The ops are registered as onnxruntime-extensions Python ops whose bodies are the
 reference math of ``visiondrop.pruning`` (the same functions the CUDA kernels are checked
 against). Python ops live in the extensions' own domain and take fp32 only, so
@@ -19,7 +19,7 @@ from onnx import helper
 
 from visiondrop import pruning
 
-from . import MERGE_OP, PLUGIN_NAMESPACE, SELECT_OP
+from . import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP, is_plugin_node
 
 # Which inputs/outputs of each op carry tokens (the activation dtype); the rest are fp32 / int32.
 TOKEN_INPUTS = {SELECT_OP: (1,), MERGE_OP: (0,)}
@@ -67,7 +67,7 @@ def ort_model(model: onnx.ModelProto) -> onnx.ModelProto:
     types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
     nodes = []
     for node in model.graph.node:
-        if node.domain != PLUGIN_NAMESPACE:
+        if not is_plugin_node(node):
             nodes.append(node)
             continue
         node.domain = domain
@@ -86,6 +86,6 @@ def ort_model(model: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]
     for opset in model.opset_import:
-        if opset.domain == PLUGIN_NAMESPACE:
+        if opset.domain == PLUGIN_DOMAIN:
             opset.domain = domain
     return model

@@ -7,7 +7,7 @@ import torch
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_artifacts
 from export.validate import validate_artifacts
-from plugins_trt import MERGE_OP, PLUGIN_NAMESPACE, SELECT_OP
+from plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
 from visiondrop.schedule import Schedule
 
 BUDGETS = [32, 64, 128, 192]
@@ -36,12 +36,12 @@ def test_each_prune_is_one_select_and_one_merge_node(plugin_artifacts, budget):
     folder = plugin_artifacts[budget]
     manifest = read_manifest(folder)
     assert manifest.export["mode"] == "plugins"
-    assert manifest.export["plugins"] == {"library": "libvisiondrop_trt_plugins.so", "namespace": "visiondrop",
+    assert manifest.export["plugins"] == {"library": "libvisiondrop_trt_plugins.so", "domain": "trt.plugins", "namespace": "visiondrop",
                                           "version": "1", "ops": [SELECT_OP, MERGE_OP]}
     graphs = ["vision_encoder"] + [f"prune_{i}" for i in range(len(schedule.llm_stages))]
     for name, stage in zip(graphs, schedule.stages):
         model = onnx.load(str(folder / f"{name}.onnx"))
-        plugin_nodes = [n for n in model.graph.node if n.domain == PLUGIN_NAMESPACE]
+        plugin_nodes = [n for n in model.graph.node if n.domain == PLUGIN_DOMAIN]
         assert [n.op_type for n in plugin_nodes] == [SELECT_OP, MERGE_OP]
         for node, (key, value) in zip(plugin_nodes, [("k", stage.dominant), ("c", stage.contextual)]):
             attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -49,7 +49,8 @@ def test_each_prune_is_one_select_and_one_merge_node(plugin_artifacts, budget):
             assert node.attribute[[a.name for a in node.attribute].index(key)].type == onnx.AttributeProto.INT
         ops = {n.op_type for n in model.graph.node}
         assert not ops & {"ScatterElements", "ArgMax"}  # the portable select/merge subgraphs are gone
-        assert any(o.domain == PLUGIN_NAMESPACE and o.version == 1 for o in model.opset_import)
+        assert any(o.domain == PLUGIN_DOMAIN and o.version == 1 for o in model.opset_import)
+        assert not any(o.domain == "visiondrop" for o in model.opset_import)
 
 
 def test_fp16_plugin_artifacts_validate(tmp_path):
