@@ -39,19 +39,20 @@ class _Select(torch.autograd.Function):
 class _Merge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rest_tokens: Tensor, rest_metric: Tensor, c: int):
-        return pruning.merge(rest_tokens, rest_metric, c)
+        merged = pruning.merge(rest_tokens, rest_metric, c)
+        return merged.tokens, merged.assignment.int()
 
     @staticmethod
     def symbolic(g, rest_tokens, rest_metric, c):
-        return _plugin_node(g, MERGE_OP, rest_tokens, rest_metric, outputs=1, c=c)
+        return _plugin_node(g, MERGE_OP, rest_tokens, rest_metric, outputs=2, c=c)
 
 
 def plugin_select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int) -> pruning.Selection:
     return pruning.Selection(*_Select.apply(scores, tokens, metric, k))
 
 
-def plugin_merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> Tensor:
-    return _Merge.apply(rest_tokens, rest_metric, c)
+def plugin_merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> pruning.Merged:
+    return pruning.Merged(*_Merge.apply(rest_tokens, rest_metric, c))
 
 
 PLUGIN_OPS = (plugin_select, plugin_merge)

@@ -38,9 +38,10 @@ def _register() -> str:
         return (chosen.dominant.numpy(), chosen.rest_tokens.numpy(), chosen.rest_metric.numpy(),
                 chosen.kept_index.numpy().astype(np.int32), chosen.rest_index.numpy().astype(np.int32))
 
-    @onnx_op(op_type=MERGE_OP, inputs=[f32, f32], outputs=[f32], attrs={"c": i64})
+    @onnx_op(op_type=MERGE_OP, inputs=[f32, f32], outputs=[f32, i32], attrs={"c": i64})
     def merge_op(rest_tokens, rest_metric, c):
-        return pruning.merge(torch.from_numpy(rest_tokens), torch.from_numpy(rest_metric), int(c)).numpy()
+        merged = pruning.merge(torch.from_numpy(rest_tokens), torch.from_numpy(rest_metric), int(c))
+        return merged.tokens.numpy(), merged.assignment.numpy().astype(np.int32)
 
     return get_library_path()
 

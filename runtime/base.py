@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from visiondrop.modules import positions_from_mask, splice_visual
-from visiondrop.pruning import gather_rows, splice, visual_positions
+from visiondrop.pruning import Choice, gather_rows, splice, visual_positions
 from visiondrop.schedule import Schedule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,13 +37,21 @@ class ModelSpec:
     pad_token_id: int
     eos_token_id: int | None
     dtype: str = "float32"
+    vision_dtype: str | None = None  # the CLIP tower's (pixel_values'); None: dtype
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def vision_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.vision_dtype or self.dtype]
+
     @classmethod
-    def from_config(cls, config: Any, schedule: Schedule, dtype: torch.dtype, pad_token_id: int) -> ModelSpec:
+    def from_config(
+        cls, config: Any, schedule: Schedule, dtype: torch.dtype, pad_token_id: int, vision_dtype: torch.dtype | None = None
+    ) -> ModelSpec:
+        names = {v: k for k, v in DTYPES.items()}
         text = config.text_config
         eos = text.eos_token_id
         return cls(
@@ -56,7 +64,8 @@ class ModelSpec:
             image_token_id=config.image_token_id,
             pad_token_id=pad_token_id,
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            dtype={v: k for k, v in DTYPES.items()}[dtype],
+            dtype=names[dtype],
+            vision_dtype=names[vision_dtype] if vision_dtype not in (None, dtype) else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -71,11 +80,18 @@ class ModelSpec:
 
 @dataclass
 class StageTrace:
-    """What one prune stage chose, in that stage's input numbering."""
+    """What one prune stage chose, in that stage's input numbering: the stage outputs of the
+    vision and prune graphs, in their order."""
 
     kept_index: Tensor  # [B, k]
     target_index: Tensor  # [B, c]
     scores: Tensor  # [B, N]
+    assignment: Tensor  # [B, R - c]: each member's contextual slot (see visiondrop.pruning.merge)
+    merge_metric: Tensor  # [B, N, M]: the merge metric before normalisation
+
+    @property
+    def choice(self) -> Choice:
+        return Choice(self.kept_index, self.assignment)
 
 
 @dataclass
@@ -109,7 +125,7 @@ class Backend(ABC):
     # ------------------------------------------------------------------ units
     @abstractmethod
     def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        """-> image_embeds (+ kept_index, target_index, scores when the schedule prunes)."""
+        """-> image_embeds (+ the :class:`StageTrace` fields when the schedule prunes)."""
 
     @abstractmethod
     def run_embed(self, input_ids: Tensor) -> Tensor:
@@ -124,7 +140,8 @@ class Backend(ABC):
         self, stage: int, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
         attention_mask: Tensor, image_offset: Tensor,
     ) -> tuple[Tensor, ...]:
-        """LLM stage ``stage`` -> hidden_states, query, key, value, attention_mask, position_ids, kept, targets, scores."""
+        """LLM stage ``stage`` -> hidden_states, query, key, value, attention_mask, position_ids, then the
+        :class:`StageTrace` fields (kept, targets, scores, assignment, merge metric)."""
 
     @abstractmethod
     def run_group(
@@ -146,7 +163,7 @@ class Backend(ABC):
         if ideal:
             return VisionOutput(self.run_vision_ideal(pixel_values.to(self.device)))
         outputs = self.run_vision(pixel_values.to(self.device))
-        stage = StageTrace(*outputs[1:4]) if len(outputs) > 1 else None
+        stage = StageTrace(*outputs[1:]) if len(outputs) > 1 else None
         return VisionOutput(outputs[0], stage)
 
     def empty_past(self, group: int, batch: int) -> list[Tensor]:
@@ -177,10 +194,9 @@ class Backend(ABC):
                 visual = keep
             query, key, value = self.run_qkv(group, hidden)
             if group > 0 and not ideal:
-                hidden, query, key, value, mask, position_ids, kept, targets, scores = self.run_prune(
-                    group - 1, hidden, query, key, value, mask, image_offset
-                )
-                stages.append(StageTrace(kept, targets, scores))
+                outputs = self.run_prune(group - 1, hidden, query, key, value, mask, image_offset)
+                hidden, query, key, value, mask, position_ids = outputs[:6]
+                stages.append(StageTrace(*outputs[6:]))
             hidden, presents = self.run_group(
                 group, hidden, query, key, value, mask, position_ids, self.empty_past(group, hidden.shape[0])
             )

@@ -94,12 +94,12 @@ class OrtBackend(Backend):
         return [torch.from_numpy(out) for out in self.sessions[graph].run(None, feeds)]
 
     def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self._run("vision_encoder", pixel_values.to(self.spec.torch_dtype)))
+        return tuple(self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype)))
 
     def run_vision_ideal(self, pixel_values: Tensor) -> Tensor:
         if "vision_ideal" not in self.sessions:
             return super().run_vision_ideal(pixel_values)
-        return self._run("vision_ideal", pixel_values.to(self.spec.torch_dtype))[0]
+        return self._run("vision_ideal", pixel_values.to(self.spec.vision_torch_dtype))[0]
 
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.cpu(), self.embed_table)

@@ -7,27 +7,35 @@ from torch import Tensor
 
 from visiondrop.loading import LoadedModel
 from visiondrop.modules import VisionDropLlava
+from visiondrop.pruning import Choice
 from visiondrop.schedule import Schedule
 
 from .base import Backend, ModelSpec
 
 
 class TorchBackend(Backend):
-    """The reference backend every exported one is validated against."""
+    """The reference backend every exported one is validated against.
+
+    ``forced`` maps a stage (0 = vision, s + 1 = LLM stage s) to a :class:`Choice` that
+    replaces that stage's own decisions: validate re-runs the reference on a candidate
+    backend's tie-equivalent choices to compare everything downstream strictly.
+    """
 
     name = "torch"
 
     def __init__(self, loaded: LoadedModel, schedule: Schedule):
         model = loaded.model
+        self.forced: dict[int, Choice] = {}
         self.pipeline = VisionDropLlava(model, schedule).eval()
         self.device = next(model.parameters()).device
         self.spec = ModelSpec.from_config(
-            model.config, schedule, next(model.parameters()).dtype, pad_token_id(loaded.tokenizer)
+            model.config, schedule, next(model.model.language_model.parameters()).dtype, pad_token_id(loaded.tokenizer),
+            next(model.model.vision_tower.parameters()).dtype,
         )
 
     @torch.inference_mode()
     def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        return self.pipeline.vision(pixel_values)
+        return self.pipeline.vision(pixel_values, self.forced.get(0))
 
     @torch.inference_mode()
     def run_vision_ideal(self, pixel_values: Tensor) -> Tensor:
@@ -43,7 +51,9 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
-        return self.pipeline.prunes[stage](hidden_states, query, key, value, attention_mask, image_offset)
+        return self.pipeline.prunes[stage](
+            hidden_states, query, key, value, attention_mask, image_offset, self.forced.get(stage + 1)
+        )
 
     @torch.inference_mode()
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):

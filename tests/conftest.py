@@ -38,6 +38,16 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_half():
+    """The built-in tiny model in fp16 (a separate copy: tests may not change ``tiny``)."""
+    import torch
+
+    from visiondrop.loading import load_model
+
+    return load_model("tiny", dtype=torch.float16)
+
+
+@pytest.fixture(scope="session")
 def tiny_eager(tiny):
     """A second, independent copy with HF's eager attention, for the naive reference."""
     from transformers import LlavaForConditionalGeneration

@@ -40,7 +40,8 @@ def test_validate_passes_with_identical_greedy_tokens(exported, budget):
     assert report.passed, failed
     assert all(c.gated for c in report.checks.values())  # fp32: everything gates, end to end included
     tokens = report.checks["generate: 16-token greedy ids"]
-    assert tokens.kind == "exact" and tokens.passed
+    assert tokens.passed and tokens.detail == "identical"
+    assert report.decisions == []  # fp32 on the tiny model: boundary gaps >= 1e-4, errors ~1e-6, so no tie at all
     schedule = Schedule.from_budget(budget, 8, 576)
     kept_rows = [name for name in report.checks if name.endswith("kept_index")]
     assert len(kept_rows) == len(schedule.stages)
@@ -174,22 +175,6 @@ def test_export_cli_writes_manifest_and_generate_runs_the_artifacts(tmp_path, ti
     assert json.loads(onnx_run.stdout)["generated_ids"] == json.loads(torch_run.stdout)["generated_ids"]
     mixed = CliRunner().invoke(cli.cli, ["generate", "--artifacts", str(out), "--budget", "32", *args])
     assert mixed.exit_code == 2 and "fixes the model and schedule" in mixed.stderr
-
-
-def test_fp16_artifacts_validate_per_graph(tmp_path):
-    from visiondrop.loading import load_model
-    import torch
-
-    half = load_model("tiny", dtype=torch.float16)
-    out = tmp_path / "fp16"
-    export_artifacts(half, Schedule.from_budget(64, 8, 576), out, ExportOptions(dtype="fp16"))
-    dtypes = {o["dtype"] for g in read_manifest(out).graphs for o in g.outputs if o["name"] in ("image_embeds", "query", "pruned_hidden_states")}
-    assert dtypes == {"float16"}
-    report = validate_artifacts(out, batch_sizes=(2,), new_tokens=4, seed=3)
-    assert report.passed and report.tolerance["relative"] == 3e-2
-    gated = [c for c in report.checks.values() if c.gated]
-    assert any(c.name.endswith("kept_index") for c in gated) and any(c.name.startswith("decoder_3") for c in gated)
-    assert all(not c.gated for c in report.checks.values() if c.name.startswith("generate:"))
 
 
 def test_external_data_layout(tiny, tmp_path):

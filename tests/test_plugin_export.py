@@ -2,7 +2,6 @@
 
 import onnx
 import pytest
-import torch
 
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_artifacts
@@ -27,7 +26,7 @@ def plugin_artifacts(tiny, tmp_path_factory):
 def test_plugin_mode_validates_against_pytorch(plugin_artifacts, budget):
     report = validate_artifacts(plugin_artifacts[budget], batch_sizes=(1, 2), new_tokens=16, seed=60)
     assert report.passed, [c.name for c in report.checks.values() if not c.passed]
-    assert report.tolerance["relative"] == 1e-4 and report.checks["generate: 16-token greedy ids"].passed
+    assert report.gates["relative"] == 1e-4 and report.checks["generate: 16-token greedy ids"].passed
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -51,13 +50,3 @@ def test_each_prune_is_one_select_and_one_merge_node(plugin_artifacts, budget):
         assert not ops & {"ScatterElements", "ArgMax"}  # the portable select/merge subgraphs are gone
         assert any(o.domain == PLUGIN_DOMAIN and o.version == 1 for o in model.opset_import)
         assert not any(o.domain == "visiondrop" for o in model.opset_import)
-
-
-def test_fp16_plugin_artifacts_validate(tmp_path):
-    from visiondrop.loading import load_model
-
-    half = load_model("tiny", dtype=torch.float16)
-    out = tmp_path / "fp16-plugins"
-    export_artifacts(half, Schedule.from_budget(128, 8, 576), out, ExportOptions(dtype="fp16", plugins=True))
-    report = validate_artifacts(out, batch_sizes=(2,), new_tokens=4, seed=5)
-    assert report.passed and any(name.startswith("prune_0.kept_index") for name in report.checks)

@@ -41,7 +41,9 @@ def loop_merge(tokens, metric, c):
             continue
         sims = [float(unit[i] @ unit[t]) for t in targets]
         groups[targets[sims.index(max(sims))]].append(i)
-    return torch.stack([tokens[t] + (sum(tokens[i] for i in g) / len(g) if g else 0) for t, g in groups.items()]), targets
+    merged = torch.stack([tokens[t] + (sum(tokens[i] for i in g) / len(g) if g else 0) for t, g in groups.items()])
+    slot = {i: targets.index(t) for t, g in groups.items() for i in g}
+    return merged, targets, [slot[i] for i in range(r) if i not in targets]
 
 
 @pytest.mark.parametrize("r, c", [(535, 6), (100, 24), (30, 5), (12, 12), (13, 4)])
@@ -49,12 +51,33 @@ def test_contextual_merge_is_target_plus_mean(r, c):
     gen = torch.Generator().manual_seed(r + c)
     tokens, metric = torch.randn(2, r, 32, generator=gen), torch.randn(2, r, 8, generator=gen)
     merged = pruning.merge(tokens, metric, c)
-    assert merged.shape == (2, c, 32)
+    assert merged.tokens.shape == (2, c, 32) and merged.assignment.shape == (2, r - c)
     for b in range(2):
-        expected, targets = loop_merge(tokens[b], metric[b], c)
+        expected, targets, slots = loop_merge(tokens[b], metric[b], c)
         assert list(range(r))[pruning.target_positions(r, c)] == targets
         assert pruning.member_positions(r, c).tolist() == [i for i in range(r) if i not in targets]
-        torch.testing.assert_close(merged[b], expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged.tokens[b], expected, rtol=1e-5, atol=1e-5)
+        assert merged.assignment[b].tolist() == slots
+
+
+def test_forced_choices_replay_exactly_what_they_say():
+    """Forcing a stage's decisions (validate's replay of another backend's choice) gives the
+    loop reference's result for those decisions, not the scores' own choice."""
+    gen = torch.Generator().manual_seed(7)
+    n, k, c = 40, 12, 4
+    scores, tokens, metric = torch.rand(1, n, generator=gen), torch.randn(1, n, 16, generator=gen), torch.randn(1, n, 4, generator=gen)
+    own = pruning.prune(scores, tokens, metric, k, c)
+    kept = sorted(set(own.kept_index[0].tolist()) - {own.kept_index[0, 0].item()} | {own.rest_index[0, 0].item()})
+    rest = [i for i in range(n) if i not in kept]
+    members = [rest[m] for m in pruning.member_positions(len(rest), c).tolist()]
+    assignment = torch.tensor([[m % c for m in range(len(members))]])
+    forced = pruning.prune(scores, tokens, metric, k, c, forced=pruning.Choice(torch.tensor([kept]), assignment))
+    assert forced.kept_index[0].tolist() == kept and forced.assignment.tolist() == assignment.tolist()
+    targets = [rest[t] for t in range(len(rest))[pruning.target_positions(len(rest), c)]]
+    assert forced.target_index[0].tolist() == targets
+    expected = [tokens[0, t] + torch.stack([tokens[0, i] for i, a in zip(members, assignment[0]) if a == slot]).mean(0)
+                for slot, t in enumerate(targets)]
+    torch.testing.assert_close(forced.tokens[0], torch.stack([tokens[0, i] for i in kept] + expected))
 
 
 def test_prune_keeps_counts_and_index_order():

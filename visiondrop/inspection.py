@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .modules import VisionDropLlava
+from . import pruning
 from .prompt import build_prompts, pixel_values
 from .schedule import Schedule
 
@@ -32,7 +32,7 @@ class Panel:
 
 
 def keep_map(schedule: Schedule, traces: list) -> list[Panel]:
-    """Panels for sample 0 from the stages' traced PruneResults (vision stage first)."""
+    """Panels for sample 0 from the stages' StageTraces (vision stage first)."""
     num_patches = schedule.num_patches
     representative: list = [CLS] + list(range(num_patches))  # the vision stage's input: CLS, patches
     coverage: list[set[int]] = [set()] + [{p} for p in range(num_patches)]
@@ -40,8 +40,8 @@ def keep_map(schedule: Schedule, traces: list) -> list[Panel]:
     for stage, result in zip(schedule.stages, traces):
         kept = result.kept_index[0].tolist()
         targets = result.target_index[0].tolist()
-        rest = result.rest_index[0].tolist()
-        slots = result.slots[0].tolist()
+        rest = sorted(set(range(len(representative))) - set(kept))
+        slots = pruning.slots_of(result.assignment[:1], len(rest), len(targets))[0].tolist()
         groups = []
         for slot, target in enumerate(targets):
             covered = set(coverage[target])
@@ -63,14 +63,11 @@ def inspect_image(loaded, schedule: Schedule, image, prompt: str) -> tuple[list[
     from runtime.torch_backend import TorchBackend, pad_token_id
 
     backend = TorchBackend(loaded, schedule)
-    pipeline: VisionDropLlava = backend.pipeline
-    traces: list = []
-    for module in [pipeline.vision, *pipeline.prunes]:
-        module.trace = traces
     pixels = pixel_values(loaded.processor.image_processor, [image])
     batch = build_prompts(loaded.tokenizer, [prompt], schedule.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     vision = backend.encode_image(pixels)
-    backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset)
+    prefill = backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset)
+    traces = [vision.stage, *prefill.stages]
     processor = loaded.processor.image_processor
     mean, std = np.array(processor.image_mean), np.array(processor.image_std)
     seen = pixels[0].permute(1, 2, 0).float().numpy() * std + mean

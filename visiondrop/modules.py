@@ -53,7 +53,9 @@ class VisionEncoder(nn.Module):
     """CLIP tower up to ``vision_feature_layer`` + stage-0 prune + LLaVA projector.
 
     Layers past the feature layer are never run. Without a stage it reproduces HF's
-    feature selection (``default`` drops CLS).
+    feature selection (``default`` drops CLS). The tower may run in another dtype than the
+    projector (the reference's fp16 policy keeps CLIP and the stage-0 prune in fp32): the
+    pruned tokens are cast to the projector's dtype.
     """
 
     def __init__(self, llava: nn.Module, stage: Stage | None, ops: tuple = pruning.REFERENCE_OPS):
@@ -71,39 +73,37 @@ class VisionEncoder(nn.Module):
         self.projector = llava.model.multi_modal_projector
         self.stage = stage
         self.ops = ops
-        self.trace: list | None = None  # set to a list to collect each run's PruneResult (inspect)
         self.drop_cls = config.vision_feature_select_strategy == "default"
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        """-> image_embeds [B, V0, D_llm] (+ kept_index, target_index, scores when pruning)."""
-        dtype = self.embeddings.patch_embedding.weight.dtype
-        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(dtype)))
-        if self.stage is None:
-            for layer in self.layers:
-                hidden = layer(hidden, None)
-            return (self.projector(hidden[:, 1:] if self.drop_cls else hidden),)
-        for layer in self.layers[:-1]:
+    def project(self, features: Tensor) -> Tensor:
+        return self.projector(features.to(self.projector.linear_1.weight.dtype))
+
+    def features(self, pixel_values: Tensor, depth: int) -> Tensor:
+        """Hidden states after the first ``depth`` encoder layers."""
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        for layer in self.layers[:depth]:
             hidden = layer(hidden, None)
+        return hidden
+
+    def forward(self, pixel_values: Tensor, forced: pruning.Choice | None = None) -> tuple[Tensor, ...]:
+        """-> image_embeds [B, V0, D_llm] (+ kept_index, target_index, scores, assignment, merge_metric when pruning)."""
+        if self.stage is None:
+            hidden = self.features(pixel_values, len(self.layers))
+            return (self.project(hidden[:, 1:] if self.drop_cls else hidden),)
+        hidden = self.features(pixel_values, len(self.layers) - 1)
         last = self.layers[-1]
         hidden, query, key = _clip_layer_with_qk(last, hidden)
         scores = pruning.vision_scores(query, key, last.self_attn.scale)
-        result = pruning.prune(
-            scores, hidden, pruning.heads_mean_metric(key), self.stage.dominant, self.stage.contextual, self.ops,
-            trace=self.trace is not None,
-        )
-        if self.trace is not None:
-            self.trace.append(result)
-        return self.projector(result.tokens), result.kept_index, result.target_index, scores
+        metric = pruning.heads_mean_metric(key)
+        result = pruning.prune(scores, hidden, metric, self.stage.dominant, self.stage.contextual, self.ops, forced=forced)
+        return self.project(result.tokens), result.kept_index, result.target_index, scores, result.assignment, metric
 
     def ideal(self, pixel_values: Tensor) -> Tensor:
         """Benchmark baseline: the same tower and projector producing exactly the stage's
         token count (its first tokens), with no scoring and no merging."""
         if self.stage is None:
             return self.forward(pixel_values)[0]
-        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
-        for layer in self.layers:
-            hidden = layer(hidden, None)
-        return self.projector(hidden[:, : self.stage.total])
+        return self.project(self.features(pixel_values, len(self.layers))[:, : self.stage.total])
 
 
 def _clip_layer_with_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,12 +214,13 @@ class LLMPrune(nn.Module):
         self.rotary = rotary
         self.rms_eps = rms_eps
         self.ops = ops
-        self.trace: list | None = None  # set to a list to collect each run's PruneResult (inspect)
 
     def forward(
-        self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor, image_offset: Tensor
+        self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor, image_offset: Tensor,
+        forced: pruning.Choice | None = None,
     ) -> tuple[Tensor, ...]:
-        """-> hidden_states, query, key, value, attention_mask, position_ids, kept_index, target_index, scores."""
+        """-> hidden_states, query, key, value, attention_mask, position_ids, then the stage's
+        kept_index, target_index, scores, assignment and merge_metric."""
         positions = pruning.visual_positions(image_offset, self.num_visual)
         position_ids = positions_from_mask(attention_mask)
         visual_query, visual_key, visual_value = (pruning.gather_positions(t, positions) for t in (query, key, value))
@@ -231,10 +232,8 @@ class LLMPrune(nn.Module):
         projections = torch.cat([_heads_to_rows(visual_query), _heads_to_rows(visual_key), _heads_to_rows(visual_value)], dim=-1)
         result = pruning.prune(
             scores, pruning.gather_rows(hidden_states, positions), metric, self.stage.dominant, self.stage.contextual,
-            self.ops, carried=(projections, self.rms_eps), trace=self.trace is not None,
+            self.ops, carried=(projections, self.rms_eps), forced=forced,
         )
-        if self.trace is not None:
-            self.trace.append(result)
         q_width, k_width = visual_query.shape[1] * visual_query.shape[3], visual_key.shape[1] * visual_key.shape[3]
         new_query = _rows_to_heads(result.projections[..., :q_width], query.shape[1])
         new_key = _rows_to_heads(result.projections[..., q_width:q_width + k_width], key.shape[1])
@@ -247,7 +246,7 @@ class LLMPrune(nn.Module):
             hidden_states, attention_mask, image_offset, self.num_visual, result.tokens
         )
         return (hidden_states, query, key, value, attention_mask, position_ids,
-                result.kept_index, result.target_index, scores)
+                result.kept_index, result.target_index, scores, result.assignment, metric)
 
 
 class DecoderGroup(nn.Module):

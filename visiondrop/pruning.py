@@ -10,9 +10,19 @@ merge sums are computed in fp32 whatever the token dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class Choice:
+    """What a stage decided, enough to replay it: validate forces a candidate backend's
+    choices into the reference math to compare everything downstream of a tie."""
+
+    kept_index: Tensor  # [B, k]: the dominant tokens (any order)
+    assignment: Tensor  # [B, R - c]: each member's contextual slot (see :func:`merge`)
 
 
 @dataclass
@@ -22,9 +32,9 @@ class PruneResult:
     tokens: Tensor  # [B, k + c, D]: dominant (index order), then contextual (target order)
     kept_index: Tensor  # [B, k] int64, ascending
     target_index: Tensor  # [B, c] int64, ascending
+    rest_index: Tensor  # [B, N - k] int64: the tokens not kept, ascending
+    assignment: Tensor  # [B, R - c] int64: each member's contextual slot (members: rest minus targets)
     projections: Tensor | None = None  # [B, k + c, P]: the carried projections of the output tokens
-    rest_index: Tensor | None = None  # [B, N - k]: the tokens not kept (only with ``trace``)
-    slots: Tensor | None = None  # [B, N - k]: each one's contextual slot (only with ``trace``)
 
 
 def gather_rows(x: Tensor, index: Tensor) -> Tensor:
@@ -111,43 +121,56 @@ def select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int) -> Selection:
     )
 
 
-def _member_assignment(rest_metric: Tensor, members: Tensor, c: int) -> Tensor:
-    """For each member row, the index of its most cosine-similar target (``rest_metric`` normalised)."""
+def member_similarity(rest_metric: Tensor, c: int) -> Tensor:
+    """Cosine similarity [B, R - c, c] of every member (non-target rest token) to every target."""
+    rest_metric = l2_normalize(rest_metric)
+    members = member_positions(rest_metric.shape[1], c, rest_metric.device)
     targets = rest_metric[:, target_positions(rest_metric.shape[1], c)]
-    similarity = rest_metric.index_select(1, members) @ targets.transpose(1, 2)  # [B, R - c, c]
-    return similarity.argmax(-1)  # first maximum: the first target wins ties
+    return rest_metric.index_select(1, members) @ targets.transpose(1, 2)
 
 
-def assign(rest_metric: Tensor, c: int) -> Tensor:
+def slots_of(assignment: Tensor, num_rest: int, c: int) -> Tensor:
     """Contextual slot [B, R] of every remaining token (a target is its own slot), for traces."""
-    num_rest = rest_metric.shape[1]
-    slots = torch.empty(rest_metric.shape[:2], dtype=torch.int64, device=rest_metric.device)
-    slots[:, target_positions(num_rest, c)] = torch.arange(c, device=rest_metric.device)
-    if num_rest > c:
-        members = member_positions(num_rest, c, rest_metric.device)
-        slots.index_copy_(1, members, _member_assignment(l2_normalize(rest_metric), members, c))
-    return slots
+    slots = torch.empty((assignment.shape[0], num_rest), dtype=torch.int64, device=assignment.device)
+    slots[:, target_positions(num_rest, c)] = torch.arange(c, device=assignment.device)
+    return slots.index_copy(1, member_positions(num_rest, c, assignment.device), assignment.long())
 
 
-def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int) -> Tensor:
+@dataclass
+class Merged:
+    """Output of the merge op (``VisionDropMerge``)."""
+
+    tokens: Tensor  # [B, c, D]: the contextual tokens, in target order
+    assignment: Tensor  # [B, R - c]: each member's slot, members in rest order (int64; int32 from the plugin)
+
+
+def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int, assignment: Tensor | None = None) -> Merged:
     """The merge op (``VisionDropMerge``): fold ``R`` remaining tokens into ``c`` contextual ones.
 
-    Targets sit at a uniform stride; every other token joins the target of highest cosine
-    similarity (first target wins ties); a contextual token is the target's hidden state
-    plus the mean of its members (count clamped at 1): target + mean, the reference's quirk.
-    ``rest_metric`` is the raw merge metric; it is L2-normalised here. Returns [B, c, D].
+    Targets sit at a uniform stride; every other token (a member) joins the target of highest
+    cosine similarity (first target wins ties); a contextual token is the target's hidden
+    state plus the mean of its members (count clamped at 1): target + mean, the reference's
+    quirk. ``rest_metric`` is the raw merge metric; it is L2-normalised here. A given
+    ``assignment`` replaces the argmax (validate replays another backend's choice with it).
     """
     num_rest = rest_tokens.shape[1]
     target_tokens = rest_tokens[:, target_positions(num_rest, c)]
+    if assignment is None:
+        assignment = member_similarity(rest_metric, c).argmax(-1)  # first maximum: the first target wins ties
     if num_rest == c:
-        return target_tokens
+        return Merged(target_tokens, assignment)
     members = member_positions(num_rest, c, rest_tokens.device)
-    assignment = _member_assignment(l2_normalize(rest_metric), members, c)
     one_hot = (assignment.unsqueeze(-1) == torch.arange(c, device=assignment.device)).float()
     sums = one_hot.transpose(1, 2) @ rest_tokens.index_select(1, members).float()  # [B, c, D]
     counts = one_hot.sum(1).clamp_min(1.0).unsqueeze(-1)
     merged = target_tokens.float() + sums / counts
-    return merged.to(rest_tokens.dtype)
+    return Merged(merged.to(rest_tokens.dtype), assignment)
+
+
+def indicator(index: Tensor, length: int) -> Tensor:
+    """[B, length] scores that are 1 at ``index`` [B, K] and 0 elsewhere: selecting top-K of them
+    picks exactly ``index`` (how a forced choice goes through the ordinary select)."""
+    return torch.zeros(index.shape[0], length, device=index.device).scatter(1, index.long(), 1.0)
 
 
 def rms_scale(hidden: Tensor, eps: float) -> Tensor:
@@ -157,7 +180,7 @@ def rms_scale(hidden: Tensor, eps: float) -> Tensor:
 
 def prune(
     scores: Tensor, tokens: Tensor, metric: Tensor, k: int, c: int,
-    ops: tuple | None = None, carried: tuple[Tensor, float] | None = None, trace: bool = False,
+    ops: tuple | None = None, carried: tuple[Tensor, float] | None = None, forced: Choice | None = None,
 ) -> PruneResult:
     """One VisionDrop stage: top-``k`` dominant tokens, then ``c`` contextual ones.
 
@@ -172,27 +195,32 @@ def prune(
     projections are linear (no bias): ``u = p / r(x)`` merges like the hidden states
     (target + mean) and the merged token's projection is ``r(y) * u(y)``.
 
-    ``trace`` also returns which contextual slot every dropped token joined (for ``inspect``).
+    ``forced`` replaces both decisions (which tokens are kept, which target each member
+    joins) by given ones, computed with the reference ops: the rest is unchanged math.
     """
     select_op, merge_op = ops or REFERENCE_OPS
+    if forced is not None:
+        scores = indicator(forced.kept_index, scores.shape[1])
+        select_op, merge_op = select, partial(merge, assignment=forced.assignment.long())
     width = tokens.shape[-1]
     if carried is not None:
         projections, eps = carried
         tokens = torch.cat([tokens, projections.to(tokens.dtype)], dim=-1)
     chosen = select_op(scores, tokens, metric, k)
-    target_index = chosen.rest_index[:, target_positions(chosen.rest_index.shape[1], c)].long()
-    traced = {"rest_index": chosen.rest_index.long(), "slots": assign(chosen.rest_metric, c)} if trace else {}
+    rest_index = chosen.rest_index.long()
+    target_index = rest_index[:, target_positions(rest_index.shape[1], c)]
     if carried is None:
-        contextual = merge_op(chosen.rest_tokens, chosen.rest_metric, c)
-        return PruneResult(torch.cat([chosen.dominant, contextual], dim=1), chosen.kept_index.long(), target_index, **traced)
+        merged = merge_op(chosen.rest_tokens, chosen.rest_metric, c)
+        return PruneResult(torch.cat([chosen.dominant, merged.tokens], dim=1), chosen.kept_index.long(), target_index,
+                           rest_index, merged.assignment.long())
     rest_hidden, rest_projections = chosen.rest_tokens[..., :width], chosen.rest_tokens[..., width:]
     unscaled = rest_projections.float() / rms_scale(rest_hidden, eps)
     merged = merge_op(torch.cat([rest_hidden.float(), unscaled], dim=-1), chosen.rest_metric, c)
-    contextual = merged[..., :width].to(rest_hidden.dtype)
-    contextual_projections = (merged[..., width:] * rms_scale(contextual, eps)).to(rest_projections.dtype)
+    contextual = merged.tokens[..., :width].to(rest_hidden.dtype)
+    contextual_projections = (merged.tokens[..., width:] * rms_scale(contextual, eps)).to(rest_projections.dtype)
     return PruneResult(
         torch.cat([chosen.dominant[..., :width], contextual], dim=1), chosen.kept_index.long(), target_index,
-        torch.cat([chosen.dominant[..., width:], contextual_projections], dim=1), **traced,
+        rest_index, merged.assignment.long(), torch.cat([chosen.dominant[..., width:], contextual_projections], dim=1),
     )
 
 
