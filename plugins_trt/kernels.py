@@ -1,13 +1,13 @@
 """ctypes binding of the VisionDrop kernels' C ABI (visiondrop_kernels.h) on torch CUDA tensors.
 
 For tests and GPU checks: ``select`` / ``merge`` mirror ``visiondrop.pruning.select`` / ``merge``
-(same fields and shapes; indices are int32; merge also returns each member's target, the
-plugin's second output) but run the CUDA kernels on the current stream.
+(same fields and shapes: ``Selection``, ``Merged``; indices are int32) but run the CUDA kernels on
+the current stream.
 
     from plugins_trt import kernels
     kernels.load("build/plugins_trt/libvisiondrop_kernels.so")   # or $VISIONDROP_KERNELS_LIB
     chosen = kernels.select(scores, tokens, metric, k)
-    contextual, assignment = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)
+    merged = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)   # .tokens, .assignment
 
 ``out=`` takes preallocated outputs (the tests poison them with NaN first).
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from visiondrop.pruning import Selection
+from visiondrop.pruning import Merged, Selection
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "plugins_trt" / "libvisiondrop_kernels.so"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -70,21 +70,20 @@ class Kernels:
             raise RuntimeError(f"vd_select failed with CUDA error {status} (B={batch}, N={n}, D={width}, M={m}, k={k})")
         return out
 
-    def merge(self, rest_tokens: Tensor, rest_metric: Tensor, c: int,
-              out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """``c`` contextual tokens [B, c, D] and the members' target ids [B, R - c] (int32).
+    def merge(self, rest_tokens: Tensor, rest_metric: Tensor, c: int, out: Merged | None = None) -> Merged:
+        """``c`` contextual tokens [B, c, D] and each member's target [B, R - c] (int32).
 
-        The second output is ``pruning._member_assignment`` (members in ``member_positions``
-        order, first target wins ties); ``out`` = (contextual, assignment) preallocated.
+        The assignment is ``pruning.merge``'s (members in ``member_positions`` order, first
+        target wins ties); ``out`` takes both preallocated.
         """
         rest_tokens, rest_metric = rest_tokens.contiguous(), rest_metric.contiguous()
         batch, r, width = rest_tokens.shape
         _check(rest_tokens, rest_tokens.dtype, (batch, r, width), "rest_tokens")
         _check(rest_metric, torch.float32, (batch, r, rest_metric.shape[-1]), "rest_metric")
         if out is None:
-            out = (torch.empty((batch, c, width), dtype=rest_tokens.dtype, device=rest_tokens.device),
-                   torch.empty((batch, r - c), dtype=torch.int32, device=rest_tokens.device))
-        contextual, assignment = out
+            out = Merged(torch.empty((batch, c, width), dtype=rest_tokens.dtype, device=rest_tokens.device),
+                         torch.empty((batch, r - c), dtype=torch.int32, device=rest_tokens.device))
+        contextual, assignment = out.tokens, out.assignment
         _check(contextual, rest_tokens.dtype, (batch, c, width), "contextual")
         _check(assignment, torch.int32, (batch, r - c), "assignment")
         workspace = self._workspace(self.lib.vd_merge_workspace_size(batch, r, c), rest_tokens.device)
@@ -94,7 +93,7 @@ class Kernels:
         )
         if status:
             raise RuntimeError(f"vd_merge failed with CUDA error {status} (B={batch}, R={r}, D={width}, c={c})")
-        return contextual, assignment
+        return out
 
     @staticmethod
     def _workspace(size: int, device: torch.device) -> Tensor | None:
@@ -142,7 +141,6 @@ def select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int, out: Selectio
     return _library().select(scores, tokens, metric, k, out)
 
 
-def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int,
-          out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """``visiondrop.pruning.merge`` (and the member assignment) on the CUDA kernel (see :meth:`Kernels.merge`)."""
+def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int, out: Merged | None = None) -> Merged:
+    """``visiondrop.pruning.merge`` on the CUDA kernel (see :meth:`Kernels.merge`)."""
     return _library().merge(rest_tokens, rest_metric, c, out)

@@ -131,7 +131,7 @@ def time_cases(kernels) -> list[dict]:
                            empty(1, k, dt=torch.int32), empty(1, r, dt=torch.int32))
         rest_tokens = torch.randn(1, r, d, device="cuda", dtype=dtype)
         rest_metric = torch.randn(1, r, m, device="cuda")
-        merged = (empty(1, c, d), empty(1, r - c, dt=torch.int32))
+        merged = pruning.Merged(empty(1, c, d), empty(1, r - c, dt=torch.int32))
         ops = {
             f"select k={k}": (f"B=1 N={n} D={d} M={m}",
                               lambda: kernels.select(scores, tokens, metric, k, out=chosen),

@@ -99,24 +99,17 @@ def merge_tolerance(ref: torch.Tensor) -> float:
     return (1e-5 if ref.dtype == torch.float32 else torch.finfo(ref.dtype).eps) * scale
 
 
-def reference_assignment(rest_metric: torch.Tensor, c: int) -> torch.Tensor:
-    """Each member's target in the reference's own words (pruning._member_assignment) -> [B, R - c]."""
-    b, r, _ = rest_metric.shape
-    if r == c:
-        return torch.zeros((b, 0), dtype=torch.int64, device=rest_metric.device)
-    members = pruning.member_positions(r, c, rest_metric.device)
-    return pruning._member_assignment(pruning.l2_normalize(rest_metric), members, c)
-
-
 def assert_merge_matches(kernels, rest_tokens, rest_metric, c):
     ref = pruning.merge(rest_tokens, rest_metric, c)
-    ref_assignment = reference_assignment(rest_metric, c)
+    ref_assignment = ref.assignment  # each member's target: the reference's cosine argmax
+    ref = ref.tokens
     b, r, d = rest_tokens.shape
     runs = []
     for _ in range(2):
-        out = (torch.full((b, c, d), float("nan"), dtype=rest_tokens.dtype, device="cuda"),
-               torch.full((b, r - c), -7, dtype=torch.int32, device="cuda"))
-        runs.append(kernels.merge(rest_tokens, rest_metric, c, out=out))
+        out = pruning.Merged(torch.full((b, c, d), float("nan"), dtype=rest_tokens.dtype, device="cuda"),
+                             torch.full((b, r - c), -7, dtype=torch.int32, device="cuda"))
+        merged = kernels.merge(rest_tokens, rest_metric, c, out=out)
+        runs.append((merged.tokens, merged.assignment))
     got, assignment = runs[0]
     assert got.dtype == ref.dtype and got.shape == ref.shape
     assert not torch.isnan(got).any(), "an output element was never written"
@@ -219,8 +212,8 @@ def test_merge_edge_cases(kernels, dtype):
         rest = torch.randn(b, r, d, device="cuda").to(dtype)
         assert_merge_matches(kernels, rest, clustered_metric(b, r, m, c), c)
     same = torch.randn(1, 24, 64, device="cuda").to(dtype)
-    contextual, assignment = kernels.merge(same, torch.randn(1, 24, 8, device="cuda"), 24)
-    assert torch.equal(contextual, same) and assignment.shape == (1, 0)
+    merged = kernels.merge(same, torch.randn(1, 24, 8, device="cuda"), 24)
+    assert torch.equal(merged.tokens, same) and merged.assignment.shape == (1, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -247,8 +240,10 @@ def test_pipeline_select_then_merge(kernels):
     rest_index = pruning.select(scores, tokens, metric, k).rest_index  # put a clear-margin metric on the rest rows
     metric.scatter_(1, rest_index[..., None].expand(-1, -1, m), clustered_metric(b, n - k, m, c))
     chosen = kernels.select(scores, tokens, metric, k)
-    contextual, _ = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)
+    merged = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)
+    contextual = merged.tokens
     ref = pruning.prune(scores, tokens, metric, k, c)
+    assert torch.equal(merged.assignment.long(), ref.assignment)
     assert torch.equal(bits(chosen.dominant), bits(ref.tokens[:, :k]))
     assert (contextual.float() - ref.tokens[:, k:].float()).abs().max().item() <= merge_tolerance(ref.tokens[:, k:])
 
