@@ -52,7 +52,7 @@ SIGNATURE = re.compile(r"^(?:\d+\.\s*)?\w+\((.*)\)\s*->", re.M)
 
 def _dump_api(import_files: list[str]) -> dict:
     """In the child process: the bindings' classes (members, return types, keyword names) and imports."""
-    import importlib.util
+    import importlib
 
     import tensorrt_bindings as trt
 
@@ -62,8 +62,6 @@ def _dump_api(import_files: list[str]) -> dict:
     def describe(prefix: str, cls: type) -> None:
         members = {}
         for name in dir(cls):
-            if name.startswith("__"):
-                continue
             value = getattr(cls, name, None)
             doc = getattr(value, "__doc__", None) or "" if callable(value) else ""
             returned = RETURN_TYPE.search(doc)
@@ -71,15 +69,15 @@ def _dump_api(import_files: list[str]) -> dict:
             for signature in SIGNATURE.findall(doc):
                 keywords |= {p.split(":")[0].strip() for p in signature.split(",") if ":" in p}
             members[name] = {"returns": returned.group(1) if returned else None,
-                             "keywords": sorted(keywords - {"self"}), "callable": callable(value)}
-            if isinstance(value, type) and value.__module__.startswith("tensorrt") and f"{prefix}.{name}" not in classes:
+                             "keywords": sorted(keywords - {"self"}), "callable": callable(value),
+                             "member_of_class": isinstance(value, cls)}  # an enum member, e.g. BuilderFlag.TF32
+            if isinstance(value, type) and not name.startswith("__") and value.__module__.startswith("tensorrt") \
+                    and f"{prefix}.{name}" not in classes:
                 describe(f"{prefix}.{name}" if prefix else name, value)
         classes[prefix] = members
 
     module_members = {}
     for name in dir(trt):
-        if name.startswith("__"):
-            continue
         value = getattr(trt, name)
         if isinstance(value, type):
             describe(name, value)
@@ -90,11 +88,12 @@ def _dump_api(import_files: list[str]) -> dict:
     classes[MODULE] = module_members
     imports = {}
     sys.path.insert(0, str(REPO_ROOT))
-    for number, file in enumerate(import_files):
+    for file in import_files:
+        path = Path(file).resolve()
+        if REPO_ROOT not in path.parents:
+            continue  # a copy outside the repository (the tests' injected misuse): checked statically only
         try:
-            spec = importlib.util.spec_from_file_location(f"_trt_api_check_{number}", file)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            importlib.import_module(".".join(path.relative_to(REPO_ROOT).with_suffix("").parts))
             imports[file] = None
         except Exception as error:  # noqa: BLE001 - reported, not raised
             imports[file] = f"{type(error).__name__}: {error}"
@@ -206,8 +205,8 @@ class _Checker:
                     return ("class", nested)
                 if member["callable"]:
                     return ("method", base[1], node.attr)
-                # An enum member or constant of the class (trt.Logger.WARNING), else a property.
-                return ("instance", base[1]) if base[0] == "class" else None
+                # An enum member (trt.BuilderFlag.TF32) is an instance; properties and the rest are untyped.
+                return ("instance", base[1]) if base[0] == "class" and member.get("member_of_class") else None
             return None
         if isinstance(node, ast.Call):
             func = self.value(node.func, scope)

@@ -1,0 +1,435 @@
+"""Build TensorRT engines from an artifact folder: one engine per exported graph, as exported.
+
+Polygraphy does the TensorRT work (``NetworkFromOnnxPath`` strongly typed, ``CreateConfig``
+with ``Profile`` s, ``EngineFromNetwork``, ``SaveEngine``): precision comes from the graphs
+(fp32/fp16 export, Q/DQ), never from builder precision flags, which TensorRT 11 removed.
+
+Optimization profiles come from the manifest's I/O contract (its named dynamic axes), the
+schedule and three numbers: ``max_batch``, ``max_seq_len`` (prompt + generated tokens, the
+exported one by default) and ``opt_seq_len`` (a typical prompt, image tokens included).
+``qkv_{g}`` and ``decoder_{g}`` run in prefill (a whole prompt, empty cache) and in decode (one
+token, a long cache), so their engines get two profiles, ``prefill`` and ``decode``, in one
+engine: the weights are stored once and the runtime picks a profile per call. ``vision`` and
+``prune_{s}`` run once per request: one ``prefill`` profile.
+
+Everything but :func:`build_engines` is plain data (no TensorRT): the plan that ``--dry-run``
+prints, the kernel-limit refusals, the engine manifest and its refusals (another TensorRT
+version, GPU architecture or plugin build; changed source artifacts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import onnx
+
+from export.manifest import MANIFEST, GraphEntry, read_manifest, sha256_file
+from plugins_trt import MERGE_OP, PLUGIN_LIBRARY, PLUGIN_VERSION, SELECT_OP, is_plugin_node
+from visiondrop.errors import UserError
+from visiondrop.schedule import Schedule
+
+if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
+    import tensorrt as trt
+
+ENGINES_FORMAT = "visiondrop-edge/engines"
+ENGINES_FORMAT_VERSION = 1
+ENGINE_SUFFIX = ".engine"
+# The kernels' limits (plugins_trt/include/visiondrop_kernels.h): refused at build time.
+MAX_TOKENS = 4096  # select's N and merge's R
+MAX_METRIC = 256  # merge's metric width M
+PLUGIN_SEARCH = (Path(__file__).resolve().parents[1] / "build" / "plugins_trt" / PLUGIN_LIBRARY,)
+B, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", \
+    "pruned_sequence_length"
+ONNX_ITEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+                   onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.INT64: 8, onnx.TensorProto.INT32: 4,
+                   onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.BOOL: 1,
+                   onnx.TensorProto.FLOAT8E4M3FN: 1}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the profiles are sized for (None: the artifacts' exported max_seq_len / a typical prompt)."""
+
+    max_batch: int = 1
+    max_seq_len: int | None = None
+    opt_seq_len: int | None = None
+    plugin_lib: Path | None = None
+    timing_cache: Path | None = None
+
+
+@dataclass
+class Profile:
+    """One optimization profile: [min, opt, max] per dynamic axis, and the resulting input shapes."""
+
+    name: str  # prefill | decode
+    axes: dict[str, list[int]]
+    shapes: dict[str, list[list[int]]] = field(default_factory=dict)  # input -> [min, opt, max] shapes
+
+
+@dataclass
+class EnginePlan:
+    graph: str
+    role: str
+    index: int
+    source: str  # the ONNX file, relative to the artifacts
+    engine: str  # the engine file, relative to the engines folder
+    profiles: list[Profile]
+    weight_bytes: int
+    plugin_nodes: list[str]
+
+
+@dataclass
+class BuildPlan:
+    artifacts: Path
+    options: BuildOptions
+    max_seq_len: int
+    opt_seq_len: int
+    engines: list[EnginePlan]
+    plugin_library: Path | None  # needed by plugin-mode artifacts, else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "artifacts": str(self.artifacts), "max_batch": self.options.max_batch, "max_seq_len": self.max_seq_len,
+            "opt_seq_len": self.opt_seq_len, "plugin_library": str(self.plugin_library) if self.plugin_library else None,
+            "timing_cache": str(self.options.timing_cache) if self.options.timing_cache else None,
+            "engines": [asdict(e) for e in self.engines],
+        }
+
+
+# ------------------------------------------------------------------ profiles (plain data)
+
+def sequence_ranges(schedule: Schedule, max_seq_len: int, opt_seq_len: int) -> list[tuple[int, int, int]]:
+    """[min, opt, max] prompt length seen by each decoder group (after the prune before it).
+
+    A prompt holds the image tokens and at least one text token; the longest one leaves room
+    for one generated token. Group g sees the prompt minus the visual tokens dropped before it.
+    """
+    visual = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+    image = schedule.image_tokens
+    return [(v + 1, opt_seq_len - (image - v), max_seq_len - 1 - (image - v)) for v in visual]
+
+
+def _range(low: int, opt: int, high: int) -> list[int]:
+    return [low, min(max(opt, low), high), high]
+
+
+def profiles_for(entry: GraphEntry, schedule: Schedule, max_batch: int, max_seq_len: int, opt_seq_len: int) -> list[Profile]:
+    """The optimization profiles of one graph, from its role and the schedule's lengths."""
+    lengths = sequence_ranges(schedule, max_seq_len, opt_seq_len)
+    batch = [1, 1, max_batch]
+    if entry.role == "vision":
+        profiles = [Profile("prefill", {B: batch})]
+    elif entry.role == "prune":  # runs on group (index + 1)'s input: the sequence group `index` saw
+        profiles = [Profile("prefill", {B: batch, SEQ: _range(*lengths[entry.index])})]
+    elif entry.role in ("qkv", "decoder"):
+        # qkv_g projects the sequence before the prune in front of group g; decoder_g the pruned one.
+        prefill = lengths[entry.index - 1 if entry.role == "qkv" and entry.index > 0 else entry.index]
+        own = lengths[entry.index]
+        past = _range(own[0], own[1], own[2])  # decode: the cache holds at least the shortest prompt
+        profiles = [
+            Profile("prefill", {B: batch, SEQ: _range(*prefill), PAST: [0, 0, 0], TOTAL: _range(*prefill)}),
+            Profile("decode", {B: batch, SEQ: [1, 1, 1], PAST: past, TOTAL: [p + 1 for p in past]}),
+        ]
+    else:
+        raise UserError(f"manifest graph {entry.name} has an unknown role '{entry.role}': re-run export")
+    used = {dim for tensor in entry.inputs for dim in tensor["shape"] if isinstance(dim, str)}
+    for profile in profiles:
+        for tensor in entry.inputs:
+            profile.shapes[tensor["name"]] = [_resolve(tensor["shape"], profile.axes, i, tensor["name"], entry.name)
+                                              for i in range(3)]
+        profile.axes = {axis: values for axis, values in profile.axes.items() if axis in used}
+    return profiles
+
+
+def _resolve(shape: list, axes: dict[str, list[int]], which: int, tensor: str, graph: str) -> list[int]:
+    resolved = []
+    for dim in shape:
+        if isinstance(dim, str):
+            if dim not in axes:
+                raise UserError(f"{graph} input {tensor} has dynamic axis '{dim}' that no profile covers: re-run export")
+            resolved.append(axes[dim][which])
+        else:
+            resolved.append(int(dim))
+    return resolved
+
+
+def output_max_shapes(entry: GraphEntry, profile: Profile, schedule: Schedule) -> dict[str, list[int]]:
+    """Largest shape of every output under ``profile`` (what the runtime preallocates or checks)."""
+    axes = {name: values[2] for name, values in profile.axes.items()}
+    if entry.role == "prune":  # the pruned sequence drops this stage's visual tokens
+        dropped = ([schedule.image_tokens] + [s.total for s in schedule.llm_stages])[entry.index] \
+            - schedule.llm_stages[entry.index].total
+        axes[PRUNED] = axes[SEQ] - dropped
+    return {t["name"]: [axes[d] if isinstance(d, str) else int(d) for d in t["shape"]] for t in entry.outputs}
+
+
+# ------------------------------------------------------------------ graphs (plain data)
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the graph's initializers, external data included, computed from dims and types."""
+    total = 0
+    for tensor in model.graph.initializer:
+        count = 1
+        for dim in tensor.dims:
+            count *= dim
+        total += count * ONNX_ITEM_BYTES.get(tensor.data_type, 4)
+    return total
+
+
+def kernel_limit_problems(model: onnx.ModelProto, graph: str) -> list[str]:
+    """Plugin nodes whose sizes the CUDA kernels cannot run (N, R <= 4096, M <= 256)."""
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in model.graph.value_info}
+    problems = []
+    for node in model.graph.node:
+        if not is_plugin_node(node):
+            continue
+        if node.op_type == SELECT_OP:  # outputs: dominant [B,k,D], rest_tokens [B,N-k,D], rest_metric [B,N-k,M]
+            kept, rest = shapes.get(node.output[0], [None] * 3), shapes.get(node.output[2], [None] * 3)
+            if kept[1] is not None and rest[1] is not None and kept[1] + rest[1] > MAX_TOKENS:
+                problems.append(f"{graph}: {SELECT_OP} over N={kept[1] + rest[1]} tokens (the kernel takes N <= {MAX_TOKENS})")
+        if node.op_type == MERGE_OP:  # inputs: rest_tokens [B,R,D], rest_metric [B,R,M]
+            metric = shapes.get(node.input[1])  # select's rest_metric output: its traced type is kept
+            if metric and metric[1] is not None and metric[1] > MAX_TOKENS:
+                problems.append(f"{graph}: {MERGE_OP} over R={metric[1]} tokens (the kernel takes R <= {MAX_TOKENS})")
+            if metric and metric[2] is not None and metric[2] > MAX_METRIC:
+                problems.append(f"{graph}: {MERGE_OP} metric width M={metric[2]} (the kernel takes M <= {MAX_METRIC})")
+    return problems
+
+
+def find_plugin_library(explicit: Path | None) -> Path | None:
+    """--plugin-lib, else $VISIONDROP_TRT_PLUGINS, else the default CMake build folder."""
+    candidates = [explicit] if explicit else [Path(p) for p in [os.environ.get("VISIONDROP_TRT_PLUGINS")] if p]
+    candidates += [] if explicit else list(PLUGIN_SEARCH)
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).resolve()
+    if explicit:
+        raise UserError(f"--plugin-lib {explicit} does not exist: build it with `python -m plugins_trt.build` "
+                        "(see the README's TensorRT section)")
+    return None
+
+
+def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
+    """What ``build`` will do, without TensorRT: engines, profiles, weights, plugin library; refusals first."""
+    artifacts = Path(artifacts)
+    manifest = read_manifest(artifacts)
+    schedule = Schedule.from_dict(manifest.spec["schedule"])
+    exported_max = int(manifest.export.get("max_seq_len") or 2048)
+    max_seq_len = options.max_seq_len or exported_max
+    shortest = schedule.image_tokens + 2  # the image, one text token, one generated token
+    if options.max_batch < 1:
+        raise UserError(f"--max-batch {options.max_batch}: use 1 or more")
+    if max_seq_len < shortest:
+        raise UserError(f"--max-seq-len {max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a "
+                        f"prompt: use at least {shortest}")
+    if max_seq_len > exported_max:
+        raise UserError(f"--max-seq-len {max_seq_len} is past the {exported_max} the artifacts were exported for: "
+                        f"re-export with --max-seq-len {max_seq_len}, or build with at most {exported_max}")
+    opt_seq_len = options.opt_seq_len or min(max_seq_len - 1, schedule.image_tokens + 32)
+    if not shortest - 1 <= opt_seq_len <= max_seq_len - 1:
+        raise UserError(f"--opt-seq-len {opt_seq_len} must lie between {shortest - 1} (the image and one token) "
+                        f"and --max-seq-len - 1 = {max_seq_len - 1}")
+    plugins = manifest.export.get("mode") == "plugins"
+    library = find_plugin_library(options.plugin_lib)
+    if plugins and library is None:
+        raise UserError(f"{artifacts} uses the VisionDrop plugins: build {PLUGIN_LIBRARY} with "
+                        "`python -m plugins_trt.build` (or pass --plugin-lib PATH)")
+    engines, problems = [], []
+    for entry in manifest.graphs:
+        model = onnx.load(str(artifacts / entry.file), load_external_data=False)
+        problems += kernel_limit_problems(model, entry.name)
+        engines.append(EnginePlan(
+            graph=entry.name, role=entry.role, index=entry.index, source=entry.file, engine=entry.name + ENGINE_SUFFIX,
+            profiles=profiles_for(entry, schedule, options.max_batch, max_seq_len, opt_seq_len),
+            weight_bytes=weight_bytes(model), plugin_nodes=[n.op_type for n in model.graph.node if is_plugin_node(n)],
+        ))
+    if problems:
+        raise UserError("shapes past the VisionDrop kernels' limits: " + "; ".join(problems)
+                        + " (use a smaller budget or image grid, or the portable export without --plugins)")
+    return BuildPlan(artifacts, options, max_seq_len, opt_seq_len, engines, library if plugins else None)
+
+
+# ------------------------------------------------------------------ engine manifest (plain data)
+
+@dataclass(frozen=True)
+class Environment:
+    """What an engine is tied to: the TensorRT build, the GPU architecture and the plugin binary."""
+
+    tensorrt: str
+    gpu_name: str
+    compute_capability: str  # "8.7"
+    plugin_sha256: str | None = None
+
+
+def engine_manifest(plan: BuildPlan, environment: Environment, flags: dict[str, list[str]],
+                    engine_hashes: dict[str, str]) -> dict[str, Any]:
+    """The engines folder's manifest.json: what was built, from what, for what."""
+    artifacts_manifest = plan.artifacts / MANIFEST
+    sources = {}
+    manifest = read_manifest(plan.artifacts, verify=False)
+    for entry in manifest.graphs:
+        for name in filter(None, [entry.file, entry.external_data]):
+            sources[name] = manifest.files[name]
+    library = plan.plugin_library
+    return {
+        "format": ENGINES_FORMAT, "format_version": ENGINES_FORMAT_VERSION,
+        "tensorrt": environment.tensorrt,
+        "gpu": {"name": environment.gpu_name, "compute_capability": environment.compute_capability},
+        "plugin_library": None if library is None else {
+            "path": str(library), "sha256": environment.plugin_sha256, "version": PLUGIN_VERSION,
+        },
+        "artifacts": {"path": str(plan.artifacts.resolve()), "manifest_sha256": sha256_file(artifacts_manifest),
+                      "sources": sources},
+        "build": {"max_batch": plan.options.max_batch, "max_seq_len": plan.max_seq_len, "opt_seq_len": plan.opt_seq_len,
+                  "flags": flags, "timing_cache": str(plan.options.timing_cache) if plan.options.timing_cache else None},
+        "engines": [{**asdict(e), "sha256": engine_hashes[e.engine]} for e in plan.engines],
+    }
+
+
+def check_engine_manifest(data: dict[str, Any], environment: Environment, artifacts: Path | None = None) -> None:
+    """Refuse engines this machine must not run (one line each, with the fix)."""
+    rebuild = "rebuild them with `python cli.py build`"
+    if data.get("format") != ENGINES_FORMAT or data.get("format_version") != ENGINES_FORMAT_VERSION:
+        raise UserError(f"not a {ENGINES_FORMAT} v{ENGINES_FORMAT_VERSION} engine folder: {rebuild}")
+    if data["tensorrt"] != environment.tensorrt:
+        raise UserError(f"the engines were built with TensorRT {data['tensorrt']}, this machine has "
+                        f"{environment.tensorrt}: {rebuild} here")
+    built_cc = data["gpu"]["compute_capability"]
+    if built_cc != environment.compute_capability:
+        raise UserError(f"the engines were built for a {data['gpu']['name']} (compute capability {built_cc}), this GPU "
+                        f"is a {environment.gpu_name} ({environment.compute_capability}): {rebuild} on this GPU")
+    library = data.get("plugin_library")
+    if library is not None:
+        if environment.plugin_sha256 is None:
+            raise UserError(f"the engines need the VisionDrop plugin library ({Path(library['path']).name}), "
+                            "which was not found: pass its path, or build it with `python -m plugins_trt.build`")
+        if environment.plugin_sha256 != library["sha256"]:
+            raise UserError(f"the plugin library differs from the one the engines were built with "
+                            f"(sha256 {environment.plugin_sha256[:12]}..., expected {library['sha256'][:12]}...): "
+                            f"{rebuild}, or load the library they were built with")
+    if artifacts is not None:
+        artifacts = Path(artifacts)
+        if sha256_file(artifacts / MANIFEST) != data["artifacts"]["manifest_sha256"]:
+            raise UserError(f"{artifacts} is not the artifact folder the engines were built from (its manifest "
+                            f"changed): {rebuild} from it")
+        for name, expected in data["artifacts"]["sources"].items():
+            path = artifacts / name
+            if not path.is_file() or sha256_file(path) != expected:
+                raise UserError(f"{path} changed since the engines were built: {rebuild}")
+
+
+def read_engine_manifest(engines: Path) -> dict[str, Any]:
+    path = Path(engines) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{engines} is not an engine folder (no {MANIFEST}): create one with `python cli.py build`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc.msg}): rebuild with `python cli.py build`") from None
+
+
+def verify_engine_files(engines: Path, data: dict[str, Any]) -> None:
+    for engine in data["engines"]:
+        path = Path(engines) / engine["engine"]
+        if not path.is_file() or sha256_file(path) != engine["sha256"]:
+            raise UserError(f"{path} is missing or changed after the build: rebuild with `python cli.py build`")
+
+
+# ------------------------------------------------------------------ building (TensorRT)
+
+def load_plugin_library(library: Path) -> str:
+    """Make the plugins visible to the ONNX parser; returns how (getCreators or static registration).
+
+    ``ctypes`` loading registers the static variant; the getCreators variant then goes through
+    the registry's ``load_library``, which is what trtexec --dynamicPlugins does.
+    """
+    import tensorrt as trt
+
+    handle = ctypes.CDLL(str(library))
+    if hasattr(handle, "getCreators"):
+        registry: trt.IPluginRegistry = trt.get_plugin_registry()
+        if registry.load_library(str(library)) is None:
+            raise UserError(f"TensorRT could not load {library} (see the TensorRT log above)")
+        return "getCreators"
+    return "static registration"
+
+
+def build_engines(plan: BuildPlan, out: Path, environment: Environment, force: bool = False,
+                  progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:
+    """Build every engine of ``plan`` into ``out`` atomically; returns the engine manifest."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
+    from polygraphy.backend.trt import Profile as PolygraphyProfile
+
+    from visiondrop.loading import write_atomically
+
+    if plan.plugin_library is not None:
+        how = load_plugin_library(plan.plugin_library)
+        progress(f"loaded {plan.plugin_library} ({how})")
+    flags: dict[str, list[str]] = {"network": ["STRONGLY_TYPED"], "builder": []}
+    hashes: dict[str, str] = {}
+
+    def config_for(profiles: list[Profile]):
+        polygraphy_profiles = []
+        for profile in profiles:
+            made = PolygraphyProfile()
+            for name, (low, opt, high) in profile.shapes.items():
+                made.add(name, min=low, opt=opt, max=high)
+            polygraphy_profiles.append(made)
+        create = CreateConfig(profiles=polygraphy_profiles, load_timing_cache=_existing(plan.options.timing_cache))
+
+        def config(builder: trt.Builder, network: trt.INetworkDefinition) -> trt.IBuilderConfig:
+            built: trt.IBuilderConfig = create(builder, network)
+            flags["builder"] = sorted(name for name, flag in trt.BuilderFlag.__members__.items() if built.get_flag(flag))
+            return built
+
+        return config
+
+    def fill(folder: Path, scratch: Path | None = None) -> None:
+        for number, engine in enumerate(plan.engines, 1):
+            started = time.monotonic()
+            progress(f"[{number}/{len(plan.engines)}] building {engine.engine} from {engine.source} "
+                     f"({', '.join(p.name for p in engine.profiles)}; {engine.weight_bytes / 2**20:.1f} MB weights) ...")
+            network = NetworkFromOnnxPath(str(plan.artifacts / engine.source), strongly_typed=True)
+            timing = str(plan.options.timing_cache) if plan.options.timing_cache else None
+            SaveEngine(EngineFromNetwork(network, config_for(engine.profiles), save_timing_cache=timing),
+                       str(folder / engine.engine))()
+            hashes[engine.engine] = sha256_file(folder / engine.engine)
+            progress(f"    {engine.engine}: {(folder / engine.engine).stat().st_size / 2**20:.1f} MB "
+                     f"in {time.monotonic() - started:.0f} s")
+        manifest = engine_manifest(plan, environment, flags, hashes)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    write_atomically(out, fill, force=force)
+    return json.loads((Path(out) / MANIFEST).read_text())
+
+
+def _existing(path: Path | None) -> str | None:
+    return str(path) if path and Path(path).is_file() else None
+
+
+def default_engines_dir(artifacts: Path) -> Path:
+    return Path("engines") / Path(artifacts).resolve().name
+
+
+def describe_plan(plan: BuildPlan) -> list[list[str]]:
+    """Rows of the dry-run table: engine, profiles (axis min/opt/max), weights, plugins."""
+    rows = []
+    for engine in plan.engines:
+        for number, profile in enumerate(engine.profiles):
+            axes = " ".join(f"{_short(a)}={lo}/{opt}/{hi}" for a, (lo, opt, hi) in profile.axes.items())
+            rows.append([engine.engine if number == 0 else "", profile.name, axes,
+                         f"{engine.weight_bytes / 2**20:.2f} MB" if number == 0 else "",
+                         ",".join(engine.plugin_nodes) if number == 0 else ""])
+    return rows
+
+
+def _short(axis: str) -> str:
+    return {B: "batch", SEQ: "seq", PAST: "past", TOTAL: "total"}.get(axis, axis)

@@ -1,0 +1,266 @@
+"""TensorRT backend over an engine folder (``python cli.py build``), and ``doctor``.
+
+Zero-copy: every unit's inputs and outputs are torch CUDA tensors passed to TensorRT by
+address (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3`` on the current torch
+stream); nothing goes through the host between units. I/O is bound by name, in the order of
+the artifacts manifest's graph entry, and every ``run_*`` returns all of the graph's outputs in
+that order. Engines of ``qkv_{g}`` / ``decoder_{g}`` hold a ``prefill`` and a ``decode``
+profile: each profile has its own execution context, selected per call.
+
+Outputs are allocated per call from torch's caching allocator at their exact shape (no
+``cudaMalloc`` once warm): a unit's outputs outlive its next call (KV caches feed the next
+step, traces keep the indices), so handing out views of one preallocated buffer per output
+would let the next call overwrite them.
+
+Without TensorRT or a GPU every entry point raises a one-line :class:`UserError` that says
+what to install; ``python cli.py doctor`` lists everything at once.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visiondrop.errors import UserError
+
+from .base import Backend, ModelSpec
+
+if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
+    import tensorrt as trt
+
+INSTALL_TENSORRT = "pip install tensorrt-cu12 (on Jetson: JetPack's python3-libnvinfer, `sudo apt install python3-libnvinfer`)"
+INSTALL_GPU = ("TensorRT needs an NVIDIA GPU that PyTorch can see (on Jetson: JetPack's PyTorch wheel; elsewhere a "
+               "CUDA build of torch, `pip install torch` without the CPU constraints)")
+DOCTOR = "run `python cli.py doctor` for what this machine has"
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module, or a UserError that says how to install it."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError(f"TensorRT is not installed for this Python: {INSTALL_TENSORRT}; {DOCTOR}") from None
+    return trt
+
+
+def require_gpu() -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of the current CUDA device."""
+    if not torch.cuda.is_available():
+        raise UserError(f"no CUDA GPU is visible to PyTorch: {INSTALL_GPU}; {DOCTOR}")
+    major, minor = torch.cuda.get_device_capability()
+    return torch.cuda.get_device_name(), f"{major}.{minor}"
+
+
+def current_environment(plugin_library: Path | None):
+    """What engines built or run here are tied to (TensorRT version, GPU, plugin binary)."""
+    from export.manifest import sha256_file
+    from export.trt_build import Environment
+
+    trt = import_tensorrt()
+    name, capability = require_gpu()
+    return Environment(trt.__version__, name, capability, sha256_file(plugin_library) if plugin_library else None)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
+                "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+
+
+@dataclass
+class _Unit:
+    """One engine: its contexts by profile name, and the graph's I/O names and dtypes in manifest order."""
+
+    engine: trt.ICudaEngine
+    contexts: dict[str, trt.IExecutionContext]
+    inputs: list[str]
+    input_dtypes: list[torch.dtype]
+    outputs: list[str]
+    output_dtypes: list[torch.dtype]
+    limits: dict[str, dict[str, list[list[int]]]]  # profile -> input -> [min, opt, max] shape
+
+
+class TrtBackend(Backend):
+    """Runs the engines of ``engines_dir`` (built from ``artifacts_dir``, by default the recorded one)."""
+
+    name = "trt"
+
+    def __init__(self, engines_dir: str | Path, artifacts_dir: str | Path | None = None,
+                 plugin_lib: str | Path | None = None):
+        from safetensors.torch import load_file
+
+        from export.manifest import read_manifest
+        from export.trt_build import (check_engine_manifest, find_plugin_library, load_plugin_library,
+                                      read_engine_manifest, verify_engine_files)
+
+        trt = import_tensorrt()
+        require_gpu()
+        self.engines_dir = Path(engines_dir)
+        data = read_engine_manifest(self.engines_dir)
+        artifacts = Path(artifacts_dir or data["artifacts"]["path"])
+        self.manifest = read_manifest(artifacts)
+        library = None
+        if data.get("plugin_library"):
+            recorded = Path(data["plugin_library"]["path"])
+            library = find_plugin_library(Path(plugin_lib) if plugin_lib else (recorded if recorded.is_file() else None))
+        check_engine_manifest(data, current_environment(library), artifacts)
+        verify_engine_files(self.engines_dir, data)
+        if library is not None:
+            load_plugin_library(library)
+        self.spec = ModelSpec.from_dict(self.manifest.spec)
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.embed_table = load_file(artifacts / self.manifest.export["embed_tokens"])["weight"].to(self.device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self._dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
+                        trt.DataType.BF16: torch.bfloat16, trt.DataType.INT32: torch.int32,
+                        trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8,
+                        trt.DataType.UINT8: torch.uint8, trt.DataType.BOOL: torch.bool}
+        self._placeholder = torch.empty(256, dtype=torch.uint8, device=self.device)  # address of empty tensors
+        stream = torch.cuda.current_stream(self.device)
+        self.units: dict[str, _Unit] = {}
+        for record in data["engines"]:
+            entry = next(g for g in self.manifest.graphs if g.name == record["graph"])
+            engine = self.runtime.deserialize_cuda_engine((self.engines_dir / record["engine"]).read_bytes())
+            if engine is None:
+                raise UserError(f"TensorRT could not load {record['engine']} (see its log above): rebuild with "
+                                "`python cli.py build`")
+            contexts = {}
+            for number, profile in enumerate(record["profiles"]):
+                context = engine.create_execution_context()
+                context.set_optimization_profile_async(number, stream.cuda_stream)
+                contexts[profile["name"]] = context
+            inputs, outputs = [t["name"] for t in entry.inputs], [t["name"] for t in entry.outputs]
+            self.units[entry.name] = _Unit(
+                engine, contexts, inputs, [self._dtypes[engine.get_tensor_dtype(n)] for n in inputs],
+                outputs, [self._dtypes[engine.get_tensor_dtype(n)] for n in outputs],
+                {p["name"]: p["shapes"] for p in record["profiles"]},
+            )
+        self.build = data["build"]
+        stream.synchronize()
+
+    # ------------------------------------------------------------------ execution
+    def _check_shape(self, unit: _Unit, graph: str, profile: str, name: str, shape: tuple[int, ...]) -> None:
+        low, _, high = unit.limits[profile][name]
+        if any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
+            raise UserError(f"{graph} {profile}: {name} has shape {list(shape)}, outside the engine's profile "
+                            f"{low}..{high} (built with --max-batch {self.build['max_batch']} --max-seq-len "
+                            f"{self.build['max_seq_len']}): rebuild with `python cli.py build` and larger limits")
+
+    def _run(self, graph: str, profile: str, *tensors: Tensor) -> tuple[Tensor, ...]:
+        unit = self.units[graph]
+        context: trt.IExecutionContext = unit.contexts[profile]
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        staged = []  # keeps converted inputs alive until execution is enqueued (stream-ordered reuse after)
+        for name, dtype, tensor in zip(unit.inputs, unit.input_dtypes, tensors):
+            tensor = tensor.to(device=self.device, dtype=dtype).contiguous()
+            self._check_shape(unit, graph, profile, name, tuple(tensor.shape))
+            staged.append(tensor)
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, self._address(tensor))
+        outputs = []
+        for name, dtype in zip(unit.outputs, unit.output_dtypes):
+            output = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self.device)
+            context.set_tensor_address(name, self._address(output))
+            outputs.append(output)
+        if not context.execute_async_v3(stream):
+            raise RuntimeError(f"TensorRT could not enqueue {graph} ({profile} profile); see its log above")
+        return tuple(outputs)
+
+    def _address(self, tensor: Tensor) -> int:
+        return tensor.data_ptr() if tensor.numel() else self._placeholder.data_ptr()
+
+    # ------------------------------------------------------------------ units
+    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+        return self._run("vision_encoder", "prefill", pixel_values)
+
+    def run_embed(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids.to(self.device), self.embed_table)
+
+    def run_qkv(self, group: int, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        profile = "decode" if hidden_states.shape[1] == 1 else "prefill"
+        return self._run(f"qkv_{group}", profile, hidden_states)
+
+    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
+        return self._run(f"prune_{stage}", "prefill", hidden_states, query, key, value, attention_mask, image_offset)
+
+    def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
+        profile = "decode" if past and past[0].shape[2] > 0 else "prefill"
+        out, *presents = self._run(f"decoder_{group}", profile, hidden_states, query, key, value, attention_mask,
+                                   position_ids, *past)
+        return out, presents
+
+
+# ------------------------------------------------------------------ doctor
+
+def doctor(plugin_lib: str | Path | None = None) -> dict[str, Any]:
+    """What this machine has for each piece, and what to install where something is missing."""
+    from plugins_trt import STATIC_PLUGIN_LIBRARY
+    from plugins_trt.build import find_cmake, find_nvcc
+
+    report: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
+    tegra = Path("/etc/nv_tegra_release")
+    report["jetson"] = tegra.read_text().split(",")[0].strip() if tegra.is_file() else None
+    report["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        report["gpu"] = {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    else:
+        report["gpu"] = {"missing": INSTALL_GPU}
+    nvcc, cmake = find_nvcc(), find_cmake()
+    report["nvcc"] = nvcc or {"missing": "install the CUDA toolkit (JetPack: `sudo apt install cuda-nvcc-12-6` on 6.x) "
+                                         "to build the plugins"}
+    report["cmake"] = cmake or {"missing": "apt install cmake, or pip install cmake"}
+    try:
+        import tensorrt as trt
+
+        report["tensorrt"] = trt.__version__
+    except ImportError:
+        report["tensorrt"] = {"missing": INSTALL_TENSORRT}
+    try:
+        import polygraphy
+
+        report["polygraphy"] = polygraphy.__version__
+    except ImportError:
+        report["polygraphy"] = {"missing": "pip install polygraphy"}
+    from export.trt_build import find_plugin_library
+
+    try:
+        library = find_plugin_library(Path(plugin_lib) if plugin_lib else None)
+    except UserError as error:
+        library, report["plugin_library"] = None, {"missing": str(error)}
+    if "plugin_library" not in report:
+        report["plugin_library"] = str(library) if library else {
+            "missing": "build it with `python -m plugins_trt.build --tensorrt-root DIR` (needs nvcc, cmake and the "
+                       "TensorRT headers; on Jetson the JetPack headers are found), or set $VISIONDROP_TRT_PLUGINS"}
+    static = library.with_name(STATIC_PLUGIN_LIBRARY) if library else None
+    report["plugin_library_static"] = str(static) if static and static.is_file() else None
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+        report["onnxruntime"] = {"version": onnxruntime.__version__, "providers": providers}
+        if "CUDAExecutionProvider" not in providers and report["gpu"].get("name"):
+            report["onnxruntime"]["hint"] = "pip install onnxruntime-gpu for the CUDA provider"
+    except ImportError:
+        report["onnxruntime"] = {"missing": "pip install onnxruntime (or onnxruntime-gpu)"}
+    report["ready_for_tensorrt"] = all(not isinstance(report[k], dict) or "missing" not in report[k]
+                                       for k in ("gpu", "tensorrt", "polygraphy"))
+    return report
+
+
+def doctor_lines(report: dict[str, Any]) -> list[str]:
+    """The report as ``name: value`` lines; missing pieces say what to install."""
+    lines = []
+    for key, value in report.items():
+        if isinstance(value, dict) and "missing" in value:
+            lines.append(f"{key}: MISSING - {value['missing']}")
+        elif isinstance(value, dict):
+            lines.append(f"{key}: " + ", ".join(f"{k} {v}" for k, v in value.items()))
+        else:
+            lines.append(f"{key}: {value if value is not None else '-'}")
+    return lines
