@@ -367,6 +367,8 @@ def validate(artifacts, reference, candidate, engines, json_path, images, batch,
         detail = "; ".join(([f"{c.ties} tie(s) (listed below)"] if c.ties else []) + ([c.detail] if c.detail else []))
         rows.append([c.name, *errors, result, detail])
     print_table(["check", "max abs err", "max rel err", "cosine", "result", "detail"], rows)
+    for stage, margin in report.margins.items():
+        click.echo(f"{stage}: closest reference boundary gap {margin['closest_gap']:.3g}, tie bound {margin['bound']:.3g}")
     for decision in report.decisions:
         click.echo(decision.describe())
     verdict = "PASSED" if report.passed else "FAILED"

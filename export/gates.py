@@ -75,9 +75,11 @@ def gates_for(export: dict[str, Any], recorded: dict[str, Any] | None = None) ->
     if precision not in GATES:
         raise UserError(f"no validation gates for precision '{precision}' (known: {', '.join(GATES)}): re-export with this version")
     gates = GATES[precision]
-    if recorded is not None and recorded != gates.to_dict():
-        raise UserError(
-            f"the manifest records validation gates that differ from this tool's {precision} gates "
-            f"(recorded {recorded}, expected {gates.to_dict()}): gates cannot be set by an artifact; re-export"
-        )
+    if recorded is not None:
+        expected = gates.to_dict()
+        differ = [key for key in expected if key != "why" and recorded.get(key) != expected[key]]
+        if differ:
+            found = ", ".join(f"{key} {recorded.get(key)!r} (this tool: {expected[key]!r})" for key in differ)
+            raise UserError(f"the manifest's validation gates differ from this tool's {precision} gates: {found}; "
+                            "gates are not set by an artifact: re-export with this version")
     return gates

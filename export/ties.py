@@ -74,6 +74,15 @@ def _np64(t: Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
+def boundary_gap(scores: Tensor, k: int) -> float:
+    """The smallest gap, over samples, between the k-th and (k+1)-th reference scores: how close
+    the stage came to a tie (CLS's +inf ranks first and is excluded)."""
+    ranked = torch.sort(scores.double(), dim=-1, descending=True).values
+    gaps = ranked[:, k - 1] - ranked[:, k]
+    finite = torch.isfinite(gaps)
+    return float(gaps[finite].min()) if k < scores.shape[1] and finite.any() else float("inf")
+
+
 def judge_kept(stage: str, ref_scores: Tensor, cand_scores: Tensor, cand_kept: Tensor) -> list[Decision]:
     """Every sample whose candidate kept set differs from the reference's own top-k."""
     k = cand_kept.shape[1]

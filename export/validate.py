@@ -39,7 +39,7 @@ from visiondrop.prompt import build_prompts, load_images, pixel_values, random_i
 from .gates import Gates, gates_for
 from .manifest import Manifest, read_manifest
 from .onnx_export import EXPORT_DTYPES, STAGE_OUTPUTS, apply_precision
-from .ties import Decision, judge_assignment, judge_kept, judge_token
+from .ties import Decision, boundary_gap, error_bound, judge_assignment, judge_kept, judge_token
 
 DEFAULT_PROMPTS = ("What is in this image?", "Describe the scene in one long and detailed sentence, please.")
 FLOAT_GROUPS = {"query": "q/k/v", "key": "q/k/v", "value": "q/k/v",
@@ -92,6 +92,7 @@ class Report:
     cases: list[dict] = field(default_factory=list)
     checks: dict[str, Check] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)  # every tie (and mismatch) found
+    margins: dict[str, dict] = field(default_factory=dict)  # per stage: closest reference gap vs the bound
 
     @property
     def passed(self) -> bool:
@@ -114,7 +115,7 @@ class Report:
         row.note(not failed, "; ".join(failed))
 
     def to_dict(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k not in ("checks", "decisions")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("checks", "decisions")}  # margins included
         return {**data, "passed": self.passed, "checks": [asdict(c) for c in self.checks.values()],
                 "ties": [d.to_dict() for d in self.ties],
                 "mismatches": [d.to_dict() for d in self.decisions if not d.is_tie]}
@@ -248,6 +249,14 @@ class Validator:
             detail = f"kept-set overlap (Jaccard) min {jaccard(*kept_sets):.3f}" + (f"; {detail}" if detail else "")
         check.note(not mismatches, detail)
 
+    def note_margin(self, label: str, ref: StageTrace, cand: StageTrace) -> None:
+        """How close this stage came to a tie: the reference's smallest boundary gap against the
+        candidate's bound (twice its measured score error), worst over the cases."""
+        gap = boundary_gap(ref.scores, ref.kept_index.shape[1])
+        bound = max(error_bound(r, c) for r, c in zip(_np(ref.scores).astype(np.float64), _np(cand.scores)))
+        seen = self.report.margins.setdefault(label, {"closest_gap": gap, "bound": bound})
+        seen["closest_gap"], seen["bound"] = min(seen["closest_gap"], gap), max(seen["bound"], bound)
+
     def replay(self, recorder: RecordingBackend, phases: set[str]) -> None:
         """Feed each candidate unit the inputs its reference twin saw and compare the outputs.
 
@@ -272,6 +281,7 @@ class Validator:
                 self.compare_outputs(label, names, ours, ref)
                 continue
             ours_trace, ref_trace = _stage_trace(names, ours), _stage_trace(names, ref)
+            self.note_margin(label, ref_trace, ours_trace)
             decisions = judge_stage(label, ref_trace, ours_trace, self.stages[stage].contextual)
             if decisions:  # strict downstream comparison: the reference re-run on the candidate's choices
                 with self.forcing({stage: ours_trace.choice}):
