@@ -131,6 +131,19 @@ def open_artifacts(directory: Path, provider: str):
     return backend, AutoProcessor.from_pretrained(directory), backend.manifest.model["source"], limit
 
 
+def open_engines(engines: Path, artifacts: Path | None):
+    """(backend, processor, source, (max sequence, what sets it)) for a TensorRT engine folder."""
+    from transformers import AutoProcessor
+
+    from runtime.trt_backend import TrtBackend
+
+    progress(f"loading engines {engines} ...")
+    backend = TrtBackend(engines, artifacts)
+    limit = (backend.build["max_seq_len"], "the engines' --max-seq-len")
+    processor = AutoProcessor.from_pretrained(backend.artifacts)
+    return backend, processor, backend.manifest.model["source"], limit
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli() -> None:
     """VisionDrop Edge: prune LLaVA's visual tokens to a fixed budget and deploy it.
@@ -164,6 +177,8 @@ def tiny(out: Path, force: bool) -> None:
 @click.option("--model", default=None, help=MODEL_HELP + " Default: tiny.")
 @click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Run an exported artifact folder with ONNX Runtime instead of PyTorch.")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --artifacts.")
+@click.option("--backend", "backend_name", default="auto", show_default=True, type=click.Choice(["auto", "torch", "ort", "trt"]), help="auto: torch for --model, ort for --artifacts, trt for --engines.")
+@click.option("--engines", type=click.Path(path_type=Path), default=None, help="Run the TensorRT engine folder written by `build` (its artifacts are found through its manifest, or give --artifacts).")
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image file; repeat for a batch.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one for all images or one per image.")
 @click.option("--budget", default=None, help=BUDGET_HELP)
@@ -173,10 +188,12 @@ def tiny(out: Path, force: bool) -> None:
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, ids) as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the answers.")
 @user_errors
-def generate(model, artifacts, provider, images, prompts, budget, schedule, max_new_tokens, device, trace_path, as_json) -> None:
+def generate(model, artifacts, provider, backend_name, engines, images, prompts, budget, schedule, max_new_tokens, device,
+             trace_path, as_json) -> None:
     """Answer a question about an image with VisionDrop pruning (greedy decoding).
 
-    Runs the PyTorch pipeline on --model, or the exported graphs in --artifacts with ONNX Runtime.
+    Runs the PyTorch pipeline on --model, the exported graphs in --artifacts with ONNX Runtime,
+    or the TensorRT engines in --engines (--backend trt).
     """
     from runtime.generate import greedy_generate
     from visiondrop.prompt import build_prompts, check_length, load_images, pixel_values
@@ -186,7 +203,16 @@ def generate(model, artifacts, provider, images, prompts, budget, schedule, max_
         raise UserError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
     check_outputs(trace=trace_path)
     pil_images = load_images(images)
-    if artifacts is not None:
+    if backend_name == "torch" and (artifacts or engines) or backend_name == "ort" and (artifacts is None or engines):
+        raise UserError("--backend torch runs --model, ort runs --artifacts DIR, trt runs --engines DIR: "
+                        "pick the one that matches the folder you gave")
+    if backend_name == "trt" or engines is not None:
+        if engines is None:
+            raise UserError("--backend trt runs an engine folder: give --engines DIR (written by `python cli.py build`)")
+        if model is not None or budget is not None or schedule is not None:
+            raise UserError("--engines fixes the model and schedule at export time: drop --model/--budget/--schedule")
+        backend, processor, source, limit = open_engines(engines, artifacts)
+    elif artifacts is not None:
         if model is not None or budget is not None or schedule is not None:
             raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
         backend, processor, source, limit = open_artifacts(artifacts, provider)
@@ -326,6 +352,69 @@ def calibrate(artifacts, precision, data, samples, opset, block_size, out, force
                   "float (copied)" if r.worst_cosine is None else f"{r.worst_cosine:.5f}"] for r in reports])
     click.echo(f"wrote {out} ({precision}, opset {manifest.export['quantization']['opset']}); "
                f"check it with: python cli.py validate --artifacts {out}")
+
+
+@cli.command()
+@click.option("--artifacts", type=click.Path(path_type=Path), required=True, help="Artifact folder written by export.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Engine folder. Default: engines/<artifacts folder name>.")
+@click.option("--max-batch", default=1, show_default=True, type=click.IntRange(1, 1024), help="Largest batch the engines accept.")
+@click.option("--max-seq-len", default=None, type=click.IntRange(2), help="Longest prompt + generated tokens. Default: the artifacts' --max-seq-len.")
+@click.option("--opt-seq-len", default=None, type=click.IntRange(2), help="Typical prompt length, image tokens included, that TensorRT tunes for. Default: image tokens + 32.")
+@click.option("--plugin-lib", type=click.Path(dir_okay=False, path_type=Path), default=None, help="libvisiondrop_trt_plugins.so for plugin-mode artifacts. Default: $VISIONDROP_TRT_PLUGINS, else build/plugins_trt/.")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None, help="TensorRT timing cache: read if it exists, updated after the build (faster rebuilds).")
+@click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (engines, profiles, plugin library, weight bytes) and stop; needs no TensorRT.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (--dry-run) or the engine manifest as JSON.")
+@user_errors
+def build(artifacts, out, max_batch, max_seq_len, opt_seq_len, plugin_lib, timing_cache, force, dry_run, as_json) -> None:
+    """Build one TensorRT engine per exported graph, for this GPU and TensorRT version.
+
+    Networks are strongly typed (precision comes from the graphs); qkv and decoder engines get
+    a prefill and a decode profile, vision and prune engines one. The VisionDrop plugin library
+    is loaded before parsing for plugin-mode artifacts. The folder gets a manifest (TensorRT
+    version, GPU, plugin library hash, source hashes, profiles, flags) and is written atomically.
+    """
+    from export.trt_build import BuildOptions, build_engines, default_engines_dir, describe_plan, plan_build
+    from runtime.trt_backend import current_environment
+    from visiondrop.loading import check_target
+
+    plan = plan_build(artifacts, BuildOptions(max_batch, max_seq_len, opt_seq_len, plugin_lib, timing_cache))
+    out = out or default_engines_dir(artifacts)
+    library = plan.plugin_library or ("NOT FOUND: build it with `python -m plugins_trt.build`" if plan.needs_plugins else "not needed")
+    if dry_run:
+        if as_json:
+            click.echo(json.dumps({"out": str(out), **plan.to_dict()}))
+            return
+        print_table(["engine", "profile", "axes (min/opt/max)", "weights", "plugins"], describe_plan(plan))
+        weights = sum(e.weight_bytes for e in plan.engines)
+        click.echo(f"plan: {len(plan.engines)} engines -> {out}, {weights / 2**20:.1f} MB of weights, plugin library: {library} "
+                   f"(dry run: nothing built)")
+        return
+    check_target(out, force)
+    environment = current_environment(plan.plugin_library)
+    progress(f"building {len(plan.engines)} engines with TensorRT {environment.tensorrt} for {environment.gpu_name} "
+             f"(compute capability {environment.compute_capability}) -> {out}")
+    manifest = build_engines(plan, out, environment, force=force, progress=progress)
+    if as_json:
+        click.echo(json.dumps(manifest))
+        return
+    click.echo(f"wrote {len(manifest['engines'])} engines to {out} (manifest: {out / 'manifest.json'})")
+
+
+@cli.command()
+@click.option("--plugin-lib", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Check this plugin library instead of the default locations.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def doctor(plugin_lib, as_json) -> None:
+    """Show what this machine has for TensorRT (GPU, CUDA, TensorRT, plugins, ONNX Runtime) and what to install."""
+    from runtime import trt_backend
+
+    report = trt_backend.doctor(plugin_lib)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for line in trt_backend.doctor_lines(report):
+        click.echo(line)
 
 
 @cli.command()

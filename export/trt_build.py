@@ -91,12 +91,19 @@ class BuildPlan:
     max_seq_len: int
     opt_seq_len: int
     engines: list[EnginePlan]
-    plugin_library: Path | None  # needed by plugin-mode artifacts, else None
+    needs_plugins: bool  # plugin-mode artifacts
+    plugin_library: Path | None  # the library found for them (None: not found, or not needed)
+
+    def require_plugin_library(self) -> None:
+        if self.needs_plugins and self.plugin_library is None:
+            raise UserError(f"{self.artifacts} uses the VisionDrop plugins: build {PLUGIN_LIBRARY} with "
+                            "`python -m plugins_trt.build` (or pass --plugin-lib PATH)")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "artifacts": str(self.artifacts), "max_batch": self.options.max_batch, "max_seq_len": self.max_seq_len,
-            "opt_seq_len": self.opt_seq_len, "plugin_library": str(self.plugin_library) if self.plugin_library else None,
+            "opt_seq_len": self.opt_seq_len, "needs_plugins": self.needs_plugins,
+            "plugin_library": str(self.plugin_library) if self.plugin_library else None,
             "timing_cache": str(self.options.timing_cache) if self.options.timing_cache else None,
             "engines": [asdict(e) for e in self.engines],
         }
@@ -237,10 +244,7 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
         raise UserError(f"--opt-seq-len {opt_seq_len} must lie between {shortest - 1} (the image and one token) "
                         f"and --max-seq-len - 1 = {max_seq_len - 1}")
     plugins = manifest.export.get("mode") == "plugins"
-    library = find_plugin_library(options.plugin_lib)
-    if plugins and library is None:
-        raise UserError(f"{artifacts} uses the VisionDrop plugins: build {PLUGIN_LIBRARY} with "
-                        "`python -m plugins_trt.build` (or pass --plugin-lib PATH)")
+    library = find_plugin_library(options.plugin_lib) if plugins else None
     engines, problems = [], []
     for entry in manifest.graphs:
         model = onnx.load(str(artifacts / entry.file), load_external_data=False)
@@ -253,7 +257,7 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     if problems:
         raise UserError("shapes past the VisionDrop kernels' limits: " + "; ".join(problems)
                         + " (use a smaller budget or image grid, or the portable export without --plugins)")
-    return BuildPlan(artifacts, options, max_seq_len, opt_seq_len, engines, library if plugins else None)
+    return BuildPlan(artifacts, options, max_seq_len, opt_seq_len, engines, plugins, library)
 
 
 # ------------------------------------------------------------------ engine manifest (plain data)
@@ -370,6 +374,7 @@ def build_engines(plan: BuildPlan, out: Path, environment: Environment, force: b
 
     from visiondrop.loading import write_atomically
 
+    plan.require_plugin_library()
     if plan.plugin_library is not None:
         how = load_plugin_library(plan.plugin_library)
         progress(f"loaded {plan.plugin_library} ({how})")

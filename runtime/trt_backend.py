@@ -102,6 +102,7 @@ class TrtBackend(Backend):
         self.engines_dir = Path(engines_dir)
         data = read_engine_manifest(self.engines_dir)
         artifacts = Path(artifacts_dir or data["artifacts"]["path"])
+        self.artifacts = artifacts
         self.manifest = read_manifest(artifacts)
         library = None
         if data.get("plugin_library"):
