@@ -244,7 +244,7 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
         raise UserError(f"--opt-seq-len {opt_seq_len} must lie between {shortest - 1} (the image and one token) "
                         f"and --max-seq-len - 1 = {max_seq_len - 1}")
     plugins = manifest.export.get("mode") == "plugins"
-    library = find_plugin_library(options.plugin_lib) if plugins else None
+    library = find_plugin_library(options.plugin_lib) if plugins or options.plugin_lib else None  # a bad path: refused
     engines, problems = [], []
     for entry in manifest.graphs:
         model = onnx.load(str(artifacts / entry.file), load_external_data=False)
@@ -257,7 +257,7 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     if problems:
         raise UserError("shapes past the VisionDrop kernels' limits: " + "; ".join(problems)
                         + " (use a smaller budget or image grid, or the portable export without --plugins)")
-    return BuildPlan(artifacts, options, max_seq_len, opt_seq_len, engines, plugins, library)
+    return BuildPlan(artifacts, options, max_seq_len, opt_seq_len, engines, plugins, library if plugins else None)
 
 
 # ------------------------------------------------------------------ engine manifest (plain data)
