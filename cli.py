@@ -524,8 +524,9 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --backend ort.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every measurement as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
+@click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --new-tokens, --warmup, --repeats, --provider, --json.")
 @user_errors
-def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path) -> None:
+def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path, compare) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
     Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
@@ -542,6 +543,10 @@ def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, d
 
     check_device(device)
     check_outputs(json=json_path, plot=plot_path)
+    if compare is not None:
+        config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens, warmup=warmup,
+                             repeats=repeats, backend="ort", provider=provider)
+        return bench_compare(compare, config, json_path)
     budget_list = tuple(b.strip() for b in budgets.split(",") if b.strip())
     if not budget_list:
         raise UserError(f"--budgets takes budgets separated by commas, e.g. 32,64,full (got '{budgets}')")
@@ -565,6 +570,28 @@ def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, d
     if plot_path is not None:
         write_side_file(plot_path, lambda path: plot_bench(report, path))
         progress(f"wrote {plot_path}")
+
+
+def bench_compare(compare: str, config, json_path: Path | None) -> None:
+    """``bench --artifacts-compare BASELINE,CANDIDATE``: ratios baseline / candidate, per batch size."""
+    from bench.compare import run_compare
+    from visiondrop.trace import write_json
+
+    folders = [Path(p.strip()) for p in compare.split(",") if p.strip()]
+    if len(folders) != 2:
+        raise UserError(f"--artifacts-compare takes two folders separated by a comma, e.g. artifacts/tiny-64,artifacts/tiny-64-int8 (got '{compare}')")
+    report = run_compare(folders[0], folders[1], config, progress=progress)
+    rows = [[s["batch"], f"{s['prefill_speedup']:.2f}x ({s['prefill_speedup_best']:.2f}x)", f"{s['ttft_speedup']:.2f}x ({s['ttft_speedup_best']:.2f}x)",
+             f"{s['decode_speedup']:.2f}x ({s['decode_speedup_best']:.2f}x)",
+             f"{s['vision_speedup']:.2f}x", f"{s['peak_memory_delta_ratio']:.2f}", f"{s['load_rss_ratio']:.2f}", f"{s['disk_ratio']:.2f}"]
+            for s in report["summary"]]
+    print_table(["batch", "prefill speed-up (best)", "TTFT speed-up (best)", "decode speed-up (best)", "vision speed-up",
+                 "peak memory (request)", "memory (loaded)", "bytes on disk"], rows)
+    click.echo(f"speed-up = baseline / candidate time (median of {config.repeats}, best-of-{config.repeats} in brackets); "
+               "memory and disk = candidate / baseline")
+    if json_path is not None:
+        write_side_file(json_path, lambda path: write_json(path, report))
+        progress(f"wrote {json_path}")
 
 
 if __name__ == "__main__":
