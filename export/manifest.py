@@ -147,8 +147,11 @@ def check_consistent(manifest: Manifest) -> Schedule:
     expected |= {("prune", s) for s in range(len(schedule.llm_stages))}
     present = [(g.role, g.index) for g in manifest.graphs]
     if sorted(present) != sorted(expected):
+        name = {"vision": lambda i: "vision_encoder"}
+        names = sorted(name.get(role, lambda i: f"{role}_{i}")(index) for role, index in set(present) ^ expected)
         raise ValueError(
-            f"it lists graphs {sorted(present)} but its schedule {schedule.describe()} needs {sorted(expected)}"
+            f"its schedule {schedule.describe()} ({len(groups)} decoder groups) does not match its graphs "
+            f"(differing: {', '.join(names)}{', duplicates' if len(set(present)) != len(present) else ''})"
         )
     for entry in manifest.graphs:
         outputs = {o["name"]: o["shape"] for o in entry.outputs}

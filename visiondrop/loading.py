@@ -119,14 +119,15 @@ def written_by_us(folder: Path) -> bool:
     return False
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Refuse an output path that cannot be written, before any work is done.
+def check_writable(path: Path, what: str, folder: bool = False) -> None:
+    """Refuse an output path (a file, or with ``folder`` a folder) that cannot be written,
+    before any work is done.
 
     Missing parent folders are fine (they are created); a parent that is a file, or a
     folder where a file cannot be created, is not.
     """
     path = Path(path).expanduser()
-    if path.is_dir() and what != "folder":
+    if path.is_dir() and not folder:
         raise UserError(f"{what} {path} is a folder: give a file path")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
@@ -162,7 +163,7 @@ def check_target(target: Path, force: bool, protect: Sequence[Path] = (), owned:
             raise UserError(f"{target} would replace {keep}, which the model is read from: choose another output folder")
     if resolved.exists() and not resolved.is_dir():
         raise UserError(f"{target} is a file, not a folder: choose another output folder")
-    check_writable(resolved / "x", "folder")
+    check_writable(resolved, "folder", folder=True)
     if resolved.is_dir() and any(resolved.iterdir()):
         if not force:
             raise UserError(f"{target} exists and is not empty: pass --force to replace it, or choose another --out")
@@ -261,8 +262,8 @@ def write_atomically(
     target = check_target(target, force, protect, owned)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(target):
+        _clean_leftovers(target)  # may put back a folder a crash left renamed aside
         check_target(target, force, protect, owned)  # again: the last writer may have just finished
-        _clean_leftovers(target)
         staging = target.parent / f".{target.name}.{STAGING}-{os.getpid()}"
         try:
             (staging / "scratch").mkdir(parents=True)
@@ -325,7 +326,7 @@ def builtin_dir(name: str) -> Path:
             return path
         LOG.warning(f"note: the cached '{name}' model in {path} {problem}: rebuilding it")
     try:
-        check_writable(path / "x", "folder")
+        check_writable(path, "folder", folder=True)
     except UserError as exc:
         raise UserError(f"{exc} (the built-in model cache; set VISIONDROP_CACHE to a writable folder)") from None
     return save_builtin(name, path, force=True, owned=True)
@@ -413,18 +414,26 @@ def check_supported(config: dict, where: str) -> None:
 
 
 def _check_processor(path: Path, image_size: int) -> None:
-    """The image processor must crop to the tower's image size, or the patch grid is wrong."""
-    try:
-        data = json.loads((path / "preprocessor_config.json").read_text())
-    except (OSError, ValueError):
-        return  # AutoProcessor reports a missing or unreadable processor
-    crop = data.get("crop_size") if isinstance(data, dict) else None
-    sizes = {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
-    if crop is not None and sizes != {image_size}:
-        raise UserError(
-            f"{path}: preprocessor_config.json crops images to {crop} but vision_config image_size is {image_size}: "
-            "they must agree (LLaVA-1.5: 336)"
-        )
+    """The image processor must crop to the tower's image size, or the patch grid is wrong.
+
+    Read from the saved JSON (``preprocessor_config.json``, or the ``image_processor`` entry
+    of ``processor_config.json``) before anything loads.
+    """
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue  # AutoProcessor reports a missing or unreadable processor
+        data = data.get(key) if key and isinstance(data, dict) else data
+        crop = data.get("crop_size") if isinstance(data, dict) else None
+        if crop is None:
+            continue
+        sizes = {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
+        if sizes != {image_size}:
+            raise UserError(
+                f"{path}: {name} crops images to {crop} but config.json's vision_config image_size is {image_size}: "
+                "they must agree (LLaVA-1.5: 336)"
+            )
 
 
 def content_hash(path: Path) -> str:
