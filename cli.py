@@ -513,7 +513,8 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
 
 @cli.command()
 @click.option("--model", default="small", show_default=True, help=MODEL_HELP)
-@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort"]), help="Run the PyTorch pipeline, or the exported graphs on ONNX Runtime (exported per budget into a temporary folder).")
+@click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="Run the PyTorch pipeline, the exported graphs on ONNX Runtime (exported per budget into a temporary folder), or the TensorRT engine folders of --engines.")
+@click.option("--engines", "engine_dirs", multiple=True, type=click.Path(path_type=Path), help="--backend trt: an engine folder written by `build` (repeatable, one schedule each; a --budget full one is the speed-up baseline). Uses --batch, --new-tokens, --warmup, --repeats, --json.")
 @click.option("--budgets", default="32,64,128,192,full", show_default=True, help="Budgets to measure; 'full' (the baseline) is always measured.")
 @click.option("--batch", default="1,4", show_default=True, help="Batch sizes.")
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096), help="Decode steps per request.")
@@ -526,7 +527,7 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
 @click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --new-tokens, --warmup, --repeats, --provider, --json.")
 @user_errors
-def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path, compare) -> None:
+def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path, compare) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
     Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
@@ -543,6 +544,12 @@ def bench(model, backend, budgets, batch, new_tokens, warmup, repeats, device, d
 
     check_device(device)
     check_outputs(json=json_path, plot=plot_path)
+    if backend == "trt" or engine_dirs:
+        if backend != "trt" or not engine_dirs:
+            raise UserError("TensorRT engines are measured with --backend trt --engines DIR [--engines DIR2 ...]")
+        config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens, warmup=warmup,
+                             repeats=repeats, backend="trt")
+        return bench_engines(list(engine_dirs), config, json_path)
     if compare is not None:
         config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens, warmup=warmup,
                              repeats=repeats, backend="ort", provider=provider)
@@ -589,6 +596,23 @@ def bench_compare(compare: str, config, json_path: Path | None) -> None:
                  "peak memory (request)", "memory (loaded)", "bytes on disk"], rows)
     click.echo(f"speed-up = baseline / candidate time (median of {config.repeats}, best-of-{config.repeats} in brackets); "
                "memory and disk = candidate / baseline")
+    if json_path is not None:
+        write_side_file(json_path, lambda path: write_json(path, report))
+        progress(f"wrote {json_path}")
+
+
+def bench_engines(engine_dirs: list[Path], config, json_path: Path | None) -> None:
+    """``bench --backend trt --engines DIR ...``: each engine folder's pipeline, per batch size."""
+    from bench.run import run_engines
+    from visiondrop.trace import write_json
+
+    report = run_engines(engine_dirs, config, progress=progress)
+    rows = [[r["engines"], r["budget"], r["batch"], f"{r['vision_ms']['median']:.2f}", f"{r['prefill_ms']['median']:.2f}",
+             f"{r['ttft_ms']['median']:.2f}", f"{r['decode_ms_per_token']['median']:.2f}", f"{r['tokens_per_s']:.1f}",
+             f"{r['prefill_speedup']:.2f}x" if r.get("prefill_speedup") else "-",
+             f"{r['decode_speedup']:.2f}x" if r.get("decode_speedup") else "-"] for r in report["results"]]
+    print_table(["engines", "schedule", "batch", "vision ms", "prefill ms", "TTFT ms", "decode ms/token", "tokens/s",
+                 "prefill vs full", "decode vs full"], rows)
     if json_path is not None:
         write_side_file(json_path, lambda path: write_json(path, report))
         progress(f"wrote {json_path}")

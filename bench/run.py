@@ -41,7 +41,7 @@ class BenchConfig:
     new_tokens: int = 32
     warmup: int = 1
     repeats: int = 5
-    backend: str = "torch"  # torch | ort
+    backend: str = "torch"  # torch | ort | trt
     provider: str = "cpu"
     seed: int = 0
 
@@ -202,6 +202,51 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                     progress(f"[{done}/{total}] budget {budget} batch {batch} {v}: prefill {row['prefill_ms']['median']:.1f} ms, "
                              f"TTFT {row['ttft_ms']['median']:.1f} ms, decode {row['decode_ms_per_token']['median']:.2f} ms/token")
     return {"config": asdict(config), "machine": _machine(loaded), "results": rows, "summary": summarize(rows)}
+
+
+def run_engines(engine_dirs: list[Path], config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:
+    """TensorRT engine folders, each with the schedule it was exported with: the pipeline as
+    built (no ideal variant: engines hold no ideal vision graph), per batch size. A folder
+    built from ``--budget full`` artifacts is the baseline of the speed-ups."""
+    from transformers import AutoProcessor
+
+    from runtime.trt_backend import TrtBackend
+
+    rows = []
+    for folder in engine_dirs:
+        progress(f"loading engines {folder} ...")
+        backend = TrtBackend(folder)
+        processor = AutoProcessor.from_pretrained(backend.artifacts)
+        schedule = backend.spec.schedule
+        for batch in config.batches:
+            pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed))
+            prompts = build_prompts(processor.tokenizer, [PROMPT] * batch, schedule.image_tokens,
+                                    backend.spec.image_token_id, backend.spec.pad_token_id)
+            for _ in range(config.warmup):
+                run_once(backend, pixels, prompts, min(config.new_tokens, 2), ideal=False)
+            with PeakMemory(backend.device) as memory:
+                run_once(backend, pixels, prompts, config.new_tokens, ideal=False)
+            measured = [run_once(backend, pixels, prompts, config.new_tokens, ideal=False) for _ in range(config.repeats)]
+            decode = [statistics.median(r["decode"]) for r in measured] if config.new_tokens else [float("nan")]
+            row = {"engines": str(folder), "budget": schedule.describe(), "full": schedule.is_full, "batch": batch,
+                   "average_tokens_per_layer": schedule.average_tokens(),
+                   "vision_ms": _stats([r["vision"] for r in measured]),
+                   "prefill_ms": _stats([r["prefill"] for r in measured]),
+                   "ttft_ms": _stats([r["ttft"] for r in measured]), "decode_ms_per_token": _stats(decode),
+                   "tokens_per_s": batch * 1e3 / statistics.median(decode), "peak_memory_bytes": memory.peak,
+                   "peak_memory_delta_bytes": memory.delta, "kv_cache_bytes": measured[0]["kv_bytes"]}
+            rows.append(row)
+            progress(f"{folder} batch {batch}: prefill {row['prefill_ms']['median']:.2f} ms, "
+                     f"decode {row['decode_ms_per_token']['median']:.2f} ms/token")
+        del backend
+        torch.cuda.empty_cache()
+    baselines = {r["batch"]: r for r in rows if r["full"]}
+    for row in rows:
+        full = baselines.get(row["batch"])
+        if full is not None and not row["full"]:
+            row["prefill_speedup"] = full["prefill_ms"]["median"] / row["prefill_ms"]["median"]
+            row["decode_speedup"] = full["decode_ms_per_token"]["median"] / row["decode_ms_per_token"]["median"]
+    return {"config": asdict(config), "results": rows}
 
 
 def summarize(rows: list[dict]) -> list[dict]:

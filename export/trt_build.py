@@ -100,13 +100,50 @@ class BuildPlan:
                             "`python -m plugins_trt.build` (or pass --plugin-lib PATH)")
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON, with the trtexec / polygraphy cross-check command of every engine profile."""
+        engines = []
+        for engine in self.engines:
+            record = asdict(engine)
+            for profile, data in zip(engine.profiles, record["profiles"]):
+                data["cross_check"] = cross_check_commands(self, engine, profile)
+            engines.append(record)
         return {
             "artifacts": str(self.artifacts), "max_batch": self.options.max_batch, "max_seq_len": self.max_seq_len,
             "opt_seq_len": self.opt_seq_len, "needs_plugins": self.needs_plugins,
             "plugin_library": str(self.plugin_library) if self.plugin_library else None,
             "timing_cache": str(self.options.timing_cache) if self.options.timing_cache else None,
-            "engines": [asdict(e) for e in self.engines],
+            "engines": engines,
         }
+
+
+# Values that keep the integer inputs of random cross-check data meaningful (a real mask,
+# the image right after the first token, positions inside the model's range).
+CROSS_CHECK_VALUES = {"attention_mask": "[1,1]", "image_offset": "[1,1]", "position_ids": "[0,64]"}
+
+
+def cross_check_commands(plan: BuildPlan, engine: EnginePlan, profile: Profile) -> dict[str, str | None]:
+    """``trtexec`` (build + time this graph alone) and ``polygraphy run --trt --onnxrt`` (TensorRT
+    against ONNX Runtime on random inputs at the profile's opt shapes; None for plugin graphs,
+    which ONNX Runtime cannot run as they are: `validate --candidate trt` checks those)."""
+    source = plan.artifacts / engine.source
+
+    def joined(which: int, sep: str, fmt) -> str:
+        return sep.join(f"{name}:{fmt(shapes[which])}" for name, shapes in profile.shapes.items())
+
+    dims = lambda shape: "x".join(map(str, shape))  # noqa: E731
+    listed = lambda shape: "[" + ",".join(map(str, shape)) + "]"  # noqa: E731
+    library = plan.plugin_library or Path("build/plugins_trt") / PLUGIN_LIBRARY
+    plugins = f" --dynamicPlugins={library}" if engine.plugin_nodes else ""
+    trtexec = (f"trtexec --onnx={source} --stronglyTyped{plugins} --minShapes={joined(0, ',', dims)} "
+               f"--optShapes={joined(1, ',', dims)} --maxShapes={joined(2, ',', dims)}")
+    if engine.plugin_nodes:
+        return {"trtexec": trtexec, "polygraphy": None}
+    ranges = " ".join(f"{name}:{value}" for name, value in CROSS_CHECK_VALUES.items() if name in profile.shapes)
+    polygraphy = (f"polygraphy run {source} --trt --onnxrt --strongly-typed "
+                  f"--trt-min-shapes {joined(0, ' ', listed)} --trt-opt-shapes {joined(1, ' ', listed)} "
+                  f"--trt-max-shapes {joined(2, ' ', listed)} --input-shapes {joined(1, ' ', listed)}"
+                  + (f" --val-range {ranges}" if ranges else ""))
+    return {"trtexec": trtexec, "polygraphy": polygraphy}
 
 
 # ------------------------------------------------------------------ profiles (plain data)

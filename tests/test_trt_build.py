@@ -145,6 +145,10 @@ def test_dry_run_prints_the_plan_without_tensorrt(artifacts):
         assert engine["weight_bytes"] == sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     assert plan["engines"][0]["weight_bytes"] > 0 and plan["engines"][-1]["profiles"][1]["axes"]["past_sequence_length"] \
         == [77, 108, 511 - 116]
+    decode = plan["engines"][-1]["profiles"][1]  # decoder_3: cache 77..395 plus the new token
+    assert "--maxShapes=hidden_states:2x1x64," in decode["cross_check"]["trtexec"]
+    assert "past_key_values.7.value:2x2x395x16" in decode["cross_check"]["trtexec"]
+    assert decode["cross_check"]["polygraphy"].startswith(f"polygraphy run {artifacts / 'decoder_3.onnx'} --trt --onnxrt")
     text = runner.invoke(cli.cli, ["build", "--artifacts", str(artifacts), "--dry-run"])
     assert text.exit_code == 0 and "plan: 12 engines" in text.output and "dry run: nothing built" in text.output
 
@@ -170,9 +174,17 @@ def test_build_and_generate_without_tensorrt_say_what_to_install(artifacts, tmp_
     assert generated.exit_code == 2 and "error: TensorRT is not installed" in generated.output
 
 
-def test_generate_trt_needs_an_engine_folder():
+def test_generate_and_bench_trt_need_an_engine_folder():
     result = CliRunner().invoke(cli.cli, ["generate", "--backend", "trt", "--image", "examples/cat.png", "--prompt", "hi"])
     assert result.exit_code == 2 and "give --engines DIR" in result.output
+    result = CliRunner().invoke(cli.cli, ["bench", "--backend", "trt"])
+    assert result.exit_code == 2 and "--backend trt --engines DIR" in result.output
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="this machine has TensorRT: the refusal without it cannot be observed")
+def test_bench_trt_without_tensorrt_says_what_to_install(tmp_path):
+    result = CliRunner().invoke(cli.cli, ["bench", "--backend", "trt", "--engines", str(tmp_path)])
+    assert result.exit_code == 2 and "error: TensorRT is not installed" in result.output
 
 
 def _engine_data(artifacts, environment=ENV) -> dict:
