@@ -146,6 +146,18 @@ def test_force_replaces_our_folder_atomically(tmp_path):
     assert (empty / "data.bin").exists()
 
 
+def test_a_full_disk_is_one_line_and_leaves_the_old_folder(tmp_path):
+    target = write_atomically(tmp_path / "out", lambda f, s: our_fill(f, s, "old"))
+
+    def disk_full(folder, scratch):
+        (folder / "part.onnx").write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(folder / "part.onnx"))
+
+    with pytest.raises(UserError, match=r"writing .*out failed \(No space left on device: .*part.onnx\); .* was left as it was"):
+        write_atomically(target, disk_full, force=True)
+    assert (target / "data.bin").read_text() == "old" and leftovers(tmp_path) == []
+
+
 def test_files_and_folders_get_normal_permissions(tmp_path):
     old = os.umask(0o022)
     try:
@@ -161,6 +173,14 @@ def test_files_and_folders_get_normal_permissions(tmp_path):
     assert oct(target.stat().st_mode & 0o777) == oct(0o755)
     assert oct((target / "sub").stat().st_mode & 0o777) == oct(0o755)
     assert oct((target / "private.bin").stat().st_mode & 0o777) == oct(0o644)
+    from visiondrop.trace import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "trace.json", {"a": 1})  # written via mkstemp, which makes 0600 files
+    finally:
+        os.umask(old)
+    assert oct((tmp_path / "trace.json").stat().st_mode & 0o777) == oct(0o644)
 
 
 # ------------------------------------------------------------------ concurrent and killed writers

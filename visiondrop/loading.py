@@ -273,10 +273,17 @@ def write_atomically(
             if target.exists():
                 aside = target.parent / f".{target.name}.{REPLACED}-{os.getpid()}"
                 target.rename(aside)
-                (staging / "folder").rename(target)
+                try:
+                    (staging / "folder").rename(target)
+                except BaseException:
+                    aside.rename(target)
+                    raise
                 shutil.rmtree(aside)
             else:
                 (staging / "folder").rename(target)
+        except OSError as exc:  # disk full, quota, I/O error: one line, and the target as it was
+            reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or str(exc))
+            raise UserError(f"writing {target} failed ({reason}); {target} was left as it was") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
