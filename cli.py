@@ -144,6 +144,24 @@ def open_engines(engines: Path, artifacts: Path | None):
     return backend, processor, backend.manifest.model["source"], limit
 
 
+def open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device):
+    """The backend a command's --backend/--model/--artifacts/--engines options name (see open_*)."""
+    if backend_name == "torch" and (artifacts or engines) or backend_name == "ort" and (artifacts is None or engines):
+        raise UserError("--backend torch runs --model, ort runs --artifacts DIR, trt runs --engines DIR: "
+                        "pick the one that matches the folder you gave")
+    if backend_name == "trt" or engines is not None:
+        if engines is None:
+            raise UserError("--backend trt runs an engine folder: give --engines DIR (written by `python cli.py build`)")
+        if model is not None or budget is not None or schedule is not None:
+            raise UserError("--engines fixes the model and schedule at export time: drop --model/--budget/--schedule")
+        return open_engines(engines, artifacts)
+    if artifacts is not None:
+        if model is not None or budget is not None or schedule is not None:
+            raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
+        return open_artifacts(artifacts, provider)
+    return open_torch(model or "tiny", budget, schedule, device)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli() -> None:
     """VisionDrop Edge: prune LLaVA's visual tokens to a fixed budget and deploy it.
@@ -180,7 +198,7 @@ def tiny(out: Path, force: bool) -> None:
 @click.option("--backend", "backend_name", default="auto", show_default=True, type=click.Choice(["auto", "torch", "ort", "trt"]), help="auto: torch for --model, ort for --artifacts, trt for --engines.")
 @click.option("--engines", type=click.Path(path_type=Path), default=None, help="Run the TensorRT engine folder written by `build` (its artifacts are found through its manifest, or give --artifacts).")
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image file; repeat for a batch.")
-@click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one for all images or one per image.")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one for all images, one per image, or several for one image (the image is then encoded once).")
 @click.option("--budget", default=None, help=BUDGET_HELP)
 @click.option("--schedule", default=None, help=SCHEDULE_HELP)
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
@@ -199,34 +217,31 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
     from visiondrop.prompt import build_prompts, check_length, load_images, pixel_values
     from visiondrop.trace import stage_records, top_logits, write_json
 
-    if len(prompts) not in (1, len(images)):
-        raise UserError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
+    if len(prompts) not in (1, len(images)) and len(images) != 1:
+        raise UserError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt, one per image, "
+                        "or several for one image")
     check_outputs(trace=trace_path)
     pil_images = load_images(images)
-    if backend_name == "torch" and (artifacts or engines) or backend_name == "ort" and (artifacts is None or engines):
-        raise UserError("--backend torch runs --model, ort runs --artifacts DIR, trt runs --engines DIR: "
-                        "pick the one that matches the folder you gave")
-    if backend_name == "trt" or engines is not None:
-        if engines is None:
-            raise UserError("--backend trt runs an engine folder: give --engines DIR (written by `python cli.py build`)")
-        if model is not None or budget is not None or schedule is not None:
-            raise UserError("--engines fixes the model and schedule at export time: drop --model/--budget/--schedule")
-        backend, processor, source, limit = open_engines(engines, artifacts)
-    elif artifacts is not None:
-        if model is not None or budget is not None or schedule is not None:
-            raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
-        backend, processor, source, limit = open_artifacts(artifacts, provider)
-    else:
-        backend, processor, source, limit = open_torch(model or "tiny", budget, schedule, device)
+    backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device)
     plan = backend.spec.schedule
     batch = build_prompts(
-        processor.tokenizer, list(prompts) * (len(images) // len(prompts)), plan.image_tokens,
+        processor.tokenizer, list(prompts) * max(1, len(images) // len(prompts)), plan.image_tokens,
         backend.spec.image_token_id, backend.spec.pad_token_id,
     )
     check_length(batch, max_new_tokens, *limit)
     pixels = pixel_values(processor.image_processor, pil_images)
     progress(f"generating on {backend.name} with schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer)")
-    result = greedy_generate(backend, pixels, batch, max_new_tokens)
+    if len(images) == 1 and len(prompts) > 1:  # one prefill of the image, every question on top of it
+        from runtime.session import Session
+
+        session = Session(backend, processor, source)
+        [prefix] = session.encode_prefix(pixels)
+        progress(f"image encoded once for {len(prompts)} questions")
+        result = session.answer([prefix] * len(prompts), list(prompts), max_new_tokens)
+        vision_stage, stages = prefix.vision.stage, prefix.stages
+    else:
+        result = greedy_generate(backend, pixels, batch, max_new_tokens)
+        vision_stage, stages = result.vision.stage, result.stages
     answers = processor.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
     if as_json:
         click.echo(json.dumps({
@@ -243,11 +258,55 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
             "schedule": plan.to_dict(),
             "prompts": list(prompts),
             "images": [str(p) for p in images],
-            "stages": stage_records(plan, result.vision.stage, result.stages),
-            "first_logits_top20": top_logits(result.first_logits),
+            "stages": stage_records(plan, vision_stage, stages),
+            "first_logits_top20": top_logits(result.step_logits[0]),
             "generated_ids": result.tokens.tolist(),
         }))
         progress(f"wrote trace {trace_path}")
+
+
+@cli.command()
+@click.option("--model", default=None, help=MODEL_HELP + " Default: tiny.")
+@click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Chat on an exported artifact folder with ONNX Runtime instead of PyTorch.")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --artifacts.")
+@click.option("--backend", "backend_name", default="auto", show_default=True, type=click.Choice(["auto", "torch", "ort", "trt"]), help="auto: torch for --model, ort for --artifacts, trt for --engines.")
+@click.option("--engines", type=click.Path(path_type=Path), default=None, help="Chat on the TensorRT engine folder written by `build`.")
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to talk about.")
+@click.option("--budget", default=None, help=BUDGET_HELP)
+@click.option("--schedule", default=None, help=SCHEDULE_HELP)
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Longest answer per turn.")
+@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device for the PyTorch backend (cpu, cuda, cuda:N).")
+@user_errors
+def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, max_new_tokens, device) -> None:
+    """Talk about one image in the terminal, one question per line (an empty line or EOF ends).
+
+    The image is pruned and prefilled once; every turn only prefills its own words on top of
+    the conversation's KV caches, and answers stream as they are produced.
+    """
+    from transformers import TextStreamer
+
+    from runtime.session import Session
+    from visiondrop.prompt import follow_up_ids, load_images, pixel_values
+
+    picture = load_images([image])
+    backend, processor, source, (limit, limit_name) = open_backend(
+        backend_name, model, artifacts, engines, provider, budget, schedule, device)
+    conversation = Session(backend, processor, source).chat(pixel_values(processor.image_processor, picture))
+    progress(f"image encoded ({backend.spec.schedule.describe()}); ask away, an empty line ends")
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("you> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        used = conversation.length + len(follow_up_ids(processor.tokenizer, line.strip())) + 2  # + the previous answer's end
+        if used + max_new_tokens > limit:
+            raise UserError(f"the conversation would pass {limit_name} ({limit} tokens; {used} with this question): "
+                            "start a new chat or lower --max-new-tokens")
+        streamer = TextStreamer(processor.tokenizer, skip_special_tokens=True)
+        conversation.say(line.strip(), max_new_tokens, on_token=lambda token: streamer.put(token.cpu()))
+        streamer.end()
 
 
 def parse_int_list(text: str, option: str) -> list[int]:

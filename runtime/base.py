@@ -206,12 +206,21 @@ class Backend(ABC):
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         """One greedy step for ``tokens`` [B]: a group's new position is its cache's real length."""
-        hidden = self.run_embed(tokens.to(self.device).unsqueeze(-1))
+        tokens = tokens.to(self.device).unsqueeze(-1)
+        return self.extend(tokens, torch.ones_like(tokens), state)
+
+    def extend(self, input_ids: Tensor, attention_mask: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """Append text ``input_ids`` [B, S] (``attention_mask`` 0 on their left padding) to every
+        group's cache; returns the last position's logits and the new state (``state`` is left
+        as it was). Positions continue from each group's real cache length: pruning is a
+        prefill matter, so this is a decode step of S tokens (prefix reuse, chat turns)."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        hidden = self.run_embed(input_ids)
         new_state = DecoderState()
         for group in range(self.num_groups):
             past_mask = state.masks[group]
-            position_ids = past_mask.sum(-1, keepdim=True)
-            mask = torch.cat([past_mask, torch.ones_like(past_mask[:, :1])], dim=1)
+            position_ids = past_mask.sum(-1, keepdim=True) + positions_from_mask(attention_mask)
+            mask = torch.cat([past_mask, attention_mask.to(past_mask.dtype)], dim=1)
             query, key, value = self.run_qkv(group, hidden)
             hidden, presents = self.run_group(group, hidden, query, key, value, mask, position_ids, state.caches[group])
             new_state.caches.append(presents)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from visiondrop.prompt import PromptBatch
 
-from .base import Backend, StageTrace, VisionOutput
+from .base import Backend, DecoderState, StageTrace, VisionOutput
 
 
 @dataclass
@@ -26,20 +27,34 @@ class GenerationResult:
 
 def greedy_generate(backend: Backend, pixel_values: Tensor, prompts: PromptBatch, max_new_tokens: int) -> GenerationResult:
     """HF-style greedy decoding: stop at ``max_new_tokens`` or when every row has emitted EOS."""
-    spec = backend.spec
     vision = backend.encode_image(pixel_values)
     prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset)
-    logits, state = prefill.logits, prefill.state
+    tokens, step_logits, _ = greedy_decode(backend, prefill.logits, prefill.state, max_new_tokens)
+    return GenerationResult(tokens, vision, prefill.stages, step_logits)
+
+
+def greedy_decode(
+    backend: Backend, logits: Tensor, state: DecoderState, max_new_tokens: int,
+    on_token: Callable[[Tensor], None] | None = None,
+) -> tuple[Tensor, list[Tensor], DecoderState]:
+    """Greedy steps from the first logits: (tokens [B, T], each step's logits, the final state).
+
+    The final state holds every generated token but the last one (it was never fed back).
+    ``on_token`` sees each step's tokens as they are produced (streaming).
+    """
+    spec = backend.spec
     unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens, step_logits = [], []
     for step in range(max_new_tokens):
         step_logits.append(logits)
         token = torch.where(unfinished, logits.argmax(-1), torch.full_like(unfinished, spec.pad_token_id, dtype=torch.int64))
         tokens.append(token)
+        if on_token is not None:
+            on_token(token)
         if spec.eos_token_id is not None:
             unfinished &= token != spec.eos_token_id
         if step == max_new_tokens - 1 or not bool(unfinished.any()):  # one sync per token: loop control
             break
         logits, state = backend.decode_step(token, state)
     generated = torch.stack(tokens, dim=1) if tokens else torch.zeros((logits.shape[0], 0), dtype=torch.int64)
-    return GenerationResult(generated, vision, prefill.stages, step_logits)
+    return generated, step_logits, state

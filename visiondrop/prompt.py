@@ -28,32 +28,66 @@ class PromptBatch:
     image_offset: Tensor  # [B] int64
 
 
+FOLLOW_UP_TEMPLATE = "USER: {prompt} ASSISTANT:"  # a later chat turn, after the previous answer's EOS
+
+
+@dataclass(frozen=True)
+class SplitPrompt:
+    """A templated prompt cut at its image: what comes before it does not depend on the question."""
+
+    prefix_ids: tuple[int, ...]  # BOS and the template's text before the image
+    suffix_ids: tuple[int, ...]  # the question and the answer cue
+
+
+def split_prompt(tokenizer, prompt: str, image_token_id: int) -> SplitPrompt:
+    """Tokenise ``prompt`` in the template and cut it at the ``<image>`` token."""
+    if IMAGE_PLACEHOLDER in prompt:
+        raise UserError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
+    ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt)).input_ids
+    if ids.count(image_token_id) != 1:
+        raise UserError(
+            f"the tokenizer does not map '{IMAGE_PLACEHOLDER}' to the model's image token id {image_token_id}: "
+            "use the tokenizer saved with the checkpoint"
+        )
+    at = ids.index(image_token_id)
+    return SplitPrompt(tuple(ids[:at]), tuple(ids[at + 1:]))
+
+
+def template_puts_image_first() -> bool:
+    """Whether the question comes after the image: then the image's pruning (causal, visual
+    queries only) cannot depend on it, and one prefill of the image serves every question."""
+    return PROMPT_TEMPLATE.index(IMAGE_PLACEHOLDER) < PROMPT_TEMPLATE.index("{prompt}")
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ids [B, S] and their attention mask (0 on the padding)."""
+    length = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
+    for row, ids in enumerate(rows):
+        if ids:
+            input_ids[row, length - len(ids):] = torch.tensor(list(ids))
+            attention_mask[row, length - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 def build_prompts(
     tokenizer, prompts: Sequence[str], image_tokens: int, image_token_id: int, pad_token_id: int
 ) -> PromptBatch:
     """Tokenise each prompt in the template and expand its ``<image>`` to ``image_tokens`` ids."""
-    rows = []
-    for prompt in prompts:
-        if IMAGE_PLACEHOLDER in prompt:
-            raise UserError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
-        ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt)).input_ids
-        if ids.count(image_token_id) != 1:
-            raise UserError(
-                f"the tokenizer does not map '{IMAGE_PLACEHOLDER}' to the model's image token id {image_token_id}: "
-                "use the tokenizer saved with the checkpoint"
-            )
-        at = ids.index(image_token_id)
-        rows.append((ids[:at] + [image_token_id] * image_tokens + ids[at + 1:], at))
-    length = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.int64)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.int64)
-    offsets = []
-    for row, (ids, at) in enumerate(rows):
-        pad = length - len(ids)
-        input_ids[row, pad:] = torch.tensor(ids)
-        attention_mask[row, pad:] = 1
-        offsets.append(pad + at)
-    return PromptBatch(input_ids, attention_mask, torch.tensor(offsets, dtype=torch.int64))
+    splits = [split_prompt(tokenizer, prompt, image_token_id) for prompt in prompts]
+    rows = [list(p.prefix_ids) + [image_token_id] * image_tokens + list(p.suffix_ids) for p in splits]
+    input_ids, attention_mask = left_pad(rows, pad_token_id)
+    pad = input_ids.shape[1] - torch.tensor([len(ids) for ids in rows])
+    offsets = pad + torch.tensor([len(p.prefix_ids) for p in splits])
+    return PromptBatch(input_ids, attention_mask, offsets.to(torch.int64))
+
+
+def follow_up_ids(tokenizer, prompt: str) -> list[int]:
+    """A later chat turn's ids (no BOS: it continues the conversation)."""
+    if IMAGE_PLACEHOLDER in prompt:
+        raise UserError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
+    return tokenizer(FOLLOW_UP_TEMPLATE.format(prompt=prompt), add_special_tokens=False).input_ids
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
