@@ -227,23 +227,39 @@ def weight_bytes(model: onnx.ModelProto) -> int:
 
 
 def kernel_limit_problems(model: onnx.ModelProto, graph: str) -> list[str]:
-    """Plugin nodes whose sizes the CUDA kernels cannot run (N, R <= 4096, M <= 256)."""
+    """Plugin nodes whose sizes the CUDA kernels cannot run (N, R <= 4096, M <= 256).
+
+    Sizes are those of each select's inputs (scores [B,N], metric [B,N,M]): the graph's own
+    outputs of those names in export's contract, else ONNX shape inference; a merge's R is its
+    select's N - k.
+    """
+    plugin_nodes = [n for n in model.graph.node if is_plugin_node(n)]
+    if not plugin_nodes:
+        return []
+    inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-              for v in model.graph.value_info}
+              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    rest_counts = {}  # select's rest_metric output -> (R, M)
     problems = []
-    for node in model.graph.node:
-        if not is_plugin_node(node):
-            continue
-        if node.op_type == SELECT_OP:  # outputs: dominant [B,k,D], rest_tokens [B,N-k,D], rest_metric [B,N-k,M]
-            kept, rest = shapes.get(node.output[0], [None] * 3), shapes.get(node.output[2], [None] * 3)
-            if kept[1] is not None and rest[1] is not None and kept[1] + rest[1] > MAX_TOKENS:
-                problems.append(f"{graph}: {SELECT_OP} over N={kept[1] + rest[1]} tokens (the kernel takes N <= {MAX_TOKENS})")
-        if node.op_type == MERGE_OP:  # inputs: rest_tokens [B,R,D], rest_metric [B,R,M]
-            metric = shapes.get(node.input[1])  # select's rest_metric output: its traced type is kept
-            if metric and metric[1] is not None and metric[1] > MAX_TOKENS:
-                problems.append(f"{graph}: {MERGE_OP} over R={metric[1]} tokens (the kernel takes R <= {MAX_TOKENS})")
-            if metric and metric[2] is not None and metric[2] > MAX_METRIC:
-                problems.append(f"{graph}: {MERGE_OP} metric width M={metric[2]} (the kernel takes M <= {MAX_METRIC})")
+    for node in plugin_nodes:
+        if node.op_type == SELECT_OP:  # inputs: scores [B,N], tokens [B,N,D], metric [B,N,M]
+            k = next(a.i for a in node.attribute if a.name == "k")
+            n = (shapes.get(node.input[0]) or [None, None])[1]
+            m = (shapes.get(node.input[2]) or [None, None, None])[2]
+            if n is None or m is None:
+                problems.append(f"{graph}: the sizes of {SELECT_OP} node '{node.name}' are not static; re-run export")
+                continue
+            if n > MAX_TOKENS:
+                problems.append(f"{graph}: {SELECT_OP} over N={n} tokens (the kernel takes N <= {MAX_TOKENS})")
+            rest_counts[node.output[2]] = (n - k, m)
+        elif node.input[1] in rest_counts:  # merge inputs: rest_tokens [B,R,D], rest_metric [B,R,M]
+            r, m = rest_counts[node.input[1]]
+            if r > MAX_TOKENS:
+                problems.append(f"{graph}: {MERGE_OP} over R={r} tokens (the kernel takes R <= {MAX_TOKENS})")
+            if m > MAX_METRIC:
+                problems.append(f"{graph}: {MERGE_OP} metric width M={m} (the kernel takes M <= {MAX_METRIC})")
+        else:
+            problems.append(f"{graph}: {MERGE_OP} node '{node.name}' is not fed by a {SELECT_OP}; re-run export")
     return problems
 
 

@@ -100,16 +100,21 @@ def test_opt_is_clamped_into_each_groups_range():
 
 
 def _plugin_graph(n: int, k: int, m: int) -> onnx.ModelProto:
-    """A select -> merge plugin graph with the traced output types export keeps in value_info."""
+    """select -> merge plugin nodes fed by standard ops, as export writes them (the plugin
+    outputs' traced types are symbolic: sizes must come from what feeds the select)."""
+    relu = helper.make_node("Relu", ["raw_scores"], ["scores"])
     select = helper.make_node(SELECT_OP, ["scores", "tokens", "metric"], ["dom", "rest", "rest_metric", "kept", "rest_i"],
                               domain=PLUGIN_DOMAIN, k=k)
     merge = helper.make_node(MERGE_OP, ["rest", "rest_metric"], ["contextual", "assignment"], domain=PLUGIN_DOMAIN, c=4)
-    info = [helper.make_tensor_value_info("dom", TensorProto.FLOAT, ["B", k, 8]),
-            helper.make_tensor_value_info("rest", TensorProto.FLOAT, ["B", n - k, 8]),
-            helper.make_tensor_value_info("rest_metric", TensorProto.FLOAT, ["B", n - k, m])]
-    graph = helper.make_graph([select, merge], "g", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["B", n])],
-                              [helper.make_tensor_value_info("contextual", TensorProto.FLOAT, ["B", 4, 8])], value_info=info)
-    return helper.make_model(graph)
+    symbolic = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", f"{name}_1", f"{name}_2"])
+                for name in ("dom", "rest", "rest_metric")]
+    inputs = [helper.make_tensor_value_info("raw_scores", TensorProto.FLOAT, ["B", n]),
+              helper.make_tensor_value_info("tokens", TensorProto.FLOAT, ["B", n, 8]),
+              helper.make_tensor_value_info("metric", TensorProto.FLOAT, ["B", n, m])]
+    graph = helper.make_graph([relu, select, merge], "g", inputs,
+                              [helper.make_tensor_value_info("contextual", TensorProto.FLOAT, ["B", 4, 8])],
+                              value_info=symbolic)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(PLUGIN_DOMAIN, 1)])
 
 
 def test_kernel_limits_are_refused_from_the_graph():
@@ -118,8 +123,23 @@ def test_kernel_limits_are_refused_from_the_graph():
     assert any("N=5000" in p for p in problems)  # select over more than 4096 tokens
     assert any("R=4900" in p for p in problems)  # merge over more than 4096 remaining tokens
     assert any("M=300" in p for p in problems)  # metric wider than 256
+    edge = kernel_limit_problems(_plugin_graph(4097, 1, 8), "edge")  # N one past the limit, R = 4096 exactly
+    assert len(edge) == 1 and "N=4097" in edge[0]
 
 
+def test_kernel_limits_read_the_sizes_of_a_real_plugin_export(tiny, tmp_path):
+    """On export's own plugin graphs the sizes are found (and fit): the check is not vacuous there."""
+    from export.trt_build import kernel_limit_problems as problems_of
+
+    folder = tmp_path / "plugins"
+    export_artifacts(tiny, SCHEDULE, folder, ExportOptions(plugins=True, max_seq_len=512))
+    model = onnx.load(str(folder / "prune_0.onnx"))
+    assert problems_of(model, "prune_0") == []
+    select = next(n for n in model.graph.node if n.op_type == SELECT_OP)
+    for output in model.graph.output:  # a wider merge metric than the kernel takes
+        if output.name == select.input[2]:
+            output.type.tensor_type.shape.dim[2].dim_value = 300
+    assert problems_of(model, "prune_0") == ["prune_0: VisionDropMerge metric width M=300 (the kernel takes M <= 256)"]
 # ------------------------------------------------------------------ on the tiny model's artifacts
 
 @pytest.fixture(scope="module")
