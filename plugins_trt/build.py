@@ -73,6 +73,9 @@ def build(
             "nvcc not found (PATH, $CUDACXX, $CUDA_HOME, /usr/local/cuda): install the CUDA toolkit "
             "(cuda-toolkit / JetPack's cuda-nvcc) or point CUDACXX at nvcc"
         )
+    if nvinfer_library and not Path(nvinfer_library).is_file():
+        raise BuildError(f"--nvinfer {nvinfer_library} does not exist: give the path of libnvinfer.so "
+                         "(TensorRT's lib/ folder, or /usr/lib/aarch64-linux-gnu on Jetson)")
     out = Path(build_dir) if build_dir else DEFAULT_BUILD_DIR
     out.mkdir(parents=True, exist_ok=True)
     root = str(tensorrt_root) if tensorrt_root else os.environ.get("TensorRT_ROOT", "")
