@@ -1,4 +1,6 @@
-"""Static-shape lint for exported graphs: no op whose output shape depends on tensor values.
+"""Lints for exported graphs: static shapes, and op/type pairs TensorRT's parser documents.
+
+Static shapes: no op whose output shape depends on tensor values.
 
 Taint analysis over the ONNX graph: the *values* of graph inputs are data; ``Shape`` (and
 ``Size``) outputs, constants and initializers are not; every other op's outputs are data if
@@ -37,4 +39,23 @@ def data_dependent_shapes(model: onnx.ModelProto) -> list[str]:
                 problems.append(f"{node.op_type} node '{node.name}': operand {position} ('{node.input[position]}') depends on tensor values")
         if node.op_type not in SHAPE_OPS and any(i in data for i in node.input):
             data.update(node.output)
+    return problems
+
+
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+# onnx-tensorrt's operator matrix (docs/operators.md, 10.x) lists these ops for float types only.
+FLOAT_ONLY = {"CumSum", "Clip"}
+
+
+def undocumented_types(model: onnx.ModelProto) -> list[str]:
+    """Nodes whose first input has a type onnx-tensorrt's matrix does not document for the op."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    problems = []
+    for node in graph.node:
+        if node.op_type in FLOAT_ONLY and types.get(node.input[0]) not in FLOAT_TYPES:
+            name = onnx.TensorProto.DataType.Name(types.get(node.input[0], 0))
+            problems.append(f"{node.op_type} node '{node.name}' on {name} (onnx-tensorrt documents float types only)")
     return problems

@@ -33,8 +33,8 @@ from visiondrop.pruning import REFERENCE_OPS
 from visiondrop.schedule import Schedule
 
 from .gates import gates_for
-from .graph_checks import data_dependent_shapes
-from .manifest import GraphEntry, Manifest
+from .graph_checks import data_dependent_shapes, undocumented_types
+from .manifest import GraphEntry, Manifest, tensor_contract
 
 EMBED_FILE = "embed_tokens.safetensors"
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -165,12 +165,6 @@ def graph_specs(pipeline: VisionDropLlava, spec: ModelSpec) -> list[GraphSpec]:
     return graphs
 
 
-def _value_info(value: onnx.ValueInfoProto) -> dict:
-    tensor = value.type.tensor_type
-    dims = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
-    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": dims}
-
-
 def _set_shape(value: onnx.ValueInfoProto, shape: list[int | str]) -> None:
     dims = value.type.tensor_type.shape.dim
     for dim, size in zip(dims, shape):
@@ -215,6 +209,9 @@ def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: Expo
     problems = data_dependent_shapes(model)
     if problems:
         raise RuntimeError(f"{graph.name} is not static-shaped: " + "; ".join(problems))
+    problems = undocumented_types(model)
+    if problems:
+        raise RuntimeError(f"{graph.name} uses types TensorRT's parser does not document: " + "; ".join(problems))
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     target = directory / f"{graph.name}.onnx"
     external = options.external_data == "always" or weights > EXTERNAL_DATA_BYTES
@@ -224,7 +221,7 @@ def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: Expo
     onnx.checker.check_model(str(target), full_check=True)  # by path: works past 2 GB; runs shape inference too
     return GraphEntry(
         name=graph.name, file=target.name, role=graph.role, index=graph.index,
-        inputs=[_value_info(v) for v in model.graph.input], outputs=[_value_info(v) for v in model.graph.output],
+        inputs=[tensor_contract(v) for v in model.graph.input], outputs=[tensor_contract(v) for v in model.graph.output],
         external_data=data_name,
     )
 

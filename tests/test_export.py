@@ -11,7 +11,7 @@ from onnx import TensorProto, helper
 
 import cli
 from export import onnx_export
-from export.graph_checks import data_dependent_shapes
+from export.graph_checks import data_dependent_shapes, undocumented_types
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_artifacts
 from export.validate import validate_artifacts
@@ -63,6 +63,7 @@ def test_graphs_are_static_opset17_ir10(exported, budget):
         ops = {n.op_type for n in model.graph.node}
         assert "NonZero" not in ops and not ops & {"Loop", "If", "Scan"}
         assert data_dependent_shapes(model) == []
+        assert undocumented_types(model) == []  # e.g. CumSum/Clip only on float types
         for value in list(model.graph.input) + list(model.graph.output):
             for dim in value.type.tensor_type.shape.dim:
                 assert dim.dim_param in CONTRACT_AXES or (not dim.dim_param and dim.dim_value > 0), (path.name, value.name)
@@ -88,6 +89,18 @@ def test_kv_cache_io_follows_optimum_names(exported):
             assert inputs[f"past_key_values.{layer}.key"] == ["batch_size", 2, "past_sequence_length", 16]
             assert outputs[f"present.{layer}.value"] == ["batch_size", 2, "total_sequence_length", 16]
         assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+
+
+def test_type_lint_catches_integer_cumsum_and_clip():
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [4])
+    axis = helper.make_tensor("axis", TensorProto.INT64, [], [0])
+    model = helper.make_model(helper.make_graph([helper.make_node("CumSum", ["x", "axis"], ["y"])], "g", [x], [y], [axis]))
+    assert "CumSum" in undocumented_types(model)[0]
+    floats = helper.make_model(helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["f"], to=TensorProto.FLOAT), helper.make_node("CumSum", ["f", "axis"], ["c"]),
+         helper.make_node("Cast", ["c"], ["y"], to=TensorProto.INT64)], "g", [x], [y], [axis]))
+    assert undocumented_types(floats) == []
 
 
 def test_static_shape_lint_catches_data_dependent_shapes():

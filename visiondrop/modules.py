@@ -28,8 +28,13 @@ from .schedule import Schedule, Stage
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """Contiguous positions of the real tokens (left padding gets 0): renumbering after a prune."""
-    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    """Contiguous positions of the real tokens (padding gets 0): renumbering after a prune.
+
+    The running count is an fp32 CumSum (exact below 2^24 tokens) and padding is zeroed by
+    the mask, not clipped: onnx-tensorrt documents CumSum and Clip for float types only.
+    """
+    mask = attention_mask.float()
+    return ((mask.cumsum(-1) - 1) * mask).long()
 
 
 def causal_mask(attention_mask: Tensor, query_len: int, dtype: torch.dtype) -> Tensor:

@@ -70,8 +70,9 @@ def topk_order(scores: Tensor, k: int) -> Tensor:
     higher = scores.unsqueeze(-2) > scores.unsqueeze(-1)  # [B, i, j]: s_j > s_i
     tied_before = (scores.unsqueeze(-2) == scores.unsqueeze(-1)) & (index[None, :] < index[:, None])
     rank = (higher | tied_before).to(torch.int64).sum(-1)
-    kept = (rank < k).to(torch.int64)
-    destination = torch.where(kept.bool(), kept.cumsum(-1) - 1, k + (1 - kept).cumsum(-1) - 1)
+    kept = rank < k
+    ones = kept.float()  # CumSum in fp32 (exact below 2^24; onnx-tensorrt documents it for float types only)
+    destination = torch.where(kept, ones.cumsum(-1) - 1, k + (1 - ones).cumsum(-1) - 1).long()
     return torch.zeros_like(destination).scatter(1, destination, index.expand_as(destination))
 
 
