@@ -5,9 +5,10 @@ Quantization is done by ONNX Runtime's quantizer, not written here. ``quantize_s
 
 - int8: QInt8, symmetric activations and weights (zero points 0, which TensorRT requires).
   Weights are per output channel, activations per tensor, with MinMax ranges from the
-  calibration run.
-- fp8: E4M3FN. It uses the same placement and ORT's Distribution calibration (the only
-  method ORT allows for float8), at opset 19.
+  calibration run. Q/DQ sits on the linear layers' inputs only, one pair per consumer.
+- fp8: E4M3FN at opset 19, with the same placement. Activation scales come from max
+  calibration (amax / 448, TensorRT's and ModelOpt's FP8 recipe), given to ORT as overrides.
+  ORT's own float8 scales fit a Gaussian and cost accuracy (see ``_quantize_activations``).
 - int4-weight: W4A16. The decoder's linear weights become int4 with a scale per block of
   ``block_size`` along the input dimension (round to nearest, symmetric), at opset 21.
   Activations stay float. The LM head stays float, as TensorRT Edge-LLM and ModelOpt leave it.
@@ -47,11 +48,21 @@ CALIBRATION_BATCH = 4
 CALIBRATION_NEW_TOKENS = 3  # decode steps per sample: decoders also see their decode-phase inputs
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # as export: protobuf's 2 GB limit
 
-# ORT 1.31's CPU graph optimizer moves float8 QuantizeLinear nodes across Transpose (QDQ
-# propagation) into an invalid graph, and no CPU kernel computes in fp8 anyway. So fp8
-# folders run on ORT with its QDQ transforms off, as DequantizeLinear -> float ops: the
-# reference semantics of the Q/DQ graph. The manifest records this for every ORT consumer.
-ORT_SESSION_CONFIG = {"fp8": {"session.disable_quant_qdq": "1"}}
+# How ONNX Runtime (1.31, CPU) must open each precision's graphs; the manifest records it as
+# ``export.quantization.onnxruntime`` for every ORT consumer:
+# - int8: ORT fuses DequantizeLinear -> MatMul into its int8 kernel (MatMulIntegerToFloat)
+#   only where the DequantizeLinear has one consumer. The graphs carry one Q/DQ pair per
+#   consumer (DedicatedQDQPair), but ORT's common-subexpression elimination merges them
+#   again: with it, 7 of a decoder group's 11 int8 linears run as DequantizeLinear + fp32
+#   MatMul (slower than fp32); without it, all 11 are fused.
+# - fp8: ORT's QDQ transforms move float8 QuantizeLinear nodes across Transpose into an
+#   invalid graph, and no CPU kernel computes in fp8. With them off, ORT runs the Q/DQ
+#   reference semantics (DequantizeLinear -> float ops).
+ORT_SETTINGS = {
+    "int8": {"session_config": {}, "disabled_optimizers": ["CommonSubexpressionElimination"]},
+    "fp8": {"session_config": {"session.disable_quant_qdq": "1"}, "disabled_optimizers": []},
+    "int4-weight": {"session_config": {}, "disabled_optimizers": []},
+}
 
 
 @dataclass(frozen=True)
@@ -68,8 +79,8 @@ RECIPES = {r.precision: r for r in (
            "onnxruntime.quantization.quantize_static, QDQ, QInt8 symmetric (ActivationSymmetric, WeightSymmetric), "
            "MinMax calibration; weights per output channel, activations per tensor"),
     Recipe("fp8", ("vision", "qkv", "decoder"), 19, "float8 QuantizeLinear/DequantizeLinear need opset 19",
-           "onnxruntime.quantization.quantize_static, QDQ, QFLOAT8E4M3FN symmetric, Distribution calibration; "
-           "weights per output channel, activations per tensor"),
+           "onnxruntime.quantization.quantize_static, QDQ, QFLOAT8E4M3FN; activations per tensor with max "
+           "calibration (scale = amax / 448, as TensorRT/ModelOpt FP8), weights per output channel (ORT's float8 scales)"),
     Recipe("int4-weight", ("qkv", "decoder"), 21, "block-wise (block_size) int4 DequantizeLinear needs opset 21",
            "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer, QDQ format, int4 symmetric "
            "round-to-nearest (RTN), one scale per block along the input dimension; activations float (W4A16)"),
@@ -112,13 +123,12 @@ def target_opset(recipe: Recipe, source_opset: int, requested: int | None) -> in
     return requested
 
 
-def ort_session_options(precision: str | None = None, plugins: bool = False):
-    """Session options that run a (quantized, possibly plugin-mode) graph on ONNX Runtime CPU."""
+def _session_options(precision: str | None, plugins: bool):
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    for key, value in ORT_SESSION_CONFIG.get(precision or "", {}).items():
+    for key, value in ORT_SETTINGS.get(precision or "", {}).get("session_config", {}).items():
         options.add_session_config_entry(key, value)
     if plugins:
         from plugins_trt.ort_ops import custom_ops_library
@@ -128,6 +138,7 @@ def ort_session_options(precision: str | None = None, plugins: bool = False):
 
 
 def _session(path: Path, precision: str | None, plugins: bool):
+    """A CPU session over one (quantized, possibly plugin-mode) graph, with its precision's ORT settings."""
     import onnxruntime
 
     model: str | bytes = str(path)
@@ -135,7 +146,38 @@ def _session(path: Path, precision: str | None, plugins: bool):
         from plugins_trt.ort_ops import ort_model
 
         model = ort_model(onnx.load(str(path))).SerializeToString()
-    return onnxruntime.InferenceSession(model, ort_session_options(precision, plugins), providers=["CPUExecutionProvider"])
+    disabled = ORT_SETTINGS.get(precision or "", {}).get("disabled_optimizers") or None
+    return onnxruntime.InferenceSession(model, _session_options(precision, plugins), providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=disabled)
+
+
+@contextlib.contextmanager
+def recorded_ort_settings(directory: str | Path):
+    """Sessions created inside get the ONNX Runtime settings a calibrated folder's manifest records.
+
+    For ``runtime.ort_backend.OrtBackend`` until it reads ``export.quantization.onnxruntime``
+    itself; a float folder records none and nothing changes.
+    """
+    import onnxruntime
+
+    settings = (read_manifest(directory, verify=False).export.get("quantization") or {}).get("onnxruntime") or {}
+    plain_options, plain_session = onnxruntime.SessionOptions, onnxruntime.InferenceSession
+
+    def options():
+        made = plain_options()
+        for key, value in settings.get("session_config", {}).items():
+            made.add_session_config_entry(key, value)
+        return made
+
+    def session(*args, **kwargs):
+        kwargs.setdefault("disabled_optimizers", settings.get("disabled_optimizers") or None)
+        return plain_session(*args, **kwargs)
+
+    onnxruntime.SessionOptions, onnxruntime.InferenceSession = options, session
+    try:
+        yield
+    finally:
+        onnxruntime.SessionOptions, onnxruntime.InferenceSession = plain_options, plain_session
 
 
 class _Feeds(CalibrationDataReader):
@@ -176,15 +218,33 @@ def _quantize_activations(source: Path, target: Path, recipe: Recipe, opset: int
     upgraded = scratch / "input.onnx"
     onnx.save_model(model, str(upgraded), save_as_external_data=True, location="input.onnx.data")
     fp8 = recipe.precision == "fp8"
-    method = CalibrationMethod.Distribution if fp8 else CalibrationMethod.MinMax
+    ranges = _activation_ranges(upgraded, feeds, CalibrationMethod.MinMax, scratch, plugins)
+    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+             # one Q/DQ pair per consumer, on linear inputs only (ModelOpt's placement; see ORT_SETTINGS)
+             "DedicatedQDQPair": True, "OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm", "Conv"]}
+    method = CalibrationMethod.MinMax
+    if fp8:
+        # ORT allows only its Distribution calibration for float8 and sets scales from a Gaussian fit of
+        # each tensor. Activations get max calibration instead (TensorRT's and ModelOpt's FP8 recipe):
+        # scale = amax / 448 through ORT's own overrides. On the tiny model's decoder_0 the worst cosine
+        # is 0.998 this way against 0.988 with the fit.
+        from ml_dtypes import finfo, float8_e4m3fn
+
+        largest = float(finfo(float8_e4m3fn).max)
+        extra["TensorQuantOverrides"] = {
+            name: [{"scale": np.array(np.abs(np.asarray(data.range_value, np.float64)).max() / largest, np.float32),
+                    "zero_point": np.array(0, float8_e4m3fn)}]
+            for name, data in ranges.data.items()
+        }
+        method = CalibrationMethod.Distribution
+        ranges = _activation_ranges(upgraded, feeds, method, scratch, plugins)  # the bookkeeping ORT requires
     cache = scratch / "ranges.json"
-    save_tensors_data(_activation_ranges(upgraded, feeds, method, scratch, plugins), cache)
+    save_tensors_data(ranges, cache)
     kind = QuantType.QFLOAT8E4M3FN if fp8 else QuantType.QInt8
     quantize_static(
         str(upgraded), str(target), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm", "Conv"],
         per_channel=True, activation_type=kind, weight_type=kind, nodes_to_quantize=nodes, calibrate_method=method,
-        calibration_cache_path=cache, use_external_data_format=True,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        calibration_cache_path=cache, use_external_data_format=True, extra_options=extra,
     )
 
 
@@ -376,7 +436,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
                 "calibration_run": {"batch": CALIBRATION_BATCH, "decode_steps": CALIBRATION_NEW_TOKENS,
                                     "feeds_per_graph": {name: len(f) for name, f in feeds.items()}},
                 "excluded": excluded,
-                "onnxruntime_session_config": ORT_SESSION_CONFIG.get(recipe.precision, {}),
+                "onnxruntime": ORT_SETTINGS[recipe.precision],
                 "tensorrt": _tensorrt_note(recipe),
                 "source_artifacts": {"path": str(source.resolve()), "manifest_sha256": sha256_file(source / MANIFEST)},
                 "worst_cosine_on_calibration_inputs": {r.name: r.worst_cosine for r in reports if r.worst_cosine is not None},

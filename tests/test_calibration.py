@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 import cli
 from calibration.data import builtin_set, record_feeds
-from calibration.quantize import CalibrateOptions, calibrate_artifacts
+from calibration.quantize import CalibrateOptions, calibrate_artifacts, recorded_ort_settings
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_artifacts
 from plugins_trt import PLUGIN_DOMAIN
@@ -54,6 +54,16 @@ def _session(path, precision=None):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _fused_int8_kernels(path, disabled):
+    """ONNX Runtime's optimized graph: how many MatMuls run as its int8 kernel, how many stay float."""
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(path.parent / f"{path.stem}.optimized.onnx")
+    options.log_severity_level = 3
+    onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    ops = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    return ops.count("MatMulIntegerToFloat"), ops.count("DequantizeLinear")
+
+
 def _cosine(a, b):
     """Cosine over the finite entries; non-finite ones (the CLS score is +inf) must match exactly."""
     a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
@@ -81,19 +91,9 @@ def _initializers(model):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_every_precision_runs_end_to_end(folders, tiny, precision, monkeypatch):
-    if precision == "fp8":  # until OrtBackend applies the manifest's onnxruntime_session_config
-        config = read_manifest(folders[precision]).export["quantization"]["onnxruntime_session_config"]
-        plain = onnxruntime.SessionOptions
-
-        def with_config():
-            options = plain()
-            for key, value in config.items():
-                options.add_session_config_entry(key, value)
-            return options
-
-        monkeypatch.setattr(onnxruntime, "SessionOptions", with_config)
-    backend = OrtBackend(folders[precision], provider="cpu")
+def test_every_precision_runs_end_to_end(folders, tiny, precision):
+    with recorded_ort_settings(folders[precision]):
+        backend = OrtBackend(folders[precision], provider="cpu")
     spec = backend.spec
     prompts = build_prompts(tiny.tokenizer, ["What is in this image?"] * 2, spec.schedule.image_tokens,
                             spec.image_token_id, spec.pad_token_id)
@@ -181,6 +181,15 @@ def test_scales_times_ten_fail_the_cosine_gate(folders, feeds, tmp_path):
     float_graph = folders["fp32"] / "decoder_0.onnx"
     assert min(_worst_cosines(float_graph, folders["int8"] / "decoder_0.onnx", feeds["decoder_0"], "int8").values()) >= GATE
     assert min(_worst_cosines(float_graph, mutated, feeds["decoder_0"], "int8").values()) < GATE
+
+
+def test_int8_linears_run_as_int8_kernels_on_onnxruntime(folders, tmp_path):
+    """With the recorded settings every quantized linear of a decoder group becomes ORT's int8 MatMul."""
+    settings = read_manifest(folders["int8"]).export["quantization"]["onnxruntime"]
+    graph = tmp_path / "decoder_1.onnx"
+    graph.write_bytes((folders["int8"] / "decoder_1.onnx").read_bytes())
+    assert _fused_int8_kernels(graph, settings["disabled_optimizers"]) == (11, 0)  # 4 + 7 linears of its two layers
+    assert _fused_int8_kernels(graph, None)[0] < 11  # ORT's defaults merge the per-consumer Q/DQ pairs
 
 
 def test_manifest_records_method_data_and_exclusions(folders):
