@@ -548,9 +548,10 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     tokens' patches bright with a white outline, each contextual group's patches coloured by
     its target (target outlined). Patch indices are row-major over the patch grid.
     """
+    from runtime.torch_backend import pad_token_id
     from visiondrop.inspection import draw, inspect_image, panels_json
     from visiondrop.loading import load_model
-    from visiondrop.prompt import load_images
+    from visiondrop.prompt import build_prompts, check_length, load_images
 
     if out is None and not as_json:
         raise UserError("give --out kept.png to draw the panels, --json to print them, or both")
@@ -561,6 +562,8 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     plan = loaded.schedule(budget, schedule)
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
+    batch = build_prompts(loaded.tokenizer, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
+    check_length(batch, 0, *loaded.max_positions)
     panels, seen = inspect_image(loaded, plan, picture, prompt)
     if as_json:
         click.echo(json.dumps({"schedule": plan.describe(), "patch_size": loaded.config.vision_config.patch_size,

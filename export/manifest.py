@@ -301,4 +301,36 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
                     f"{file} does not match the manifest (sha256 {actual[:12]}..., expected {expected[:12]}...): "
                     "the folder changed after export; re-run export"
                 )
+        for entry in manifest.graphs:
+            problem = _contract_differs(directory / entry.file, entry)
+            if problem:
+                raise UserError(f"{path} does not describe {entry.file} ({problem}): the manifest was edited; re-run export")
     return manifest
+
+
+def _contract_differs(file: Path, entry: GraphEntry) -> str | None:
+    """Where the graph file's own inputs/outputs (names, dtypes, shapes) differ from the manifest's.
+
+    The file is hashed, the manifest is not: this ties the contract the runtime binds by
+    name to what the graph really declares (weights stay unread: external data is skipped).
+    """
+    import onnx
+
+    model = onnx.load(str(file), load_external_data=False)
+    for kind, declared, recorded in (("input", model.graph.input, entry.inputs), ("output", model.graph.output, entry.outputs)):
+        actual = [tensor_contract(v) for v in declared]
+        if [a["name"] for a in actual] != [r["name"] for r in recorded]:
+            return f"its {kind}s are {[a['name'] for a in actual]}"
+        for a, r in zip(actual, recorded):
+            if (a["dtype"], a["shape"]) != (r["dtype"], r["shape"]):
+                return f"{kind} {a['name']} is {a['dtype']} {a['shape']}, the manifest says {r['dtype']} {r['shape']}"
+    return None
+
+
+def tensor_contract(value) -> dict[str, Any]:
+    """A graph input/output (``onnx.ValueInfoProto``) as a manifest records it: name, dtype, shape."""
+    import onnx
+
+    tensor = value.type.tensor_type
+    dims = [d.dim_param if d.dim_param else d.dim_value for d in tensor.shape.dim]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": dims}

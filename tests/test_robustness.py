@@ -300,6 +300,18 @@ def edit_graph_output(data, copy):
     next(o for o in prune["outputs"] if o["name"] == "kept_index")["shape"][1] += 3
 
 
+def edit_count_everywhere(data, copy):
+    """A careful forger: schedule and every recorded shape agree, but the graph file says 42."""
+    for schedule in (data["schedule"], data["spec"]["schedule"]):
+        schedule["stages"][0]["dominant"] -= 2
+    vision = next(g for g in data["graphs"] if g["role"] == "vision")
+    for output in vision["outputs"]:
+        if output["name"] in ("image_embeds", "kept_index"):
+            output["shape"][1] -= 2
+    prune = next(g for g in data["graphs"] if g["name"] == "prune_0")
+    next(o for o in prune["outputs"] if o["name"] == "scores")["shape"][1] -= 2
+
+
 def add_unlisted_file(data, copy):
     (copy / "notes.txt").write_text("not from export")
 
@@ -333,6 +345,7 @@ TAMPERS = [
     (drop_a_stage, "(3 decoder groups) does not match its graphs (differing: decoder_3, prune_2, qkv_3)"),
     (impossible_schedule, "manifest.json contradicts itself: its schedule is invalid"),
     (edit_graph_output, "prune_1 output kept_index has shape ['batch_size', 25]"),
+    (edit_count_everywhere, "does not describe vision_encoder.onnx (output image_embeds is float32 ['batch_size', 48, 64]"),
     (add_unlisted_file, "notes.txt is not listed in the manifest"),
     (remove_listed_file, "qkv_0.onnx is listed in the manifest but missing"),
     (fp64, "export.dtype: Input should be 'fp32' or 'fp16'"),
@@ -419,6 +432,8 @@ def test_a_prompt_longer_than_the_positions_is_refused_before_any_work(image, ar
     assert "generating" not in result.stderr
     result = invoke("generate", "--artifacts", artifacts, "--image", image, "--prompt", "a" * 2000, "--max-new-tokens", "8")
     assert one_line_error(result, "more than the 2048 of the artifacts' --max-seq-len"), result.output
+    result = invoke("inspect", "--image", image, "--prompt", long_prompt, "--budget", "32", "--json")
+    assert one_line_error(result, "more than the 4096 of the model's max_position_embeddings; shorten the prompt"), result.output
 
 
 # ------------------------------------------------------------------ images as Hugging Face reads them

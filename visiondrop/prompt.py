@@ -133,10 +133,10 @@ def check_length(batch: PromptBatch, max_new_tokens: int, limit: int, limit_name
     artifacts) support, before any work is done."""
     needed = batch.input_ids.shape[1] + max_new_tokens
     if needed > limit:
+        answer = f" and up to {max_new_tokens} new tokens: {needed} positions," if max_new_tokens else ","
         raise UserError(
-            f"the prompt takes {batch.input_ids.shape[1]} tokens (image included) and up to {max_new_tokens} new "
-            f"tokens: {needed} positions, more than the {limit} of {limit_name}; shorten the prompt or lower "
-            "--max-new-tokens"
+            f"the prompt takes {batch.input_ids.shape[1]} tokens (image included){answer} more than the {limit} of "
+            f"{limit_name}; shorten the prompt" + (" or lower --max-new-tokens" if max_new_tokens else "")
         )
 
 
