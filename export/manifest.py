@@ -97,6 +97,11 @@ class SpecSchema(_Schema):
     dtype: Literal["float32", "float16", "bfloat16"]
 
 
+class QuantizationSchema(_Schema):
+    model_config = ConfigDict(extra="allow")
+    precision: StrictStr  # export/gates.py refuses one it has no gates for
+
+
 class ExportSchema(_Schema):
     model_config = ConfigDict(extra="allow")
     mode: Literal["portable", "plugins"]
@@ -104,6 +109,7 @@ class ExportSchema(_Schema):
     opset: Count
     max_seq_len: Annotated[StrictInt, Field(ge=1)]
     embed_tokens: FileName
+    quantization: QuantizationSchema | None = None  # written by calibrate
 
 
 class ModelSchema(_Schema):

@@ -324,6 +324,10 @@ def fp64(data, copy):
     data["export"]["dtype"] = "fp64"
 
 
+def quantization_not_an_object(data, copy):
+    data["export"]["quantization"] = "int8"
+
+
 def float64_tensor(data, copy):
     data["graphs"][0]["outputs"][0]["dtype"] = "float64"
 
@@ -349,6 +353,7 @@ TAMPERS = [
     (add_unlisted_file, "notes.txt is not listed in the manifest"),
     (remove_listed_file, "qkv_0.onnx is listed in the manifest but missing"),
     (fp64, "export.dtype: Input should be 'fp32' or 'fp16'"),
+    (quantization_not_an_object, "export.quantization: Input should be a valid dictionary"),
     (float64_tensor, "graphs.0.outputs.0.dtype"),
     (string_count, "spec.schedule.stages.0.dominant: Input should be a valid integer"),
     (path_in_files, "graphs.0.file: String should match pattern"),
