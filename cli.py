@@ -128,7 +128,12 @@ def open_artifacts(directory: Path, provider: str):
     progress(f"loading artifacts {directory} ...")
     backend = OrtBackend(directory, provider=provider)
     limit = (backend.manifest.export["max_seq_len"], "the artifacts' --max-seq-len")
-    return backend, AutoProcessor.from_pretrained(directory), backend.manifest.model["source"], limit
+    try:
+        processor = AutoProcessor.from_pretrained(directory)
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for missing or broken files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{directory} has no usable tokenizer/image processor ({first}): re-run export") from None
+    return backend, processor, backend.manifest.model["source"], limit
 
 
 def open_engines(engines: Path, artifacts: Path | None):

@@ -370,6 +370,16 @@ def test_tampered_manifest_is_refused(artifacts, tmp_path, image, edit, fragment
     assert one_line_error(result, fragment), result.output
 
 
+def test_artifacts_without_their_tokenizer_are_refused(artifacts, tmp_path, image):
+    def drop_tokenizer(data, copy):  # consistently: file and entry gone
+        (copy / "tokenizer.json").unlink()
+        del data["files"]["tokenizer.json"]
+
+    copy = tampered(artifacts, tmp_path, drop_tokenizer)
+    result = invoke("generate", "--artifacts", copy, "--image", image, "--prompt", "hi")
+    assert one_line_error(result, "has no usable tokenizer/image processor"), result.output
+
+
 def test_loosened_gates_are_refused_by_validate(artifacts, tmp_path):
     """The gates come from the tool's table (export/gates.py), never from the artifact."""
     def loosen(data, copy):
@@ -407,6 +417,8 @@ CONFIG_CASES = [
     (lambda c: c.update(vision_feature_select_strategy="full"), "vision_feature_select_strategy 'full' is not supported"),
     (lambda c: c["vision_config"].update(image_size=224), "crops images to"),
     (lambda c: c["vision_config"].update(image_size=340), "not a whole number of 14-pixel patches"),
+    (lambda c: c["vision_config"].update(num_hidden_layers="3"), "config.json's vision_config.num_hidden_layers must be an integer"),
+    (lambda c: c.update(text_config="llama"), "config.json has no text_config object"),
 ]
 
 

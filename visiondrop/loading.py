@@ -361,10 +361,12 @@ def _read_config(path: Path) -> dict:
     return config
 
 
-def _field(section: dict, key: str, default, kind: type, where: str):
-    value = section.get(key, default)
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise UserError(f"{where}: {key} must be an integer (got {value!r})")
+def _integer(config: dict, section: str | None, key: str, default: int, where: str) -> int:
+    """``config[section][key]`` (or ``config[key]``), which must be an integer if present."""
+    value = (config[section] if section else config).get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        name = f"{section}.{key}" if section else key
+        raise UserError(f"{where}: config.json's {name} must be an integer (got {value!r})")
     return value
 
 
@@ -401,22 +403,22 @@ def check_supported(config: dict, where: str) -> None:
     layer = config.get("vision_feature_layer", -2)
     if isinstance(layer, list):
         raise UserError(f"{where}: a list of vision_feature_layer values is not supported; use a single layer")
-    layer = _field(config, "vision_feature_layer", -2, int, where)
-    depth = _field(vision, "num_hidden_layers", CLIPVisionConfig().num_hidden_layers, int, where)
+    layer = _integer(config, None, "vision_feature_layer", -2, where)
+    depth = _integer(config, "vision_config", "num_hidden_layers", CLIPVisionConfig().num_hidden_layers, where)
     if not (1 <= layer <= depth or -depth <= layer <= -1):
         raise UserError(
             f"{where}: vision_feature_layer {layer} is not a layer of the {depth}-layer vision tower: "
             f"use 1..{depth} or -{depth}..-1 (LLaVA-1.5 uses -2)"
         )
-    image_size = _field(vision, "image_size", CLIPVisionConfig().image_size, int, where)
-    patch_size = _field(vision, "patch_size", CLIPVisionConfig().patch_size, int, where)
+    image_size = _integer(config, "vision_config", "image_size", CLIPVisionConfig().image_size, where)
+    patch_size = _integer(config, "vision_config", "patch_size", CLIPVisionConfig().patch_size, where)
     if patch_size < 1 or image_size < patch_size or image_size % patch_size:
         raise UserError(
             f"{where}: vision_config image_size {image_size} is not a whole number of {patch_size}-pixel patches: "
             "the patch grid must be square and exact (LLaVA-1.5: 336 and 14)"
         )
     for key in ("max_position_embeddings", "num_hidden_layers"):
-        if key in text and (_field(text, key, 1, int, where) < 1):
+        if key in text and _integer(config, "text_config", key, 1, where) < 1:
             raise UserError(f"{where}: text_config {key} must be positive (got {text[key]})")
 
 
