@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from visiondrop.errors import UserError
+from visiondrop.errors import ArtifactError, UserError
 from visiondrop.loading import sha256_file
 from visiondrop.schedule import Schedule
 
@@ -262,39 +262,39 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
-        raise UserError(f"{directory} is not an artifact folder (no {MANIFEST}): create one with `python cli.py export`")
+        raise ArtifactError(f"{directory} is not an artifact folder (no {MANIFEST}): create one with `python cli.py export`")
     try:
         data = json.loads(path.read_bytes())
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not text (binary data): re-run export") from None
+        raise ArtifactError(f"{path} is not text (binary data): re-run export") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): re-run export") from None
+        raise ArtifactError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): re-run export") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object: re-run export")
+        raise ArtifactError(f"{path} holds a JSON {type(data).__name__}, not an object: re-run export")
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: re-run export with this version")
+        raise ArtifactError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: re-run export with this version")
     try:
         manifest = Manifest.from_dict(data)
     except ValidationError as exc:
-        raise UserError(f"{path} does not follow the manifest schema ({_schema_problem(exc)}): re-run export") from None
+        raise ArtifactError(f"{path} does not follow the manifest schema ({_schema_problem(exc)}): re-run export") from None
     try:
         if any(data["schedule"][k] != data["spec"]["schedule"][k] for k in ("num_layers", "num_patches", "stages")):
             raise ValueError("its top-level schedule differs from spec.schedule")
         check_consistent(manifest)
     except ValueError as exc:
-        raise UserError(f"{path} contradicts itself: {exc}; the manifest was edited after export, re-run export") from None
+        raise ArtifactError(f"{path} contradicts itself: {exc}; the manifest was edited after export, re-run export") from None
     # (external data is not required: a weightless graph saved with external data has no such file)
     needed = {e.file for e in manifest.graphs} | {manifest.export["embed_tokens"]}
     unlisted_needed = sorted(needed - set(manifest.files))
     if unlisted_needed:
-        raise UserError(f"{path} uses {unlisted_needed[0]} but does not list its hash: the manifest was edited; re-run export")
+        raise ArtifactError(f"{path} uses {unlisted_needed[0]} but does not list its hash: the manifest was edited; re-run export")
     present = folder_files(directory)
     missing = sorted(set(manifest.files) - present)
     if missing:
-        raise UserError(f"{directory / missing[0]} is listed in the manifest but missing: re-run export")
+        raise ArtifactError(f"{directory / missing[0]} is listed in the manifest but missing: re-run export")
     unlisted = sorted(present - set(manifest.files))
     if unlisted:
-        raise UserError(
+        raise ArtifactError(
             f"{directory / unlisted[0]} is not listed in the manifest: an artifact folder holds only what export wrote; "
             "remove the file or re-run export"
         )
@@ -303,14 +303,14 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
             file = directory / name
             actual = sha256_file(file)
             if actual != expected:
-                raise UserError(
+                raise ArtifactError(
                     f"{file} does not match the manifest (sha256 {actual[:12]}..., expected {expected[:12]}...): "
                     "the folder changed after export; re-run export"
                 )
         for entry in manifest.graphs:
             problem = _contract_differs(directory / entry.file, entry)
             if problem:
-                raise UserError(f"{path} does not describe {entry.file} ({problem}): the manifest was edited; re-run export")
+                raise ArtifactError(f"{path} does not describe {entry.file} ({problem}): the manifest was edited; re-run export")
     return manifest
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 import cli
 from export.manifest import read_manifest
 from export.onnx_export import ExportOptions, export_artifacts
-from visiondrop.errors import UserError
+from visiondrop.errors import ArtifactError, ConcurrentWriteError, UserError
 from visiondrop.loading import builtin_dir, load_model, sha256_file, write_atomically
 from visiondrop.prompt import load_images
 from visiondrop.schedule import Schedule
@@ -189,7 +189,7 @@ def test_a_second_concurrent_writer_is_refused(tmp_path):
     seen = []
 
     def fill(folder, scratch):
-        with pytest.raises(UserError, match=rf"being written by another visiondrop process \(pid {os.getpid()}\)"):
+        with pytest.raises(ConcurrentWriteError, match=rf"being written by another visiondrop process \(pid {os.getpid()}\)"):
             write_atomically(target, our_fill)  # a second writer while the first holds the lock
         seen.append(True)
         our_fill(folder, scratch, "first")
@@ -395,6 +395,9 @@ def test_untampered_copy_still_loads(artifacts, tmp_path):
     """The tamper tests refuse because of the edit, not because a copy is refused."""
     copy = tampered(artifacts, tmp_path, lambda data, copy: None)
     assert read_manifest(copy).spec["schedule"]["stages"][0]["dominant"] == 42
+    (copy / "notes.txt").write_text("x")
+    with pytest.raises(ArtifactError):  # what a library caller catches
+        read_manifest(copy)
 
 
 # ------------------------------------------------------------------ config checks before transformers

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGeneration, PreTrainedConfig
 
 from .builtin import BUILTIN_FORMAT, BUILTIN_MARKER, BUILTIN_VERSION, PRESETS, build_model, recipe_hash
-from .errors import UserError
+from .errors import CheckpointError, ConcurrentWriteError, OutputError, UserError
 from .schedule import Schedule, resolve_schedule
 
 LOG = logging.getLogger("visiondrop")
@@ -85,7 +85,7 @@ def cache_root() -> Path:
     if value is None:
         return Path.home() / ".cache" / "visiondrop"
     if not value.strip():
-        raise UserError("VISIONDROP_CACHE is set but empty: unset it (default ~/.cache/visiondrop) or set it to a folder")
+        raise OutputError("VISIONDROP_CACHE is set but empty: unset it (default ~/.cache/visiondrop) or set it to a folder")
     return Path(value).expanduser()
 
 
@@ -128,18 +128,18 @@ def check_writable(path: Path, what: str, folder: bool = False) -> None:
     """
     path = Path(path).expanduser()
     if path.is_dir() and not folder:
-        raise UserError(f"{what} {path} is a folder: give a file path")
+        raise OutputError(f"{what} {path} is a folder: give a file path")
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         if ancestor.is_symlink():  # a dangling link
-            raise UserError(f"cannot write {what} {path}: {ancestor} is a broken symbolic link")
+            raise OutputError(f"cannot write {what} {path}: {ancestor} is a broken symbolic link")
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise UserError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
+        raise OutputError(f"cannot write {what} {path}: {ancestor} is a file, not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=".visiondrop-probe-", dir=ancestor)
     except OSError as exc:
-        raise UserError(f"cannot write {what} {path}: {ancestor} is not writable ({exc.strerror}); choose another path") from None
+        raise OutputError(f"cannot write {what} {path}: {ancestor} is not writable ({exc.strerror}); choose another path") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -152,23 +152,23 @@ def check_target(target: Path, force: bool, protect: Sequence[Path] = (), owned:
     """
     target = Path(target).expanduser()
     if target.is_symlink():
-        raise UserError(f"{target} is a symbolic link: give the real folder's path, or another one")
+        raise OutputError(f"{target} is a symbolic link: give the real folder's path, or another one")
     resolved = target.resolve()
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents:
-        raise UserError(f"{target} is the current folder or contains it: write to a new folder, e.g. artifacts/NAME")
+        raise OutputError(f"{target} is the current folder or contains it: write to a new folder, e.g. artifacts/NAME")
     for keep in protect:
         keep = Path(keep).resolve()
         if resolved == keep or resolved in keep.parents:
-            raise UserError(f"{target} would replace {keep}, which the model is read from: choose another output folder")
+            raise OutputError(f"{target} would replace {keep}, which the model is read from: choose another output folder")
     if resolved.exists() and not resolved.is_dir():
-        raise UserError(f"{target} is a file, not a folder: choose another output folder")
+        raise OutputError(f"{target} is a file, not a folder: choose another output folder")
     check_writable(resolved, "folder", folder=True)
     if resolved.is_dir() and any(resolved.iterdir()):
         if not force:
-            raise UserError(f"{target} exists and is not empty: pass --force to replace it, or choose another --out")
+            raise OutputError(f"{target} exists and is not empty: pass --force to replace it, or choose another --out")
         if not owned and not written_by_us(resolved):
-            raise UserError(
+            raise OutputError(
                 f"{target} was not written by visiondrop (no visiondrop manifest in it): --force only replaces "
                 "folders this tool wrote; move it away yourself or choose another --out"
             )
@@ -196,7 +196,7 @@ def _exclusive_lock(target: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise UserError(
+            raise ConcurrentWriteError(
                 f"{target} is being written by another visiondrop process (pid {holder}): wait for it to finish, "
                 "or choose another output folder"
             ) from None
@@ -283,7 +283,7 @@ def write_atomically(
                 (staging / "folder").rename(target)
         except OSError as exc:  # disk full, quota, I/O error: one line, and the target as it was
             reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or str(exc))
-            raise UserError(f"writing {target} failed ({reason}); {target} was left as it was") from None
+            raise OutputError(f"writing {target} failed ({reason}); {target} was left as it was") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -335,7 +335,7 @@ def builtin_dir(name: str) -> Path:
     try:
         check_writable(path, "folder", folder=True)
     except UserError as exc:
-        raise UserError(f"{exc} (the built-in model cache; set VISIONDROP_CACHE to a writable folder)") from None
+        raise OutputError(f"{exc} (the built-in model cache; set VISIONDROP_CACHE to a writable folder)") from None
     return save_builtin(name, path, force=True, owned=True)
 
 
@@ -343,21 +343,21 @@ def builtin_dir(name: str) -> Path:
 def _read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not path.is_dir():
-        raise UserError(
+        raise CheckpointError(
             f"model '{path}' is neither a built-in preset ({', '.join(PRESETS)}) nor a directory: pass a "
             "local Hugging Face LLaVA checkpoint folder (e.g. one made by "
             "`huggingface-cli download llava-hf/llava-1.5-7b-hf --local-dir DIR`)"
         )
     if not config_file.is_file():
-        raise UserError(f"{path} has no config.json: pass the folder that save_pretrained or huggingface-cli download wrote")
+        raise CheckpointError(f"{path} has no config.json: pass the folder that save_pretrained or huggingface-cli download wrote")
     try:
         config = json.loads(config_file.read_text())
     except UnicodeDecodeError:
-        raise UserError(f"{config_file} is not text (binary data): it must be the JSON that save_pretrained writes") from None
+        raise CheckpointError(f"{config_file} is not text (binary data): it must be the JSON that save_pretrained writes") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or replace the file") from None
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or replace the file") from None
     if not isinstance(config, dict):
-        raise UserError(f"{config_file} holds a JSON {type(config).__name__}, not an object: it must be the JSON object that save_pretrained writes")
+        raise CheckpointError(f"{config_file} holds a JSON {type(config).__name__}, not an object: it must be the JSON object that save_pretrained writes")
     return config
 
 
@@ -366,7 +366,7 @@ def _integer(config: dict, section: str | None, key: str, default: int, where: s
     value = (config[section] if section else config).get(key, default)
     if isinstance(value, bool) or not isinstance(value, int):
         name = f"{section}.{key}" if section else key
-        raise UserError(f"{where}: config.json's {name} must be an integer (got {value!r})")
+        raise CheckpointError(f"{where}: config.json's {name} must be an integer (got {value!r})")
     return value
 
 
@@ -378,48 +378,48 @@ def check_supported(config: dict, where: str) -> None:
     """
     model_type = config.get("model_type")
     if model_type != "llava":
-        raise UserError(
+        raise CheckpointError(
             f"{where} is a '{model_type}' checkpoint, not LLaVA (model_type 'llava'): VisionDrop Edge "
             "runs LlavaForConditionalGeneration checkpoints such as llava-hf/llava-1.5-7b-hf"
         )
     for key in ("text_config", "vision_config"):
         if not isinstance(config.get(key), dict):
-            raise UserError(f"{where}: config.json has no {key} object: a LLaVA config needs both text_config and vision_config")
+            raise CheckpointError(f"{where}: config.json has no {key} object: a LLaVA config needs both text_config and vision_config")
     text, vision = config["text_config"], config["vision_config"]
     text_type = text.get("model_type", "llama")
     if text_type not in SUPPORTED_DECODERS:
-        raise UserError(f"{where}: decoder type '{text_type}' is not supported (supported: {', '.join(SUPPORTED_DECODERS)})")
+        raise CheckpointError(f"{where}: decoder type '{text_type}' is not supported (supported: {', '.join(SUPPORTED_DECODERS)})")
     if text.get("attention_bias", False):
-        raise UserError(f"{where}: q/k/v projections with biases are not supported (attention_bias is true)")
+        raise CheckpointError(f"{where}: q/k/v projections with biases are not supported (attention_bias is true)")
     vision_type = vision.get("model_type", "clip_vision_model")
     if vision_type not in SUPPORTED_VISION:
-        raise UserError(f"{where}: vision tower '{vision_type}' is not supported (supported: CLIP)")
+        raise CheckpointError(f"{where}: vision tower '{vision_type}' is not supported (supported: CLIP)")
     strategy = config.get("vision_feature_select_strategy", "default")
     if strategy != "default":
-        raise UserError(
+        raise CheckpointError(
             f"{where}: vision_feature_select_strategy '{strategy}' is not supported (supported: 'default', which "
             "drops CLS; 'full' would give one more image embedding than the prompt has <image> placeholders)"
         )
     layer = config.get("vision_feature_layer", -2)
     if isinstance(layer, list):
-        raise UserError(f"{where}: a list of vision_feature_layer values is not supported; use a single layer")
+        raise CheckpointError(f"{where}: a list of vision_feature_layer values is not supported; use a single layer")
     layer = _integer(config, None, "vision_feature_layer", -2, where)
     depth = _integer(config, "vision_config", "num_hidden_layers", CLIPVisionConfig().num_hidden_layers, where)
     if not (1 <= layer <= depth or -depth <= layer <= -1):
-        raise UserError(
+        raise CheckpointError(
             f"{where}: vision_feature_layer {layer} is not a layer of the {depth}-layer vision tower: "
             f"use 1..{depth} or -{depth}..-1 (LLaVA-1.5 uses -2)"
         )
     image_size = _integer(config, "vision_config", "image_size", CLIPVisionConfig().image_size, where)
     patch_size = _integer(config, "vision_config", "patch_size", CLIPVisionConfig().patch_size, where)
     if patch_size < 1 or image_size < patch_size or image_size % patch_size:
-        raise UserError(
+        raise CheckpointError(
             f"{where}: vision_config image_size {image_size} is not a whole number of {patch_size}-pixel patches: "
             "the patch grid must be square and exact (LLaVA-1.5: 336 and 14)"
         )
     for key in ("max_position_embeddings", "num_hidden_layers"):
         if key in text and _integer(config, "text_config", key, 1, where) < 1:
-            raise UserError(f"{where}: text_config {key} must be positive (got {text[key]})")
+            raise CheckpointError(f"{where}: text_config {key} must be positive (got {text[key]})")
 
 
 def _check_processor(path: Path, image_size: int) -> None:
@@ -439,7 +439,7 @@ def _check_processor(path: Path, image_size: int) -> None:
             continue
         sizes = {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
         if sizes != {image_size}:
-            raise UserError(
+            raise CheckpointError(
                 f"{path}: {name} crops images to {crop} but config.json's vision_config image_size is {image_size}: "
                 "they must agree (LLaVA-1.5: 336)"
             )
@@ -482,22 +482,22 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     check_supported(config, str(path))
     _check_processor(path, config["vision_config"].get("image_size", CLIPVisionConfig().image_size))
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
-        raise UserError(f"{path} has no weight files (*.safetensors or *.bin): the download is incomplete")
+        raise CheckpointError(f"{path} has no weight files (*.safetensors or *.bin): the download is incomplete")
     try:
         model, info = LlavaForConditionalGeneration.from_pretrained(
             path, dtype=dtype, output_loading_info=True, attn_implementation="sdpa"
         )
     except Exception as exc:  # any parse/IO failure from transformers or safetensors
-        raise UserError(
+        raise CheckpointError(
             f"could not load the weights in {path} ({_first_line(exc)}): they are damaged or do not fit config.json"
         ) from None
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
-        raise UserError(f"{path} lacks {len(missing)} weights (first: {missing[0]}): the checkpoint is incomplete")
+        raise CheckpointError(f"{path} lacks {len(missing)} weights (first: {missing[0]}): the checkpoint is incomplete")
     try:
         processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:
-        raise UserError(f"{path} has no usable tokenizer/image processor ({_first_line(exc)}): copy the processor files next to the weights") from None
+        raise CheckpointError(f"{path} has no usable tokenizer/image processor ({_first_line(exc)}): copy the processor files next to the weights") from None
     model = model.to(device).eval()
     source = spec if spec in PRESETS else str(path)
     return LoadedModel(model, processor, source, lambda: content_hash(path), directory=path)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import UserError
+from .errors import CheckpointError, InputError
 
 PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 IMAGE_PLACEHOLDER = "<image>"
@@ -42,10 +42,10 @@ class SplitPrompt:
 def split_prompt(tokenizer, prompt: str, image_token_id: int) -> SplitPrompt:
     """Tokenise ``prompt`` in the template and cut it at the ``<image>`` token."""
     if IMAGE_PLACEHOLDER in prompt:
-        raise UserError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
+        raise InputError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
     ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt)).input_ids
     if ids.count(image_token_id) != 1:
-        raise UserError(
+        raise CheckpointError(
             f"the tokenizer does not map '{IMAGE_PLACEHOLDER}' to the model's image token id {image_token_id}: "
             "use the tokenizer saved with the checkpoint"
         )
@@ -86,7 +86,7 @@ def build_prompts(
 def follow_up_ids(tokenizer, prompt: str) -> list[int]:
     """A later chat turn's ids (no BOS: it continues the conversation)."""
     if IMAGE_PLACEHOLDER in prompt:
-        raise UserError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
+        raise InputError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
     return tokenizer(FOLLOW_UP_TEMPLATE.format(prompt=prompt), add_special_tokens=False).input_ids
 
 
@@ -101,21 +101,21 @@ def load_images(paths: Sequence[str | Path]) -> list[Image.Image]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            raise UserError(f"image {path} is a folder, not an image file: pass the path of a PNG or JPEG file")
+            raise InputError(f"image {path} is a folder, not an image file: pass the path of a PNG or JPEG file")
         if not path.is_file():
-            raise UserError(f"image {path} does not exist: pass the path of a PNG or JPEG file")
+            raise InputError(f"image {path} does not exist: pass the path of a PNG or JPEG file")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as image:
                     images.append(_to_rgb(ImageOps.exif_transpose(image)))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise UserError(
+            raise InputError(
                 f"image {path} is too large ({str(exc).split(',')[0]}; the limit is {Image.MAX_IMAGE_PIXELS:,} pixels, "
                 "PIL's decompression-bomb guard): downscale it first"
             ) from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise UserError(f"cannot read image {path} ({exc.__class__.__name__}): pass a PNG or JPEG file") from None
+            raise InputError(f"cannot read image {path} ({exc.__class__.__name__}): pass a PNG or JPEG file") from None
     return images
 
 
@@ -134,7 +134,7 @@ def check_length(batch: PromptBatch, max_new_tokens: int, limit: int, limit_name
     needed = batch.input_ids.shape[1] + max_new_tokens
     if needed > limit:
         answer = f" and up to {max_new_tokens} new tokens: {needed} positions," if max_new_tokens else ","
-        raise UserError(
+        raise InputError(
             f"the prompt takes {batch.input_ids.shape[1]} tokens (image included){answer} more than the {limit} of "
             f"{limit_name}; shorten the prompt" + (" or lower --max-new-tokens" if max_new_tokens else "")
         )
