@@ -592,9 +592,11 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
 @click.option("--provider", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --backend ort.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every measurement as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
+@click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --new-tokens, --warmup, --repeats, --json.")
 @click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --new-tokens, --warmup, --repeats, --provider, --json.")
 @user_errors
-def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path, compare) -> None:
+def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path,
+          questions, compare) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
     Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
@@ -629,8 +631,11 @@ def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repea
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     if backend == "ort" and dtype == "bf16":
         raise UserError("--backend ort exports fp32 or fp16 graphs: use --dtype fp32 or fp16")
+    counts = parse_int_list(questions, "--questions-per-image") if questions is not None else None
     progress(f"loading {model} ({dtype}, {device}) ...")
     loaded = load_model(model, dtype=torch_dtype, device=device)
+    if counts is not None:
+        return bench_questions(loaded, config, counts, json_path)
     report = run_bench(loaded, config, progress=progress)
     rows = [[s["budget"], s["batch"], f"{s['prefill_speedup']:.2f}x", f"{s['ideal_prefill_speedup']:.2f}x",
              f"{s['fraction_of_ideal_speedup']:.2f}", f"{100 * s['pruning_overhead']:+.1f}%",
@@ -644,6 +649,34 @@ def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repea
     if plot_path is not None:
         write_side_file(plot_path, lambda path: plot_bench(report, path))
         progress(f"wrote {plot_path}")
+
+
+def bench_questions(loaded, config, counts: list[int], json_path: Path | None) -> None:
+    """``bench --questions-per-image``: prefix reuse against a full prefill per question, per budget."""
+    import tempfile
+
+    from bench.questions import run_questions_bench
+    from bench.run import _ort_backend
+    from runtime.torch_backend import TorchBackend
+    from visiondrop.trace import write_json
+
+    report, rows = {"model": loaded.source, "backend": config.backend, "budgets": []}, []
+    with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch:
+        for budget in config.budgets:
+            schedule = loaded.schedule(budget)
+            backend = (TorchBackend(loaded, schedule) if config.backend == "torch"
+                       else _ort_backend(loaded, schedule, Path(scratch), config.provider))
+            results = run_questions_bench(backend, loaded.processor, tuple(counts), config.new_tokens, config.repeats,
+                                          config.warmup, progress=progress)
+            report["budgets"].append({"budget": budget, "schedule": schedule.describe(), "rows": results})
+            rows += [[budget, r["questions_per_image"], f"{r['full_ms_per_answer']['median']:.0f}",
+                      f"{r['reuse_ms_per_answer']['median']:.0f}", f"{r['reuse_answer_only_ms_per_answer']['median']:.0f}",
+                      f"{r['speedup']:.2f}x ({r['speedup_best']:.2f}x)"] for r in results]
+    print_table(["budget", "questions", "full prefill ms/answer", "reuse ms/answer", "answer-only ms/answer",
+                 "speed-up (best)"], rows)
+    if json_path is not None:
+        write_side_file(json_path, lambda path: write_json(path, report))
+        progress(f"wrote {json_path}")
 
 
 def bench_compare(compare: str, config, json_path: Path | None) -> None:

@@ -128,3 +128,21 @@ def test_cache_evicts_least_recently_used_within_its_budget(backends, tiny):
     tiny_cache = PrefixCache(budget_bytes=probe.nbytes - 1)
     tiny_cache.put(("k",), probe)
     assert tiny_cache.stats()["entries"] == 0  # never stored past the budget
+
+
+def test_bench_questions_per_image_reports_both_ways(tmp_path):
+    """The bench runs both ways in one run and writes its JSON (timings are not asserted)."""
+    import json
+
+    from click.testing import CliRunner
+
+    import cli
+
+    out = tmp_path / "questions.json"
+    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--budgets", "32", "--questions-per-image", "1,2",
+                                          "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    [budget] = json.loads(out.read_text())["budgets"]
+    assert [r["questions_per_image"] for r in budget["rows"]] == [1, 2]
+    for row in budget["rows"]:
+        assert row["reuse_answer_only_ms_per_answer"]["median"] < row["reuse_ms_per_answer"]["median"]
