@@ -555,6 +555,40 @@ def test_an_altered_cache_is_rebuilt_saying_so(tmp_path, monkeypatch, caplog, ti
     assert "has no readable visiondrop-builtin.json: rebuilding it" in caplog.text and snapshot(cache) == fresh
 
 
+def test_first_use_waits_for_a_concurrent_cache_build(tmp_path, monkeypatch):
+    """Two commands on a fresh machine: the second waits for the first's cache, no error."""
+    import threading
+
+    from visiondrop import loading
+
+    ready = builtin_dir("tiny")  # the session's cache, built by this code
+    monkeypatch.setenv("VISIONDROP_CACHE", str(tmp_path))
+    cache = tmp_path / ready.name
+    real_lock, waiting, holding = loading._exclusive_lock, threading.Event(), threading.Event()
+
+    def spy(target, wait=False):
+        if wait:
+            waiting.set()
+        return real_lock(target, wait)
+
+    def first_writer():  # holds the cache's lock until the second one waits, then "finishes"
+        with real_lock(cache):
+            holding.set()
+            waiting.wait(60)
+            shutil.copytree(ready, cache)
+
+    monkeypatch.setattr(loading, "_exclusive_lock", spy)
+    writer = threading.Thread(target=first_writer)
+    writer.start()
+    holding.wait(60)
+    try:
+        assert builtin_dir("tiny") == cache
+    finally:
+        waiting.set()
+        writer.join(60)
+    assert waiting.is_set() and snapshot(cache) == snapshot(ready) and leftovers(tmp_path) == []
+
+
 # ------------------------------------------------------------------ option values
 def test_bad_option_values_are_refused(image):
     for device in ("bogus", "meta", "cuda:x"):

@@ -186,13 +186,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def _exclusive_lock(target: Path) -> Iterator[None]:
-    """Hold ``.<name>.visiondrop-lock`` beside ``target`` (flock); a second writer gets a UserError."""
+def _exclusive_lock(target: Path, wait: bool = False) -> Iterator[None]:
+    """Hold ``.<name>.visiondrop-lock`` beside ``target`` (flock); a second writer gets a
+    :class:`ConcurrentWriteError`, or with ``wait`` blocks until the first one is done."""
     path = target.parent / f".{target.name}.{LOCK}"
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
@@ -336,7 +337,14 @@ def builtin_dir(name: str) -> Path:
         check_writable(path, "folder", folder=True)
     except UserError as exc:
         raise OutputError(f"{exc} (the built-in model cache; set VISIONDROP_CACHE to a writable folder)") from None
-    return save_builtin(name, path, force=True, owned=True)
+    try:
+        return save_builtin(name, path, force=True, owned=True)
+    except ConcurrentWriteError:  # another process is writing the cache: use what it writes
+        with _exclusive_lock(path, wait=True):
+            problem = builtin_mismatch(path, name) if path.is_dir() else "is missing"
+        if problem is None:
+            return path
+        return save_builtin(name, path, force=True, owned=True)
 
 
 # ------------------------------------------------------------------ config checks
