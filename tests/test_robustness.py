@@ -512,6 +512,20 @@ def test_unwritable_outputs_are_refused_before_the_model_loads(tmp_path, image, 
     assert usage_error(invoke("generate", "--image", image, "--prompt", "hi", "--trace", tmp_path), "--trace")
 
 
+def test_a_read_only_folder_is_refused_before_the_model_loads(tmp_path, image, monkeypatch):
+    """(This machine runs the tests as root, for whom chmod does not stop writes: the probe's
+    failure is simulated the way a read-only or foreign folder makes it fail.)"""
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    result = invoke("generate", "--image", image, "--prompt", "hi", "--trace", tmp_path / "t.json")
+    assert one_line_error(result, f"{tmp_path} is not writable (Permission denied)"), result.output
+    assert "loading" not in result.stderr
+
+
 def test_answers_are_printed_even_if_the_trace_cannot_be_written(image, tmp_path, monkeypatch):
     import visiondrop.trace
 
