@@ -67,8 +67,17 @@ def current_environment(plugin_library: Path | None):
     return Environment(trt.__version__, name, capability, sha256_file(plugin_library) if plugin_library else None)
 
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
-                "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+def cuda_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def stream_handle(device: torch.device) -> int:
+    """The current torch stream's cudaStream_t: TensorRT enqueues on it, ordered with torch's work."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def synchronize(device: torch.device) -> None:
+    torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass
@@ -113,7 +122,7 @@ class TrtBackend(Backend):
         if library is not None:
             load_plugin_library(library)
         self.spec = ModelSpec.from_dict(self.manifest.spec)
-        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = cuda_device()
         self.embed_table = load_file(artifacts / self.manifest.export["embed_tokens"])["weight"].to(self.device)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -122,7 +131,7 @@ class TrtBackend(Backend):
                         trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8,
                         trt.DataType.UINT8: torch.uint8, trt.DataType.BOOL: torch.bool}
         self._placeholder = torch.empty(256, dtype=torch.uint8, device=self.device)  # address of empty tensors
-        stream = torch.cuda.current_stream(self.device)
+        stream = stream_handle(self.device)
         self.units: dict[str, _Unit] = {}
         for record in data["engines"]:
             entry = next(g for g in self.manifest.graphs if g.name == record["graph"])
@@ -133,7 +142,7 @@ class TrtBackend(Backend):
             contexts = {}
             for number, profile in enumerate(record["profiles"]):
                 context = engine.create_execution_context()
-                context.set_optimization_profile_async(number, stream.cuda_stream)
+                context.set_optimization_profile_async(number, stream)
                 contexts[profile["name"]] = context
             inputs, outputs = [t["name"] for t in entry.inputs], [t["name"] for t in entry.outputs]
             self.units[entry.name] = _Unit(
@@ -142,7 +151,7 @@ class TrtBackend(Backend):
                 {p["name"]: p["shapes"] for p in record["profiles"]},
             )
         self.build = data["build"]
-        stream.synchronize()
+        synchronize(self.device)
 
     # ------------------------------------------------------------------ execution
     def _check_shape(self, unit: _Unit, graph: str, profile: str, name: str, shape: tuple[int, ...]) -> None:
@@ -155,7 +164,7 @@ class TrtBackend(Backend):
     def _run(self, graph: str, profile: str, *tensors: Tensor) -> tuple[Tensor, ...]:
         unit = self.units[graph]
         context: trt.IExecutionContext = unit.contexts[profile]
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = stream_handle(self.device)
         staged = []  # keeps converted inputs alive until execution is enqueued (stream-ordered reuse after)
         for name, dtype, tensor in zip(unit.inputs, unit.input_dtypes, tensors):
             tensor = tensor.to(device=self.device, dtype=dtype).contiguous()

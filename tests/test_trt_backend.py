@@ -5,9 +5,14 @@ with the reason, on machines without them; nothing here has run on TensorRT yet)
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
+import sys
+import types
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -55,6 +60,167 @@ def test_doctor_reports_every_piece_and_what_is_missing(tmp_path):
     assert found["plugin_library"] == str(built.resolve())
     text = CliRunner().invoke(cli.cli, ["doctor"]).output
     assert "tensorrt: " in text and ("MISSING - pip install tensorrt-cu12" in text) == (not HAS_TENSORRT)
+
+
+# ------------------------------------------------------------------ over a stand-in TensorRT
+
+class _FakeTensorRT(types.ModuleType):
+    """Just enough of the ``tensorrt`` module for TrtBackend: each "engine" file names an ONNX
+    graph that ONNX Runtime runs. Tensors are read from and written to the addresses TrtBackend
+    binds (host memory here), so the test covers TrtBackend's own work: binding by name from
+    the manifests, output order, profile choice per call, empty-tensor addresses, refusals."""
+
+    __version__ = "10.3.0.30"
+
+    class DataType:
+        FLOAT, HALF, BF16, INT32, INT64, INT8, UINT8, BOOL = range(8)
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, severity=None):
+            self.severity = severity
+
+    def __init__(self):
+        super().__init__("tensorrt")
+        self.calls: list[tuple[str, int]] = []  # (graph, profile index) per execution
+        fake = self
+
+        class Runtime:
+            def __init__(self, logger):
+                pass
+
+            def deserialize_cuda_engine(self, data: bytes):
+                return _FakeEngine(json.loads(data)["onnx"], fake)
+
+        self.Runtime = Runtime
+
+
+_NUMPY = {0: np.float32, 1: np.float16, 3: np.int32, 4: np.int64, 5: np.int8, 6: np.uint8, 7: np.bool_}
+_ORT_TYPES = {"tensor(float)": 0, "tensor(float16)": 1, "tensor(int32)": 3, "tensor(int64)": 4, "tensor(bool)": 7}
+
+
+class _FakeEngine:
+    def __init__(self, path: str, module: _FakeTensorRT):
+        import onnxruntime
+
+        self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        self.name, self.module = Path(path).stem, module
+        self.types = {t.name: _ORT_TYPES[t.type] for t in [*self.session.get_inputs(), *self.session.get_outputs()]}
+
+    def get_tensor_dtype(self, name):
+        return self.types[name]
+
+    def create_execution_context(self):
+        return _FakeContext(self)
+
+
+class _FakeContext:
+    def __init__(self, engine: _FakeEngine):
+        self.engine, self.profile, self.shapes, self.addresses, self.results = engine, 0, {}, {}, None
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+        return True
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name], self.results = tuple(shape), None
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+        return True
+
+    def _view(self, name, shape):
+        dtype = np.dtype(_NUMPY[self.engine.types[name]])
+        count = int(np.prod(shape))
+        if count == 0:
+            return np.zeros(shape, dtype)
+        buffer = (ctypes.c_byte * (count * dtype.itemsize)).from_address(self.addresses[name])
+        return np.frombuffer(buffer, dtype).reshape(shape)
+
+    def get_tensor_shape(self, name):
+        if self.results is None:  # TensorRT infers output shapes from the input shapes; ORT must run for that
+            feeds = {i.name: self._view(i.name, self.shapes[i.name]).copy() for i in self.engine.session.get_inputs()}
+            outputs = [o.name for o in self.engine.session.get_outputs()]
+            self.results = dict(zip(outputs, self.engine.session.run(None, feeds)))
+        return self.results[name].shape
+
+    def execute_async_v3(self, stream_handle):
+        for name, value in self.results.items():
+            self._view(name, value.shape)[...] = value
+        self.engine.module.calls.append((self.engine.name, self.profile))
+        return True
+
+
+@pytest.fixture
+def stand_in_tensorrt(monkeypatch):
+    from runtime import trt_backend
+
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    monkeypatch.setattr(trt_backend, "require_gpu", lambda: ("Stand-in GPU", "8.7"))
+    monkeypatch.setattr(trt_backend, "cuda_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(trt_backend, "stream_handle", lambda device: 0)
+    monkeypatch.setattr(trt_backend, "synchronize", lambda device: None)
+    return fake
+
+
+def _fake_engines(artifacts: Path, engines: Path, max_batch: int) -> None:
+    """An engine folder as `build` writes it, each engine file naming its source graph."""
+    from export.manifest import sha256_file
+    from export.trt_build import BuildOptions, Environment, engine_manifest, plan_build
+
+    plan = plan_build(artifacts, BuildOptions(max_batch=max_batch))
+    engines.mkdir()
+    for engine in plan.engines:
+        (engines / engine.engine).write_text(json.dumps({"onnx": str(artifacts / engine.source)}))
+    hashes = {e.engine: sha256_file(engines / e.engine) for e in plan.engines}
+    data = engine_manifest(plan, Environment("10.3.0.30", "Stand-in GPU", "8.7"), {"network": ["STRONGLY_TYPED"]}, hashes)
+    (engines / "manifest.json").write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def portable_artifacts(tiny, tmp_path_factory):
+    from export.onnx_export import ExportOptions, export_artifacts
+    from visiondrop.schedule import Schedule
+
+    folder = tmp_path_factory.mktemp("trt-backend") / "tiny-64"
+    export_artifacts(tiny, Schedule.from_budget(64, 8, 576), folder, ExportOptions(max_seq_len=512))
+    return folder
+
+
+def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_tensorrt, portable_artifacts, tmp_path):
+    """TrtBackend over the stand-in validates like any candidate (fp32 gates, PyTorch reference)."""
+    from export.validate import validate_artifacts
+    from runtime.trt_backend import TrtBackend
+
+    engines = tmp_path / "engines"
+    _fake_engines(portable_artifacts, engines, max_batch=2)
+    backend = TrtBackend(engines, portable_artifacts)
+    report = validate_artifacts(portable_artifacts, candidate=backend, batch_sizes=(1, 2), new_tokens=4, seed=3)
+    assert report.passed, [c.name for c in report.checks.values() if c.gated and not c.passed]
+    calls = set(stand_in_tensorrt.calls)
+    # qkv/decoder: profile 0 (prefill) for prompts, 1 (decode) for single tokens; vision and prunes: 0 only.
+    assert {("decoder_0", 0), ("decoder_0", 1), ("qkv_3", 0), ("qkv_3", 1), ("vision_encoder", 0), ("prune_2", 0)} <= calls
+    assert not {c for c in calls if c[0].startswith(("vision", "prune")) and c[1] != 0}
+    with pytest.raises(UserError, match="outside the engine's profile"):  # batch 3 > --max-batch 2
+        backend.run_vision(torch.zeros(3, 3, 336, 336))
+
+
+def test_backend_refuses_engines_it_must_not_run(stand_in_tensorrt, portable_artifacts, tmp_path):
+    from runtime.trt_backend import TrtBackend
+
+    engines = tmp_path / "engines"
+    _fake_engines(portable_artifacts, engines, max_batch=1)
+    stand_in_tensorrt.__version__ = "10.13.3.9"
+    with pytest.raises(UserError, match="built with TensorRT 10.3.0.30, this machine has 10.13.3.9"):
+        TrtBackend(engines, portable_artifacts)
+    stand_in_tensorrt.__version__ = "10.3.0.30"
+    with (engines / "qkv_1.engine").open("a") as handle:
+        handle.write(" ")
+    with pytest.raises(UserError, match="qkv_1.engine is missing or changed after the build"):
+        TrtBackend(engines, portable_artifacts)
 
 
 # ------------------------------------------------------------------ with TensorRT and a GPU

@@ -109,7 +109,7 @@ def test_the_check_fails_on_builder_flag_fp16_only_where_it_is_gone(apis, tmp_pa
 
 
 def test_the_check_fails_on_an_unknown_keyword(apis, tmp_path):
-    copy = _inject(tmp_path, TRT_FILES[1], "context.set_optimization_profile_async(number, stream.cuda_stream)",
-                   "context.set_optimization_profile_async(profile=number, stream_handle=stream.cuda_stream)")
+    copy = _inject(tmp_path, TRT_FILES[1], "context.set_optimization_profile_async(number, stream)",
+                   "context.set_optimization_profile_async(profile=number, stream_handle=stream)")
     for version, problems in _problems(apis, copy).items():
         assert any("takes no keyword 'profile'" in p for p in problems), (version, problems)
