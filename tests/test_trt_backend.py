@@ -75,6 +75,10 @@ class _FakeTensorRT(types.ModuleType):
     class DataType:
         FLOAT, HALF, BF16, INT32, INT64, INT8, UINT8, BOOL = range(8)
 
+    class BuilderFlag:
+        TF32, STRIP_PLAN = 0, 1
+        __members__ = {"TF32": 0, "STRIP_PLAN": 1}
+
     class Logger:
         WARNING = 2
 
@@ -166,18 +170,63 @@ def stand_in_tensorrt(monkeypatch):
     return fake
 
 
-def _fake_engines(artifacts: Path, engines: Path, max_batch: int) -> None:
-    """An engine folder as `build` writes it, each engine file naming its source graph."""
-    from export.manifest import sha256_file
-    from export.trt_build import BuildOptions, Environment, engine_manifest, plan_build
+class _StandInPolygraphy:
+    """Polygraphy's TensorRT loaders as `build` calls them; the saved "engine" names its graph."""
+
+    def __init__(self):
+        self.networks, self.profiles = [], []
+        recorder = self
+
+        class NetworkFromOnnxPath:
+            def __init__(self, path, strongly_typed=None):
+                recorder.networks.append((Path(path).name, strongly_typed))
+                self.path = path
+
+        class Profile(dict):
+            def add(self, name, min, opt, max):  # noqa: A002 - Polygraphy's keyword names
+                self[name] = (list(min), list(opt), list(max))
+                return self
+
+        class CreateConfig:
+            def __init__(self, profiles=None, load_timing_cache=None):
+                recorder.profiles.append(profiles)
+
+            def __call__(self, builder, network):
+                return types.SimpleNamespace(get_flag=lambda flag: flag == _FakeTensorRT.BuilderFlag.TF32)
+
+        class EngineFromNetwork:
+            def __init__(self, network, config, save_timing_cache=None):
+                self.network, self.config = network, config
+
+        class SaveEngine:
+            def __init__(self, engine, path):
+                self.engine, self.path = engine, path
+
+            def __call__(self):
+                self.engine.config(None, None)
+                Path(self.path).write_text(json.dumps({"onnx": str(self.engine.network.path)}))
+
+        self.classes = {"NetworkFromOnnxPath": NetworkFromOnnxPath, "Profile": Profile, "CreateConfig": CreateConfig,
+                        "EngineFromNetwork": EngineFromNetwork, "SaveEngine": SaveEngine}
+
+
+@pytest.fixture
+def stand_in_polygraphy(monkeypatch, stand_in_tensorrt):
+    import polygraphy.backend.trt as loaders
+
+    fake = _StandInPolygraphy()
+    for name, cls in fake.classes.items():
+        monkeypatch.setattr(loaders, name, cls)
+    return fake
+
+
+def _build(artifacts: Path, engines: Path, max_batch: int) -> dict:
+    """`build` as the CLI runs it, over the stand-ins."""
+    from export.trt_build import BuildOptions, build_engines, plan_build
+    from runtime.trt_backend import current_environment
 
     plan = plan_build(artifacts, BuildOptions(max_batch=max_batch))
-    engines.mkdir()
-    for engine in plan.engines:
-        (engines / engine.engine).write_text(json.dumps({"onnx": str(artifacts / engine.source)}))
-    hashes = {e.engine: sha256_file(engines / e.engine) for e in plan.engines}
-    data = engine_manifest(plan, Environment("10.3.0.30", "Stand-in GPU", "8.7"), {"network": ["STRONGLY_TYPED"]}, hashes)
-    (engines / "manifest.json").write_text(json.dumps(data))
+    return build_engines(plan, engines, current_environment(None))
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +239,29 @@ def portable_artifacts(tiny, tmp_path_factory):
     return folder
 
 
-def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_tensorrt, portable_artifacts, tmp_path):
+def test_build_hands_polygraphy_the_plan_and_writes_the_engine_manifest(stand_in_polygraphy, portable_artifacts, tmp_path):
+    from export.trt_build import BuildOptions, plan_build
+
+    engines = tmp_path / "engines"
+    manifest = _build(portable_artifacts, engines, max_batch=2)
+    plan = plan_build(portable_artifacts, BuildOptions(max_batch=2))
+    assert stand_in_polygraphy.networks == [(e.source, True) for e in plan.engines]  # every graph, strongly typed
+    for engine, profiles in zip(plan.engines, stand_in_polygraphy.profiles):
+        assert [dict(p) for p in profiles] == [{n: tuple(s) for n, s in p.shapes.items()} for p in engine.profiles]
+    assert manifest["build"]["flags"] == {"network": ["STRONGLY_TYPED"], "builder": ["TF32"]}
+    assert manifest["tensorrt"] == "10.3.0.30" and manifest["gpu"]["compute_capability"] == "8.7"
+    assert sorted(p.name for p in engines.iterdir()) == sorted(["manifest.json", *(e.engine for e in plan.engines)])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+
+def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraphy, stand_in_tensorrt,
+                                                              portable_artifacts, tmp_path):
     """TrtBackend over the stand-in validates like any candidate (fp32 gates, PyTorch reference)."""
     from export.validate import validate_artifacts
     from runtime.trt_backend import TrtBackend
 
     engines = tmp_path / "engines"
-    _fake_engines(portable_artifacts, engines, max_batch=2)
+    _build(portable_artifacts, engines, max_batch=2)
     backend = TrtBackend(engines, portable_artifacts)
     report = validate_artifacts(portable_artifacts, candidate=backend, batch_sizes=(1, 2), new_tokens=4, seed=3)
     assert report.passed, [c.name for c in report.checks.values() if c.gated and not c.passed]
@@ -208,11 +273,11 @@ def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_tensorrt,
         backend.run_vision(torch.zeros(3, 3, 336, 336))
 
 
-def test_backend_refuses_engines_it_must_not_run(stand_in_tensorrt, portable_artifacts, tmp_path):
+def test_backend_refuses_engines_it_must_not_run(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tmp_path):
     from runtime.trt_backend import TrtBackend
 
     engines = tmp_path / "engines"
-    _fake_engines(portable_artifacts, engines, max_batch=1)
+    _build(portable_artifacts, engines, max_batch=1)
     stand_in_tensorrt.__version__ = "10.13.3.9"
     with pytest.raises(UserError, match="built with TensorRT 10.3.0.30, this machine has 10.13.3.9"):
         TrtBackend(engines, portable_artifacts)
