@@ -262,15 +262,15 @@ def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraph
 
     engines = tmp_path / "engines"
     _build(portable_artifacts, engines, max_batch=2)
-    backend = TrtBackend(engines, portable_artifacts)
-    report = validate_artifacts(portable_artifacts, candidate=backend, batch_sizes=(1, 2), new_tokens=4, seed=3)
+    report = validate_artifacts(portable_artifacts, candidate="trt", engines=engines, batch_sizes=(1, 2), new_tokens=4,
+                                seed=3)  # what `validate --candidate trt --engines DIR` runs
     assert report.passed, [c.name for c in report.checks.values() if c.gated and not c.passed]
     calls = set(stand_in_tensorrt.calls)
     # qkv/decoder: profile 0 (prefill) for prompts, 1 (decode) for single tokens; vision and prunes: 0 only.
     assert {("decoder_0", 0), ("decoder_0", 1), ("qkv_3", 0), ("qkv_3", 1), ("vision_encoder", 0), ("prune_2", 0)} <= calls
     assert not {c for c in calls if c[0].startswith(("vision", "prune")) and c[1] != 0}
     with pytest.raises(UserError, match="outside the engine's profile"):  # batch 3 > --max-batch 2
-        backend.run_vision(torch.zeros(3, 3, 336, 336))
+        TrtBackend(engines, portable_artifacts).run_vision(torch.zeros(3, 3, 336, 336))
 
 
 def test_backend_refuses_engines_it_must_not_run(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tmp_path):
