@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from visiondrop.errors import ArtifactError, UserError
 from visiondrop.loading import sha256_file
 from visiondrop.schedule import Schedule
+from visiondrop.jsonio import read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "visiondrop-edge/artifacts"
@@ -263,14 +264,7 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory} is not an artifact folder (no {MANIFEST}): create one with `python cli.py export`")
-    try:
-        data = json.loads(path.read_bytes())
-    except UnicodeDecodeError:
-        raise ArtifactError(f"{path} is not text (binary data): re-run export") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno}): re-run export") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path} holds a JSON {type(data).__name__}, not an object: re-run export")
+    data = read_json_object(path, ArtifactError, "re-run export")
     if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: re-run export with this version")
     try:

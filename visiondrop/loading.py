@@ -26,6 +26,7 @@ from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGen
 from .builtin import BUILTIN_FORMAT, BUILTIN_MARKER, BUILTIN_VERSION, PRESETS, build_model, recipe_hash
 from .errors import CheckpointError, ConcurrentWriteError, OutputError, UserError
 from .schedule import Schedule, resolve_schedule
+from .jsonio import read_json_object
 
 LOG = logging.getLogger("visiondrop")
 
@@ -358,15 +359,7 @@ def _read_config(path: Path) -> dict:
         )
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no config.json: pass the folder that save_pretrained or huggingface-cli download wrote")
-    try:
-        config = json.loads(config_file.read_text())
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{config_file} is not text (binary data): it must be the JSON that save_pretrained writes") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_file} is not valid JSON ({exc.msg} at line {exc.lineno}): fix or replace the file") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_file} holds a JSON {type(config).__name__}, not an object: it must be the JSON object that save_pretrained writes")
-    return config
+    return read_json_object(config_file, CheckpointError, "it must be the JSON object that save_pretrained writes")
 
 
 def _integer(config: dict, section: str | None, key: str, default: int, where: str) -> int:
