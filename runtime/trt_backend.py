@@ -5,7 +5,10 @@ address (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3`` on th
 stream); nothing goes through the host between units. I/O is bound by name, in the order of
 the artifacts manifest's graph entry, and every ``run_*`` returns all of the graph's outputs in
 that order. Engines of ``qkv_{g}`` / ``decoder_{g}`` hold a ``prefill`` and a ``decode``
-profile: each profile has its own execution context, selected per call.
+profile: each profile has its own execution context, selected per call. All contexts share
+one activation scratch buffer (user-managed device memory, sized for the largest profile):
+units run one after another on the current stream, so one TrtBackend must not be driven from
+two streams at once.
 
 Outputs are allocated per call from torch's caching allocator at their exact shape (no
 ``cudaMalloc`` once warm): a unit's outputs outlive its next call (KV caches feed the next
@@ -133,6 +136,7 @@ class TrtBackend(Backend):
         self._placeholder = torch.empty(256, dtype=torch.uint8, device=self.device)  # address of empty tensors
         stream = stream_handle(self.device)
         self.units: dict[str, _Unit] = {}
+        scratch_sizes: list[tuple[trt.IExecutionContext, int]] = []
         for record in data["engines"]:
             entry = next(g for g in self.manifest.graphs if g.name == record["graph"])
             engine = self.runtime.deserialize_cuda_engine((self.engines_dir / record["engine"]).read_bytes())
@@ -141,15 +145,21 @@ class TrtBackend(Backend):
                                 "`python cli.py build`")
             contexts = {}
             for number, profile in enumerate(record["profiles"]):
-                context = engine.create_execution_context()
+                context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
                 context.set_optimization_profile_async(number, stream)
                 contexts[profile["name"]] = context
+                scratch_sizes.append((context, engine.get_device_memory_size_for_profile_v2(number)))
             inputs, outputs = [t["name"] for t in entry.inputs], [t["name"] for t in entry.outputs]
             self.units[entry.name] = _Unit(
                 engine, contexts, inputs, [self._dtypes[engine.get_tensor_dtype(n)] for n in inputs],
                 outputs, [self._dtypes[engine.get_tensor_dtype(n)] for n in outputs],
                 {p["name"]: p["shapes"] for p in record["profiles"]},
             )
+        # Units run one after another on one stream, so every context shares one scratch buffer
+        # (the largest any profile needs) instead of each holding its own activation memory.
+        self._scratch = torch.empty(max([size for _, size in scratch_sizes] + [1]), dtype=torch.uint8, device=self.device)
+        for context, size in scratch_sizes:
+            context.set_device_memory(self._scratch.data_ptr(), size)
         self.build = data["build"]
         synchronize(self.device)
 

@@ -79,6 +79,9 @@ class _FakeTensorRT(types.ModuleType):
         TF32, STRIP_PLAN = 0, 1
         __members__ = {"TF32": 0, "STRIP_PLAN": 1}
 
+    class ExecutionContextAllocationStrategy:
+        STATIC, ON_PROFILE_CHANGE, USER_MANAGED = range(3)
+
     class Logger:
         WARNING = 2
 
@@ -115,13 +118,21 @@ class _FakeEngine:
     def get_tensor_dtype(self, name):
         return self.types[name]
 
-    def create_execution_context(self):
+    def create_execution_context(self, strategy):
+        assert strategy == _FakeTensorRT.ExecutionContextAllocationStrategy.USER_MANAGED
         return _FakeContext(self)
+
+    def get_device_memory_size_for_profile_v2(self, index):
+        return 1000 + index
 
 
 class _FakeContext:
     def __init__(self, engine: _FakeEngine):
-        self.engine, self.profile, self.shapes, self.addresses, self.results = engine, 0, {}, {}, None
+        self.engine, self.profile, self.shapes, self.addresses, self.results, self.memory = engine, 0, {}, {}, None, 0
+
+    def set_device_memory(self, memory, size):
+        assert memory and size == 1000 + self.profile  # the profile's own size, in the shared buffer
+        self.memory = memory
 
     def set_optimization_profile_async(self, index, stream):
         self.profile = index
@@ -151,6 +162,7 @@ class _FakeContext:
         return self.results[name].shape
 
     def execute_async_v3(self, stream_handle):
+        assert self.memory, "no scratch memory was set"
         for name, value in self.results.items():
             self._view(name, value.shape)[...] = value
         self.engine.module.calls.append((self.engine.name, self.profile))

@@ -26,7 +26,8 @@ MUST_RESOLVE = {
     "Runtime.deserialize_cuda_engine", "ICudaEngine.create_execution_context", "ICudaEngine.get_tensor_dtype",
     "IExecutionContext.set_optimization_profile_async", "IExecutionContext.set_input_shape",
     "IExecutionContext.set_tensor_address", "IExecutionContext.get_tensor_shape", "IExecutionContext.execute_async_v3",
-    "IBuilderConfig.get_flag", "IPluginRegistry.load_library",
+    "IBuilderConfig.get_flag", "IPluginRegistry.load_library", "ICudaEngine.get_device_memory_size_for_profile_v2",
+    "IExecutionContext.set_device_memory", "ExecutionContextAllocationStrategy.USER_MANAGED",
 }
 
 
@@ -106,6 +107,15 @@ def test_the_check_fails_on_builder_flag_fp16_only_where_it_is_gone(apis, tmp_pa
     guarded = _inject(tmp_path, TRT_FILES[0], hook, hook + "            if hasattr(trt.BuilderFlag, \"FP16\"):\n"
                       "                built.set_flag(trt.BuilderFlag.FP16)\n")
     assert all(p == [] for p in _problems(apis, guarded).values())
+
+
+def test_the_check_fails_on_device_memory_size_only_where_it_is_gone(apis, tmp_path):
+    """ICudaEngine.device_memory_size (deprecated for the _v2 calls) is gone in 11.4."""
+    copy = _inject(tmp_path, TRT_FILES[1], "engine.get_device_memory_size_for_profile_v2(number)",
+                   "engine.device_memory_size")
+    problems = _problems(apis, copy)
+    assert problems["10.3.0"] == [] and problems["10.13.3.9"] == [], problems
+    assert any("ICudaEngine has no attribute 'device_memory_size'" in p for p in problems["11.4.0.106"]), problems
 
 
 def test_the_check_fails_on_an_unknown_keyword(apis, tmp_path):
