@@ -224,10 +224,9 @@ class Validator:
         finally:
             self.reference.forced = {}
 
-    def compare_outputs(self, label: str, names: Sequence[str], ours: Sequence[Tensor], ref: Sequence[Tensor],
-                        skip: Sequence[str] = ()) -> None:
+    def compare_outputs(self, label: str, names: Sequence[str], ours: Sequence[Tensor], ref: Sequence[Tensor]) -> None:
         """Float outputs through the comparators, integer outputs exactly."""
-        pairs = [(n, o, r) for n, o, r in zip(names, ours, ref, strict=True) if n not in skip]
+        pairs = list(zip(names, ours, ref, strict=True))
         floats = {n: _np(r) for n, _, r in pairs if r.is_floating_point()}
         results = compare_tensors({n: _np(o) for n, o, _ in pairs if n in floats}, floats, self.gates) if floats else {}
         for name, o, r in pairs:
@@ -235,8 +234,11 @@ class Validator:
                 group = "KV (present.*)" if name.startswith("present.") else FLOAT_GROUPS.get(name, name)
                 self.report.add_tensor(f"{label}.{group}", results[name], self.gates)
                 continue
-            equal = o.shape == r.shape and torch.equal(o.cpu().long(), r.cpu().long())
-            self.report.check(f"{label}.{name}", "exact").note(equal, "" if equal else f"shape {list(o.shape)} vs {list(r.shape)}" if o.shape != r.shape else "values differ")
+            if o.shape != r.shape:
+                self.report.check(f"{label}.{name}", "exact").note(False, f"shape {list(o.shape)} vs {list(r.shape)}")
+                continue
+            equal = torch.equal(o.cpu().long(), r.cpu().long())
+            self.report.check(f"{label}.{name}", "exact").note(equal, "" if equal else "values differ")
 
     def record_decisions(self, row: str, decisions: list[Decision], kept_sets: tuple[Tensor, Tensor] | None = None) -> None:
         """A decision row: passes unless a decision is beyond its bound (gated only under ``tie-aware``)."""
