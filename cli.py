@@ -690,10 +690,10 @@ def bench_compare(compare: str, config, json_path: Path | None) -> None:
     report = run_compare(folders[0], folders[1], config, progress=progress)
     rows = [[s["batch"], f"{s['prefill_speedup']:.2f}x ({s['prefill_speedup_best']:.2f}x)", f"{s['ttft_speedup']:.2f}x ({s['ttft_speedup_best']:.2f}x)",
              f"{s['decode_speedup']:.2f}x ({s['decode_speedup_best']:.2f}x)",
-             f"{s['vision_speedup']:.2f}x", f"{s['peak_memory_delta_ratio']:.2f}", f"{s['load_rss_ratio']:.2f}", f"{s['disk_ratio']:.2f}"]
+             f"{s['vision_speedup']:.2f}x", f"{s['peak_memory_delta_ratio']:.2f}", f"{s['disk_ratio']:.2f}"]
             for s in report["summary"]]
     print_table(["batch", "prefill speed-up (best)", "TTFT speed-up (best)", "decode speed-up (best)", "vision speed-up",
-                 "peak memory (request)", "memory (loaded)", "bytes on disk"], rows)
+                 "peak memory (request)", "bytes on disk"], rows)
     click.echo(f"speed-up = baseline / candidate time (median of {config.repeats}, best-of-{config.repeats} in brackets); "
                "memory and disk = candidate / baseline")
     if json_path is not None:

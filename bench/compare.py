@@ -5,14 +5,14 @@ interleaved repeat by repeat so that machine drift (other jobs on a shared CPU) 
 alike. Medians and best-of-N (the noise-robust figure on a shared machine) are reported, each
 as a ratio baseline / candidate. Memory is measured as:
 
-- ``load_rss_bytes``: resident memory added by opening the folder (weights and sessions);
-- ``peak_memory_delta_bytes``: the peak above the start of one request (activations, caches);
-- ``disk_bytes``: the folder's graph files.
+- ``peak_memory_delta_bytes``: the peak RSS above the start of one request (activations, caches);
+- ``disk_bytes``: the folder's graph files, which is what the weights occupy once loaded. (The
+  resident memory added by opening a folder is not reported: measured in one process after the
+  other folder, it mostly shows what the allocator had already kept.)
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -25,11 +25,6 @@ from visiondrop.prompt import build_prompts, pixel_values, random_images
 from .run import PROMPT, BenchConfig, PeakMemory, _stats, run_once
 
 METRICS = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _label(directory: Path) -> str:
@@ -52,13 +47,11 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
 
     _check_pair(baseline, candidate)
     folders = {"baseline": baseline, "candidate": candidate}
-    backends, load_rss = {}, {}
+    backends = {}
     for role, folder in folders.items():
-        before = _rss()
         progress(f"opening {role} {folder} ({_label(folder)}) on ONNX Runtime {config.provider} ...")
         with recorded_ort_settings(folder):  # a calibrated folder's ONNX Runtime settings (see calibration/quantize.py)
             backends[role] = OrtBackend(folder, provider=config.provider)
-        load_rss[role] = _rss() - before
     processor = AutoProcessor.from_pretrained(baseline)
     spec = backends["baseline"].spec
     rows = []
@@ -87,7 +80,6 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
                 "ttft_ms": _stats([r["ttft"] for r in measured]),
                 "decode_ms_per_token": _stats([statistics.median(r["decode"]) for r in measured]),
                 "peak_memory_delta_bytes": peaks[role],
-                "load_rss_bytes": load_rss[role],
                 "disk_bytes": _disk_bytes(folders[role]),
             })
     return {"config": asdict(config), "baseline": str(baseline), "candidate": str(candidate),
@@ -105,7 +97,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             name = metric.rsplit("_ms", 1)[0]
             entry[f"{name}_speedup"] = base[metric]["median"] / cand[metric]["median"]
             entry[f"{name}_speedup_best"] = base[metric]["min"] / cand[metric]["min"]
-        for memory in ("peak_memory_delta_bytes", "load_rss_bytes", "disk_bytes"):
+        for memory in ("peak_memory_delta_bytes", "disk_bytes"):
             entry[f"{memory.removesuffix('_bytes')}_ratio"] = cand[memory] / base[memory] if base[memory] else float("nan")
         summary.append(entry)
     return summary

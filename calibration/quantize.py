@@ -120,6 +120,10 @@ def target_opset(recipe: Recipe, source_opset: int, requested: int | None) -> in
         )
     if requested < source_opset:
         raise UserError(f"--opset {requested} is below the source graphs' opset {source_opset}: opsets only go up")
+    highest = max(r.min_opset for r in RECIPES.values())
+    if requested > highest:
+        raise UserError(f"--opset {requested}: no precision here needs more than opset {highest}, and older TensorRT "
+                        f"parsers read fewer opsets; leave --opset out")
     return requested
 
 
@@ -306,12 +310,15 @@ def _save_final(quantized: Path, directory: Path, entry: GraphEntry, producer: s
     return GraphEntry(entry.name, entry.file, entry.role, entry.index, entry.inputs, entry.outputs, data_name)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    finite = np.isfinite(a) & np.isfinite(b)
+def _cosine(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Cosine over the reference's finite entries (the CLS score is +inf); -1 if the non-finite ones differ."""
+    a, b = ours.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    finite = np.isfinite(b)
+    if not (np.array_equal(a[~finite], b[~finite]) and np.isfinite(a[finite]).all()):
+        return -1.0
     a, b = a[finite], b[finite]
     norms = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b / norms) if norms else 1.0
+    return float(a @ b / norms) if norms else float(np.array_equal(a, b))
 
 
 def graph_cosines(float_graph: Path, quantized_graph: Path, feeds, precision: str, plugins: bool) -> dict[str, float]:
@@ -418,7 +425,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
                               Path(scratch), plugins)
                 final = _save_final(quantized, directory, entry, f"calibrate {recipe.precision}")
             graphs.append(final)
-            cosines = graph_cosines(source / entry.file, directory / entry.file, feeds[entry.name][:2], recipe.precision, plugins)
+            cosines = graph_cosines(source / entry.file, directory / entry.file, feeds[entry.name], recipe.precision, plugins)
             qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(str(directory / entry.file)).graph.node)
             reports.append(GraphReport(entry.name, entry.role, len(nodes), qdq, before, _graph_bytes(directory, final),
                                        min(cosines.values()) if cosines else None))

@@ -250,3 +250,17 @@ def test_refusals_are_one_line(folders, args, message):
 def test_a_calibrated_folder_is_not_calibrated_again(folders):
     result = CliRunner().invoke(cli.cli, ["calibrate", "--artifacts", str(folders["int8"]), "--precision", "int8"])
     assert result.exit_code == 2 and "already calibrated" in result.output
+
+
+def test_bench_compares_a_quantized_folder_with_its_source(folders, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli.cli, ["bench", "--artifacts-compare", f"{folders['fp32']},{folders['int8']}", "--batch", "1",
+                                          "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    [summary] = report["summary"]
+    on_disk = [sum(p.stat().st_size for p in f.glob("*.onnx*")) for f in (folders["fp32"], folders["int8"])]
+    assert summary["disk_ratio"] == pytest.approx(on_disk[1] / on_disk[0])  # every graph file, no external data here
+    timings = {r["variant"]: r["prefill_ms"]["median"] for r in report["results"]}
+    assert summary["prefill_speedup"] == pytest.approx(timings["baseline"] / timings["candidate"])
+    assert {r["precision"] for r in report["results"]} == {"fp32", "int8"}
