@@ -285,6 +285,34 @@ def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraph
         TrtBackend(engines, portable_artifacts).run_vision(torch.zeros(3, 3, 336, 336))
 
 
+def test_generate_and_bench_run_engine_folders(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tiny,
+                                              tmp_path):
+    """The CLI paths: generate --engines answers like --artifacts; bench --backend trt measures each folder."""
+    from export.onnx_export import ExportOptions, export_artifacts
+    from visiondrop.schedule import Schedule
+
+    engines = tmp_path / "engines"
+    _build(portable_artifacts, engines, max_batch=1)
+    question = ["--image", "examples/cat.png", "--prompt", "What is this?", "--max-new-tokens", "4", "--json"]
+    on_engines = CliRunner().invoke(cli.cli, ["generate", "--engines", str(engines), *question])
+    on_graphs = CliRunner().invoke(cli.cli, ["generate", "--artifacts", str(portable_artifacts), *question])
+    assert on_engines.exit_code == 0 and on_graphs.exit_code == 0, on_engines.output + on_graphs.output
+    engines_answer, graphs_answer = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (on_engines, on_graphs))
+    assert engines_answer["backend"] == "trt" and engines_answer["generated_ids"] == graphs_answer["generated_ids"]
+
+    full = tmp_path / "tiny-full"
+    export_artifacts(tiny, Schedule.full(8, 576), full, ExportOptions(max_seq_len=700))
+    _build(full, tmp_path / "engines-full", max_batch=1)
+    report_path = tmp_path / "bench.json"
+    bench = CliRunner().invoke(cli.cli, ["bench", "--backend", "trt", "--engines", str(tmp_path / "engines-full"),
+                                         "--engines", str(engines), "--batch", "1", "--new-tokens", "2", "--warmup", "0",
+                                         "--repeats", "1", "--json", str(report_path)])
+    assert bench.exit_code == 0, bench.output
+    rows = json.loads(report_path.read_text())["results"]
+    assert [(r["budget"], r["batch"]) for r in rows] == [("full", 1), (Schedule.from_budget(64, 8, 576).describe(), 1)]
+    assert "prefill_speedup" in rows[1] and "prefill_speedup" not in rows[0]
+
+
 def test_backend_refuses_engines_it_must_not_run(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tmp_path):
     from runtime.trt_backend import TrtBackend
 
