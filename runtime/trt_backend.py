@@ -224,7 +224,8 @@ def doctor(plugin_lib: str | Path | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
     tegra = Path("/etc/nv_tegra_release")
-    report["jetson"] = tegra.read_text().split(",")[0].strip() if tegra.is_file() else None
+    # e.g. "# R36 (release), REVISION: 4.3, GCID: ..." -> "R36 (release), REVISION: 4.3" (JetPack 6.2)
+    report["jetson"] = ",".join(tegra.read_text().splitlines()[0].split(",")[:2]).lstrip("# ") if tegra.is_file() else None
     report["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda}
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
