@@ -401,21 +401,30 @@ def verify_engine_files(engines: Path, data: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ building (TensorRT)
 
+_LOADED_PLUGINS: dict[Path, str] = {}  # once per process: TensorRT refuses to register a creator twice
+
+
 def load_plugin_library(library: Path) -> str:
-    """Make the plugins visible to the ONNX parser; returns how (getCreators or static registration).
+    """Make the plugins visible to the ONNX parser and runtime; returns how (getCreators or static registration).
 
     ``ctypes`` loading registers the static variant; the getCreators variant then goes through
     the registry's ``load_library``, which is what trtexec --dynamicPlugins does.
     """
     import tensorrt as trt
 
+    library = Path(library).resolve()
+    if library in _LOADED_PLUGINS:
+        return _LOADED_PLUGINS[library]
     handle = ctypes.CDLL(str(library))
+    how = "static registration"
     if hasattr(handle, "getCreators"):
         registry: trt.IPluginRegistry = trt.get_plugin_registry()
         if registry.load_library(str(library)) is None:
-            raise UserError(f"TensorRT could not load {library} (see the TensorRT log above)")
-        return "getCreators"
-    return "static registration"
+            raise UserError(f"TensorRT could not load {library} (is another VisionDrop plugin library loaded? see the "
+                            "TensorRT log above)")
+        how = "getCreators"
+    _LOADED_PLUGINS[library] = how
+    return how
 
 
 def build_engines(plan: BuildPlan, out: Path, environment: Environment, force: bool = False,

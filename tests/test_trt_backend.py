@@ -313,6 +313,26 @@ def test_generate_and_bench_run_engine_folders(stand_in_polygraphy, stand_in_ten
     assert "prefill_speedup" in rows[1] and "prefill_speedup" not in rows[0]
 
 
+def test_a_plugin_library_is_registered_once_per_process(stand_in_tensorrt, tmp_path):
+    """Two backends (or build then run) in one process must not register the creators twice."""
+    import shutil
+    import subprocess
+
+    from export.trt_build import load_plugin_library
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build a library that exports getCreators")
+    source = tmp_path / "creators.c"
+    source.write_text("void* getCreators(int* n) { *n = 0; return 0; }\n")
+    library = tmp_path / "libcreators.so"
+    subprocess.run([compiler, "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    loaded = []
+    stand_in_tensorrt.get_plugin_registry = lambda: types.SimpleNamespace(load_library=lambda p: loaded.append(p) or 1)
+    assert load_plugin_library(library) == load_plugin_library(tmp_path / "." / "libcreators.so") == "getCreators"
+    assert loaded == [str(library.resolve())]
+
+
 def test_backend_refuses_engines_it_must_not_run(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tmp_path):
     from runtime.trt_backend import TrtBackend
 
