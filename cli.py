@@ -383,11 +383,11 @@ def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len
 
 
 @cli.command()
-@click.option("--artifacts", type=click.Path(path_type=Path), required=True, help="Float (fp32) artifact folder written by export.")
+@click.option("--artifacts", type=click.Path(path_type=Path), required=True, help="Float artifact folder written by export (fp32; fp16 for int8/int4-weight, at opset 19+).")
 @click.option("--precision", required=True, type=click.Choice(["int8", "fp8", "int4-weight"]), help="int8: Orin, Hopper, Thor. fp8: Hopper, Thor (not Orin). int4-weight: decoder weights only (W4A16), memory-bound decode.")
 @click.option("--data", default="builtin", show_default=True, help="Calibration data: a folder of images with prompts.jsonl (one {\"image\": ..., \"prompt\": ...} per line), or 'builtin' (seeded synthetic images, fixed prompts).")
 @click.option("--samples", default=None, type=int, help="How many (image, prompt) samples to run. Default: 8 for builtin, every line of prompts.jsonl for a folder.")
-@click.option("--opset", default=None, type=int, help="Opset of the quantized graphs. Default: the lowest that carries the precision (int8: the source's, fp8: 19, int4-weight: 21).")
+@click.option("--opset", default=None, type=int, help="Opset of the quantized graphs. Default: the lowest that carries the precision (int8: the source's, or 19 for fp16 scales; fp8: 19; int4-weight: 21).")
 @click.option("--block-size", default=128, show_default=True, type=int, help="int4-weight: input-dimension block that shares one scale.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder to write. Default: <artifacts>-<precision>.")
 @click.option("--force", is_flag=True, help="Replace --out if it is not empty.")

@@ -108,16 +108,21 @@ class CalibrateOptions:
             raise UserError(f"--block-size {self.block_size}: use a power of two of at least 16 (128 is usual)")
 
 
-def target_opset(recipe: Recipe, source_opset: int, requested: int | None) -> int:
+FP16_SCALES_OPSET = 19  # DequantizeLinear takes fp16 scales (the fp16 graphs' dtype) from opset 19
+
+
+def target_opset(recipe: Recipe, source_opset: int, requested: int | None, dtype: str = "fp32") -> int:
     """The quantized graphs' opset, or a one-line refusal where the asked-for opset cannot carry the precision."""
+    needed, why = recipe.min_opset, recipe.why_opset
+    if dtype == "fp16" and FP16_SCALES_OPSET > needed:
+        needed, why = FP16_SCALES_OPSET, "fp16 graphs need fp16 Q/DQ scales, which DequantizeLinear takes from opset 19"
     if requested is None:
-        return max(source_opset, recipe.min_opset)
-    if requested < recipe.min_opset:
+        return max(source_opset, needed)
+    if requested < needed:
         extra = f"; {INT4_TENSORRT}" if recipe.precision == "int4-weight" else ""
-        raise UserError(
-            f"--precision {recipe.precision} cannot be carried by opset {requested}: {recipe.why_opset} "
-            f"(use --opset {recipe.min_opset}, or --precision int8 for opset {requested}){extra}"
-        )
+        fallback = "" if dtype == "fp16" else f", or --precision int8 for opset {requested}"
+        raise UserError(f"--precision {recipe.precision} cannot be carried by opset {requested}: {why} "
+                        f"(use --opset {needed}{fallback}){extra}")
     if requested < source_opset:
         raise UserError(f"--opset {requested} is below the source graphs' opset {source_opset}: opsets only go up")
     highest = max(r.min_opset for r in RECIPES.values())
@@ -381,10 +386,11 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
     export = manifest.export
     if export.get("quantization"):
         raise UserError(f"{source} is already calibrated ({export['quantization']['precision']}): calibrate its float source")
-    if export["dtype"] != "fp32":
-        raise UserError(f"{source} is a {export['dtype']} export: calibrate an fp32 export (`python cli.py export --dtype fp32`)")
     recipe = RECIPES[options.precision]
-    opset = target_opset(recipe, int(export["opset"]), options.opset)
+    if recipe.precision == "fp8" and export["dtype"] == "fp16":
+        raise UserError("fp8 calibration of an fp16 export fails inside ONNX Runtime's Distribution calibrator "
+                        "(fp16 histograms): calibrate the fp32 export (`python cli.py export --dtype fp32`)")
+    opset = target_opset(recipe, int(export["opset"]), options.opset, export["dtype"])
     plugins = export.get("mode") == "plugins"
     data = calibration_set(options.data, options.samples, DEFAULT_SAMPLES)
     progress(f"calibration data: {data.samples} samples from {data.source} (sha256 {data.sha256[:12]}...)")
@@ -436,7 +442,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
                 "method": recipe.method,
                 "library": f"onnxruntime {onnxruntime.__version__}",
                 "opset": opset,
-                "opset_why": recipe.why_opset,
+                "opset_why": recipe.why_opset + ("; fp16 scales need opset 19" if export["dtype"] == "fp16" else ""),
                 "block_size": options.block_size if recipe.precision == "int4-weight" else None,
                 "graphs": [e.name for e in manifest.graphs if e.role in recipe.roles],
                 "data": data.to_dict(),
