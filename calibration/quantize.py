@@ -37,7 +37,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from export.gates import gates_for
 from export.manifest import MANIFEST, GraphEntry, Manifest, read_manifest
 from visiondrop.errors import UserError
-from visiondrop.loading import sha256_file, write_atomically
+from visiondrop.loading import check_target, sha256_file, write_atomically
 
 from .data import GraphFeeds, calibration_set, record_feeds
 from .select import FLOAT_CLASSES, lm_head, scoring_linears, vision_prune_nodes, weighted_linears
@@ -383,6 +383,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
 
     source, out = Path(source), Path(out)
     manifest = read_manifest(source)
+    check_target(out, force, protect=[source])  # before the calibration run (checked again under the write lock)
     export = manifest.export
     if export.get("quantization"):
         raise UserError(f"{source} is already calibrated ({export['quantization']['precision']}): calibrate its float source")
@@ -459,7 +460,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
                                       tolerances=gates_for(quantized_export).to_dict())
         quantized_manifest.write(directory)
 
-    write_atomically(out, fill, force=force)
+    write_atomically(out, fill, force=force, protect=[source])  # never over the folder being read
     return read_manifest(out), reports
 
 
