@@ -383,7 +383,6 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
 
     source, out = Path(source), Path(out)
     manifest = read_manifest(source)
-    check_target(out, force, protect=[source])  # before the calibration run (checked again under the write lock)
     export = manifest.export
     if export.get("quantization"):
         raise UserError(f"{source} is already calibrated ({export['quantization']['precision']}): calibrate its float source")
@@ -394,6 +393,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
     opset = target_opset(recipe, int(export["opset"]), options.opset, export["dtype"])
     plugins = export.get("mode") == "plugins"
     data = calibration_set(options.data, options.samples, DEFAULT_SAMPLES)
+    check_target(out, force, protect=[source])  # before the calibration run (checked again under the write lock)
     progress(f"calibration data: {data.samples} samples from {data.source} (sha256 {data.sha256[:12]}...)")
     backend = OrtBackend(source, provider="cpu", manifest=manifest, verify=False)
     processor = AutoProcessor.from_pretrained(source)
