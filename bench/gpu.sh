@@ -3,7 +3,9 @@
 #   1. the CUDA kernels: build for sm_90, check against the PyTorch reference, time them
 #      against the same PyTorch ops (plugins_trt/tests/gpu_check.sh);
 #   2. the torch-backend benchmark on the LLaVA-1.5-7B shape (random weights, fp16):
-#      pruned vs ideal vs full at every budget, batch 1 and 4.
+#      pruned vs ideal vs full at every budget, batch 1 and 4;
+#   3. prefix reuse on the same shape: time per answer for 1, 4 and 16 questions about one
+#      image, the image prefilled once against a full prefill per question (budget 64).
 # Results land in $OUT (the device tool's output folder) or build/gpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,4 +18,7 @@ bash plugins_trt/tests/gpu_check.sh || status=1
 python3 cli.py bench --model llava-1.5-7b-shape --backend torch --device cuda --dtype fp16 \
     --budgets 32,64,128,192,full --batch 1,4 --new-tokens 32 --warmup 2 --repeats 10 \
     --json "$OUT/bench_7b.json" --plot "$OUT/bench_7b.png" 2>&1 | tee "$OUT/bench_7b.log" || status=1
+python3 cli.py bench --model llava-1.5-7b-shape --backend torch --device cuda --dtype fp16 --budgets 64 \
+    --questions-per-image 1,4,16 --new-tokens 16 --warmup 1 --repeats 5 \
+    --json "$OUT/bench_7b_questions.json" 2>&1 | tee "$OUT/bench_7b_questions.log" || status=1
 exit $status
