@@ -350,9 +350,12 @@ def _plan(model: onnx.ModelProto, entry: GraphEntry, excluded: list[dict]) -> li
     scoring = scoring_linears(model, entry.role, entry.index)
     if scoring:
         float_nodes |= set(scoring)
+        reason = ("the stage-0 scores are computed from float values (quantizing the tower ahead of them moved them "
+                  "to cosine 0.94 on the tiny model)" if entry.role == "vision" else
+                  f"prune_{entry.index - 1} scores with these q/k, so they stay float; v reads the same input, and ORT's "
+                  "QDQ would route q/k through its DequantizeLinear too")
         excluded.append({"graph": entry.name, "nodes": scoring, "scope": "linear layers the prune scores depend on",
-                         "reason": "pruning scores are computed from float values (quantizing the vision tower ahead of "
-                                   "the stage-0 scores moved them to cosine 0.94 on the tiny model)"})
+                         "reason": reason})
     head = lm_head(model)
     if head is not None:
         float_nodes.add(head.name)
@@ -469,7 +472,8 @@ def _tensorrt_note(recipe: Recipe) -> str:
         return INT4_TENSORRT
     if recipe.precision == "fp8":
         return "FP8 needs compute capability >= 8.9 (Ada, Hopper, Thor); Jetson Orin has no FP8: use int8 or int4-weight there"
-    return "INT8 Q/DQ with zero points 0: parsed by every TensorRT 10.x/11.x (build strongly typed); runs on Orin, Hopper, Thor"
+    return ("INT8 Q/DQ with zero points 0 at the source's opset: the form TensorRT's ONNX parser documents "
+            "(DequantizeLinear INT8, zero point 0); build strongly typed; INT8 runs on Orin, Hopper and Thor")
 
 
 def _graph_bytes(directory: Path, entry: GraphEntry) -> int:
