@@ -42,7 +42,6 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
     """Measure both folders on every batch size of ``config``; returns the JSON-ready report."""
     from transformers import AutoProcessor
 
-    from calibration.quantize import recorded_ort_settings
     from runtime.ort_backend import OrtBackend
 
     _check_pair(baseline, candidate)
@@ -50,8 +49,7 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
     backends = {}
     for role, folder in folders.items():
         progress(f"opening {role} {folder} ({_label(folder)}) on ONNX Runtime {config.provider} ...")
-        with recorded_ort_settings(folder):  # a calibrated folder's ONNX Runtime settings (see calibration/quantize.py)
-            backends[role] = OrtBackend(folder, provider=config.provider)
+        backends[role] = OrtBackend(folder, provider=config.provider)  # applies a calibrated folder's ORT settings
     processor = AutoProcessor.from_pretrained(baseline)
     spec = backends["baseline"].spec
     rows = []

@@ -160,34 +160,6 @@ def _session(path: Path, precision: str | None, plugins: bool):
                                         disabled_optimizers=disabled)
 
 
-@contextlib.contextmanager
-def recorded_ort_settings(directory: str | Path):
-    """Sessions created inside get the ONNX Runtime settings a calibrated folder's manifest records.
-
-    For ``runtime.ort_backend.OrtBackend`` until it reads ``export.quantization.onnxruntime``
-    itself; a float folder records none and nothing changes.
-    """
-    import onnxruntime
-
-    settings = (read_manifest(directory, verify=False).export.get("quantization") or {}).get("onnxruntime") or {}
-    plain_options, plain_session = onnxruntime.SessionOptions, onnxruntime.InferenceSession
-
-    def options():
-        made = plain_options()
-        for key, value in settings.get("session_config", {}).items():
-            made.add_session_config_entry(key, value)
-        return made
-
-    def session(*args, **kwargs):
-        kwargs.setdefault("disabled_optimizers", settings.get("disabled_optimizers") or None)
-        return plain_session(*args, **kwargs)
-
-    onnxruntime.SessionOptions, onnxruntime.InferenceSession = options, session
-    try:
-        yield
-    finally:
-        onnxruntime.SessionOptions, onnxruntime.InferenceSession = plain_options, plain_session
-
 
 class _Feeds(CalibrationDataReader):
     """ORT's reader protocol over recorded feeds: get_next, then None."""

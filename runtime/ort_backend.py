@@ -60,13 +60,20 @@ class OrtBackend(Backend):
         # One request runs a dozen sessions back to back: idle threads must not spin and
         # steal the cores from the next session.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # A calibrated folder records the settings its Q/DQ graphs need on this runtime (see
+        # calibration/quantize.py): e.g. int8 keeps one Q/DQ pair per consumer, fp8 skips the QDQ transforms.
+        settings = (self.manifest.export.get("quantization") or {}).get("onnxruntime") or {}
+        for key, value in settings.get("session_config", {}).items():
+            options.add_session_config_entry(key, value)
+        disabled = settings.get("disabled_optimizers") or None
         plugins = self.manifest.export.get("mode") == "plugins"
         if plugins:
             from plugins_trt.ort_ops import custom_ops_library
 
             options.register_custom_ops_library(custom_ops_library())
         self.sessions = {
-            entry.name: onnxruntime.InferenceSession(self._graph(entry, plugins), options, providers=self.providers)
+            entry.name: onnxruntime.InferenceSession(self._graph(entry, plugins), options, providers=self.providers,
+                                                     disabled_optimizers=disabled)
             for entry in self.manifest.graphs
         }
         self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}
