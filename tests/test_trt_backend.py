@@ -222,6 +222,23 @@ class _StandInPolygraphy:
                         "EngineFromNetwork": EngineFromNetwork, "SaveEngine": SaveEngine}
 
 
+def test_the_stand_in_loaders_take_what_polygraphy_takes():
+    """The real Polygraphy loaders accept every keyword `build` passes (their signatures, read here)."""
+    import inspect
+
+    import polygraphy.backend.trt as loaders
+
+    fake = _StandInPolygraphy().classes
+    for name in ("NetworkFromOnnxPath", "CreateConfig", "EngineFromNetwork", "SaveEngine"):
+        used = set(inspect.signature(fake[name].__init__).parameters) - {"self"}
+        real = set()  # named parameters along the class hierarchy (CreateConfig forwards **kwargs to its base)
+        for cls in getattr(loaders, name).__mro__:
+            if "__init__" in vars(cls):
+                real |= {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind != p.VAR_KEYWORD}
+        assert used <= real, (name, used - real)
+    assert list(inspect.signature(loaders.Profile.add).parameters) == ["self", "name", "min", "opt", "max"]
+
+
 @pytest.fixture
 def stand_in_polygraphy(monkeypatch, stand_in_tensorrt):
     import polygraphy.backend.trt as loaders
