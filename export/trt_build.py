@@ -178,7 +178,9 @@ def profiles_for(entry: GraphEntry, schedule: Schedule, max_batch: int, max_seq_
         past = _range(own[0], own[1], own[2])  # decode: the cache holds at least the shortest prompt
         profiles = [
             Profile("prefill", {B: batch, SEQ: _range(*prefill), PAST: [0, 0, 0], TOTAL: _range(*prefill)}),
-            Profile("decode", {B: batch, SEQ: [1, 1, 1], PAST: past, TOTAL: [p + 1 for p in past]}),
+            # decode: one token on a cache, or a few (a question on a reused prefix, a chat turn):
+            # sequence up to the longest prompt, total still bounded by the longest cache + 1.
+            Profile("decode", {B: batch, SEQ: [1, 1, own[2]], PAST: past, TOTAL: [p + 1 for p in past]}),
         ]
     else:
         raise UserError(f"manifest graph {entry.name} has an unknown role '{entry.role}': re-run export")

@@ -202,8 +202,11 @@ class TrtBackend(Backend):
         return F.embedding(input_ids.to(self.device), self.embed_table)
 
     def run_qkv(self, group: int, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        profile = "decode" if hidden_states.shape[1] == 1 else "prefill"
-        return self._run(f"qkv_{group}", profile, hidden_states)
+        """Prompts take the prefill profile; single tokens and short continuations (prefix reuse,
+        chat turns) that fall below its range take the decode one."""
+        low, _, high = self.units[f"qkv_{group}"].limits["prefill"]["hidden_states"]
+        fits = all(lo <= size <= hi for lo, size, hi in zip(low, hidden_states.shape, high))
+        return self._run(f"qkv_{group}", "prefill" if fits else "decode", hidden_states)
 
     def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
         return self._run(f"prune_{stage}", "prefill", hidden_states, query, key, value, attention_mask, image_offset)

@@ -302,6 +302,28 @@ def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraph
         TrtBackend(engines, portable_artifacts).run_vision(torch.zeros(3, 3, 336, 336))
 
 
+def test_prefix_reuse_runs_on_engines(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tiny, tmp_path):
+    """A question prefilled on a reused prefix (several tokens on a cache) takes the decode
+    profile and answers exactly like a full prefill on the same engines."""
+    from runtime.generate import greedy_generate
+    from runtime.session import Session
+    from runtime.trt_backend import TrtBackend
+    from visiondrop.prompt import build_prompts, pixel_values, random_images
+
+    engines = tmp_path / "engines"
+    _build(portable_artifacts, engines, max_batch=2)
+    backend = TrtBackend(engines, portable_artifacts)
+    spec = backend.spec
+    pixels = pixel_values(tiny.processor.image_processor, random_images(1, seed=8))
+    questions = ["What is in this image?", "Which colour dominates?"]
+    session = Session(backend, tiny.processor, "tiny")
+    [prefix] = session.encode_prefix(pixels)
+    answer = session.answer([prefix] * 2, questions, 4)
+    batch = build_prompts(tiny.tokenizer, questions, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
+    assert torch.equal(answer.tokens, greedy_generate(backend, pixels.expand(2, -1, -1, -1), batch, 4).tokens)
+    assert ("qkv_0", 1) in stand_in_tensorrt.calls and ("decoder_3", 1) in stand_in_tensorrt.calls
+
+
 def test_generate_and_bench_run_engine_folders(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tiny,
                                               tmp_path):
     """The CLI paths: generate --engines answers like --artifacts; bench --backend trt measures each folder."""

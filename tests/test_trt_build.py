@@ -72,8 +72,9 @@ def test_decoder_gets_a_prefill_and_a_decode_profile():
     # Prefill: the pruned prompt with an empty cache (past 0, total = sequence).
     assert prefill.axes == {"batch_size": [1, 1, 4], "sequence_length": [141, 172, 1995],
                             "total_sequence_length": [141, 172, 1995], "past_sequence_length": [0, 0, 0]}
-    # Decode: one token on a cache that holds at least the shortest prompt.
-    assert decode.axes == {"batch_size": [1, 1, 4], "sequence_length": [1, 1, 1],
+    # Decode: one token (or a continuation up to the longest prompt: a question on a reused
+    # prefix, a chat turn) on a cache that holds at least the shortest prompt.
+    assert decode.axes == {"batch_size": [1, 1, 4], "sequence_length": [1, 1, 1995],
                            "total_sequence_length": [142, 173, 1996], "past_sequence_length": [141, 172, 1995]}
     assert decode.shapes["past_key_values.2.key"] == [[1, 2, 141, 16], [1, 2, 172, 16], [4, 2, 1995, 16]]
     assert prefill.shapes["attention_mask"] == [[1, 141], [1, 172], [4, 1995]]
@@ -84,7 +85,7 @@ def test_qkv_and_prune_see_the_sequence_before_the_prune():
     hidden = [tensor("hidden_states", "float32", ["batch_size", "sequence_length", 64])]
     qkv = GraphEntry("qkv_1", "qkv_1.onnx", "qkv", 1, hidden, [tensor("query", "float32", ["batch_size", 4, "sequence_length", 16])])
     prefill, decode = profiles_for(qkv, SCHEDULE, 1, 2048, 224)
-    assert prefill.axes["sequence_length"] == [193, 224, 2047] and decode.axes["sequence_length"] == [1, 1, 1]
+    assert prefill.axes["sequence_length"] == [193, 224, 2047] and decode.axes["sequence_length"] == [1, 1, 1995]
     prune = GraphEntry("prune_0", "prune_0.onnx", "prune", 0,
                        hidden + [tensor("image_offset", "int64", ["batch_size"])],
                        [tensor("pruned_hidden_states", "float32", ["batch_size", "pruned_sequence_length", 64])])
@@ -166,7 +167,7 @@ def test_dry_run_prints_the_plan_without_tensorrt(artifacts):
     assert plan["engines"][0]["weight_bytes"] > 0 and plan["engines"][-1]["profiles"][1]["axes"]["past_sequence_length"] \
         == [77, 108, 511 - 116]
     decode = plan["engines"][-1]["profiles"][1]  # decoder_3: cache 77..395 plus the new token
-    assert "--maxShapes=hidden_states:2x1x64," in decode["cross_check"]["trtexec"]
+    assert "--maxShapes=hidden_states:2x395x64," in decode["cross_check"]["trtexec"]
     assert "past_key_values.7.value:2x2x395x16" in decode["cross_check"]["trtexec"]
     assert decode["cross_check"]["polygraphy"].startswith(f"polygraphy run {artifacts / 'decoder_3.onnx'} --trt --onnxrt")
     text = runner.invoke(cli.cli, ["build", "--artifacts", str(artifacts), "--dry-run"])
