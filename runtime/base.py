@@ -10,7 +10,7 @@ exact same control flow. Nothing here leaves the device or syncs with the host.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -92,6 +92,10 @@ class StageTrace:
     @property
     def choice(self) -> Choice:
         return Choice(self.kept_index, self.assignment)
+
+    def row(self, index: int) -> StageTrace:
+        """Sample ``index`` alone (batch 1)."""
+        return StageTrace(*(getattr(self, f.name)[index:index + 1] for f in fields(self)))
 
 
 @dataclass

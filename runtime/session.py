@@ -141,10 +141,10 @@ class Session:
             prefill = self.backend.prefill(input_ids, vision.image_embeds, torch.ones_like(input_ids),
                                            torch.full((rows,), len(prefix_ids), dtype=torch.int64))
             for row, i in enumerate(missing):
-                stage = None if vision.stage is None else StageTrace(*(t[row:row + 1] for t in vars(vision.stage).values()))
+                stage = None if vision.stage is None else vision.stage.row(row)
                 found[i] = PrefixState(
                     row_state(prefill.state, row), VisionOutput(vision.image_embeds[row:row + 1], stage),
-                    [StageTrace(*(t[row:row + 1] for t in vars(s).values())) for s in prefill.stages], prefix_ids,
+                    [s.row(row) for s in prefill.stages], prefix_ids,
                 )
                 self.cache.put(keys[i], found[i])
         return found
