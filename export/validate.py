@@ -380,11 +380,12 @@ def validate_artifacts(
     gates = gates_for(manifest.export, manifest.tolerances)
     source = manifest.model["source"]
     dtype = manifest.export["dtype"]
+    # The candidate first: a missing TensorRT or GPU is reported before the reference loads.
+    backend = candidate if isinstance(candidate, Backend) else open_candidate(candidate, Path(directory), manifest, engines)
     progress(f"loading the PyTorch reference ({source}, {dtype}) ...")
     loaded = apply_precision(load_model(source, dtype=EXPORT_DTYPES[dtype], device=device), manifest.export.get("vision_dtype"))
     if loaded.content_hash != manifest.model["content_hash"]:
         raise UserError(f"the model at {source} is not the one these artifacts were exported from (content hash differs): re-export")
-    backend = candidate if isinstance(candidate, Backend) else open_candidate(candidate, Path(directory), manifest, engines)
     torch_reference = TorchBackend(loaded, backend.spec.schedule)
     report = Report(str(directory), source, backend.spec.schedule.describe(), gates.precision, reference,
                     f"{backend.name} ({', '.join(backend.providers)})" if hasattr(backend, "providers") else backend.name, gates.to_dict())
