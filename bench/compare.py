@@ -59,16 +59,16 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
                                 spec.image_token_id, spec.pad_token_id)
         for backend in backends.values():
             for _ in range(config.warmup):
-                run_once(backend, pixels, prompts, min(config.new_tokens, 2), ideal=False)
+                run_once(backend, pixels, prompts, min(config.new_tokens, 2))
         peaks = {}
         for role, backend in backends.items():
             with PeakMemory(backend.device) as memory:
-                run_once(backend, pixels, prompts, config.new_tokens, ideal=False)
+                run_once(backend, pixels, prompts, config.new_tokens)
             peaks[role] = memory.delta
         runs = {role: [] for role in backends}
         for repeat in range(config.repeats):  # interleaved so drift hits both alike
             for role, backend in backends.items():
-                runs[role].append(run_once(backend, pixels, prompts, config.new_tokens, ideal=False))
+                runs[role].append(run_once(backend, pixels, prompts, config.new_tokens))
             progress(f"batch {batch}: repeat {repeat + 1}/{config.repeats}")
         for role, measured in runs.items():
             rows.append({

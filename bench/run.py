@@ -3,7 +3,7 @@
 For every budget and batch size the pipeline runs three ways, interleaved repeat by repeat
 so that machine drift hits all alike: ``pruned`` (VisionDrop), ``ideal`` (the same model
 fed sequences of exactly each stage's size, no scoring or merging: see
-``Backend.prefill(ideal=True)``) and ``full`` (no pruning, the baseline). Reported:
+``bench/ideal.py``) and ``full`` (no pruning, the baseline). Reported:
 median/min/max of vision encode, prefill and TTFT, decode time per token and tokens/s,
 peak memory (process RSS on CPU, max allocated on CUDA), KV-cache bytes and analytic FLOPs
 per stage; then speed-ups against full and the pruning overhead ``pruned / ideal - 1``.
@@ -30,6 +30,7 @@ from visiondrop.prompt import build_prompts, pixel_values, random_images
 from visiondrop.schedule import Schedule
 
 from .flops import stage_flops
+from .ideal import IdealBaseline, IdealVision
 
 PROMPT = "Describe this image in detail."
 
@@ -98,15 +99,15 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def run_once(backend: Backend, pixels, prompts, new_tokens: int, ideal: bool) -> dict[str, float | list[float]]:
+def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, float | list[float]]:
     """One timed request: vision, prefill, then ``new_tokens`` greedy decode steps."""
     device = backend.device
     _sync(device)
     start = time.perf_counter()
-    vision = backend.encode_image(pixels, ideal=ideal)
+    vision = backend.encode_image(pixels)
     _sync(device)
     after_vision = time.perf_counter()
-    prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset, ideal=ideal)
+    prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset)
     _sync(device)
     after_prefill = time.perf_counter()
     logits, state, steps = prefill.logits, prefill.state, []
@@ -123,30 +124,46 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int, ideal: bool) ->
 
 
 def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provider: str) -> Backend:
-    """Export this budget (and the ideal vision graph) to ``scratch`` and open it on ONNX Runtime."""
-    from export.onnx_export import EXPORT_DTYPES, ExportOptions, GraphSpec, export_artifacts, export_graph
+    """Export this budget to ``scratch`` and open it on ONNX Runtime."""
+    from export.onnx_export import EXPORT_DTYPES, ExportOptions, export_artifacts
     from runtime.ort_backend import OrtBackend
-    from visiondrop.modules import VisionEncoder
 
     options = ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[next(loaded.model.parameters()).dtype])
     folder = scratch / f"budget-{schedule.describe().replace(',', '_').replace(':', '-')}"
     export_artifacts(loaded, schedule, folder, options)
+    return OrtBackend(folder, provider=provider)
 
-    class IdealVision(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vision = VisionEncoder(loaded.model, schedule.vision)
 
-        def forward(self, pixel_values):
-            return self.vision.ideal(pixel_values)
+def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ideal vision unit exported like the others and run on the backend's providers."""
+    import onnxruntime
 
+    from export.onnx_export import EXPORT_DTYPES, ExportOptions, GraphSpec, export_graph
+    from visiondrop.modules import VisionEncoder
+
+    dtype = backend.spec.vision_torch_dtype
     size = loaded.config.vision_config.image_size
-    graph = GraphSpec("vision_ideal", "vision", 0, IdealVision().eval(),
-                      {"pixel_values": torch.randn(2, 3, size, size, dtype=EXPORT_DTYPES[options.dtype])},
+    module = IdealVision(VisionEncoder(loaded.model, backend.spec.schedule.vision)).eval()
+    graph = GraphSpec("vision_ideal", "vision", 0, module, {"pixel_values": torch.randn(2, 3, size, size, dtype=dtype)},
                       ["image_embeds"], {"pixel_values": {0: "batch_size"}, "image_embeds": {0: "batch_size"}})
-    (scratch / "ideal").mkdir(exist_ok=True)
-    entry = export_graph(graph, scratch / "ideal", Path(tempfile.mkdtemp(dir=scratch)), options, {})
-    return OrtBackend(folder, provider=provider, ideal_vision=scratch / "ideal" / entry.file)
+    folder = Path(tempfile.mkdtemp(prefix="ideal-", dir=scratch))
+    entry = export_graph(graph, folder, Path(tempfile.mkdtemp(dir=scratch)), ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[backend.spec.torch_dtype]), {})
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(str(folder / entry.file), options, providers=backend.providers)
+    return lambda pixels: torch.from_numpy(session.run(None, {"pixel_values": pixels.to(dtype).numpy()})[0])
+
+
+def _variants(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> dict[str, Backend]:
+    """The full model alone, or the pruned pipeline and its ideal baseline over the same units."""
+    backend = _ort_backend(loaded, schedule, scratch, config.provider) if config.backend == "ort" else TorchBackend(loaded, schedule)
+    if schedule.is_full:
+        return {"full": backend}
+    if config.backend == "ort":
+        vision = _ort_ideal_vision(loaded, backend, scratch)
+    else:
+        vision = torch.inference_mode()(IdealVision(backend.pipeline.vision).eval())
+    return {"pruned": backend, "ideal": IdealBaseline(backend, vision)}
 
 
 def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:
@@ -160,27 +177,26 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
             schedule = schedules[budget]
             if config.backend == "ort":
                 progress(f"exporting budget {budget} for ONNX Runtime ...")
-                backend = _ort_backend(loaded, schedule, Path(scratch), config.provider)
-            else:
-                backend = TorchBackend(loaded, schedule)
+            backends = _variants(loaded, schedule, Path(scratch), config)
+            backend = next(iter(backends.values()))
             for batch in config.batches:
                 pixels = pixel_values(loaded.processor.image_processor, random_images(batch, seed=config.seed))
                 prompts = build_prompts(loaded.tokenizer, [PROMPT] * batch, schedule.image_tokens,
                                         backend.spec.image_token_id, backend.spec.pad_token_id)
                 text_tokens = prompts.input_ids.shape[1] - schedule.image_tokens
-                variants = ["full"] if schedule.is_full else ["pruned", "ideal"]
+                variants = list(backends)
                 runs = {v: [] for v in variants}
                 peaks = {}
                 for v in variants:  # warm-up
                     for _ in range(config.warmup):
-                        run_once(backend, pixels, prompts, min(config.new_tokens, 2), ideal=v == "ideal")
+                        run_once(backends[v], pixels, prompts, min(config.new_tokens, 2))
                 for v in variants:
                     with PeakMemory(backend.device) as memory:
-                        run_once(backend, pixels, prompts, config.new_tokens, ideal=v == "ideal")
+                        run_once(backends[v], pixels, prompts, config.new_tokens)
                     peaks[v] = (memory.peak, memory.delta)
                 for _ in range(config.repeats):  # interleaved so drift hits every variant alike
                     for v in variants:
-                        runs[v].append(run_once(backend, pixels, prompts, config.new_tokens, ideal=v == "ideal"))
+                        runs[v].append(run_once(backends[v], pixels, prompts, config.new_tokens))
                 for v in variants:
                     done += 1
                     measured = runs[v]
@@ -223,10 +239,10 @@ def run_engines(engine_dirs: list[Path], config: BenchConfig, progress: Callable
             prompts = build_prompts(processor.tokenizer, [PROMPT] * batch, schedule.image_tokens,
                                     backend.spec.image_token_id, backend.spec.pad_token_id)
             for _ in range(config.warmup):
-                run_once(backend, pixels, prompts, min(config.new_tokens, 2), ideal=False)
+                run_once(backend, pixels, prompts, min(config.new_tokens, 2))
             with PeakMemory(backend.device) as memory:
-                run_once(backend, pixels, prompts, config.new_tokens, ideal=False)
-            measured = [run_once(backend, pixels, prompts, config.new_tokens, ideal=False) for _ in range(config.repeats)]
+                run_once(backend, pixels, prompts, config.new_tokens)
+            measured = [run_once(backend, pixels, prompts, config.new_tokens) for _ in range(config.repeats)]
             decode = [statistics.median(r["decode"]) for r in measured] if config.new_tokens else [float("nan")]
             row = {"engines": str(folder), "budget": schedule.describe(), "full": schedule.is_full, "batch": batch,
                    "average_tokens_per_layer": schedule.average_tokens(),

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visiondrop.modules import positions_from_mask, splice_visual
-from visiondrop.pruning import Choice, gather_rows, splice, visual_positions
+from visiondrop.modules import positions_from_mask
+from visiondrop.pruning import Choice, splice
 from visiondrop.schedule import Schedule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -154,18 +154,12 @@ class Backend(ABC):
     ) -> tuple[Tensor, list[Tensor]]:
         """-> hidden states (logits for the last group) and the presents."""
 
-    def run_vision_ideal(self, pixel_values: Tensor) -> Tensor:
-        """Benchmark baseline (see ``VisionEncoder.ideal``); backends that can, override it."""
-        raise NotImplementedError(f"the {self.name} backend has no ideal vision unit")
-
     # ---------------------------------------------------------- orchestration
     @property
     def num_groups(self) -> int:
         return len(self.spec.schedule.layer_groups())
 
-    def encode_image(self, pixel_values: Tensor, ideal: bool = False) -> VisionOutput:
-        if ideal:
-            return VisionOutput(self.run_vision_ideal(pixel_values.to(self.device)))
+    def encode_image(self, pixel_values: Tensor) -> VisionOutput:
         outputs = self.run_vision(pixel_values.to(self.device))
         stage = StageTrace(*outputs[1:]) if len(outputs) > 1 else None
         return VisionOutput(outputs[0], stage)
@@ -175,29 +169,17 @@ class Backend(ABC):
         shape = (batch, self.spec.num_kv_heads, 0, self.spec.head_dim)
         return [torch.zeros(shape, dtype=self.spec.torch_dtype, device=self.device) for _ in range(2 * (stop - start))]
 
-    def prefill(
-        self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor, ideal: bool = False
-    ) -> PrefillOutput:
-        """Run the prompt (with ``image_tokens`` placeholders at ``image_offset``) through the decoder.
-
-        ``ideal`` is the benchmark baseline: every layer group gets a sequence of exactly its
-        stage's size (the first visual tokens), with no scoring and no merging.
-        """
+    def prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
+        """Run the prompt (with ``image_tokens`` placeholders at ``image_offset``) through the decoder."""
         input_ids, attention_mask, image_offset = (t.to(self.device) for t in (input_ids, attention_mask, image_offset))
         embeds = self.run_embed(input_ids)
         hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
         mask = attention_mask
         position_ids = positions_from_mask(mask)
         state, stages = DecoderState(), []
-        visual = image_embeds.shape[1]
         for group in range(self.num_groups):
-            if group > 0 and ideal:
-                keep = self.spec.schedule.llm_stages[group - 1].total
-                first = gather_rows(hidden, visual_positions(image_offset, keep))
-                hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, first)
-                visual = keep
             query, key, value = self.run_qkv(group, hidden)
-            if group > 0 and not ideal:
+            if group > 0:
                 outputs = self.run_prune(group - 1, hidden, query, key, value, mask, image_offset)
                 hidden, query, key, value, mask, position_ids = outputs[:6]
                 stages.append(StageTrace(*outputs[6:]))

@@ -44,8 +44,7 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    def __init__(self, directory: str | Path, provider: str = "auto", verify: bool = True, manifest=None,
-                 ideal_vision: str | Path | None = None):
+    def __init__(self, directory: str | Path, provider: str = "auto", verify: bool = True, manifest=None):
         import onnxruntime
 
         from export.manifest import read_manifest
@@ -77,9 +76,6 @@ class OrtBackend(Backend):
             for entry in self.manifest.graphs
         }
         self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}
-        if ideal_vision is not None:  # the benchmark baseline graph (see VisionEncoder.ideal)
-            self.sessions["vision_ideal"] = onnxruntime.InferenceSession(str(ideal_vision), options, providers=self.providers)
-            self.inputs["vision_ideal"] = ["pixel_values"]
         self.embed_table = load_file(self.directory / self.manifest.export["embed_tokens"])["weight"]
 
     def _graph(self, entry, plugins: bool) -> str | bytes:
@@ -102,11 +98,6 @@ class OrtBackend(Backend):
 
     def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
         return tuple(self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype)))
-
-    def run_vision_ideal(self, pixel_values: Tensor) -> Tensor:
-        if "vision_ideal" not in self.sessions:
-            return super().run_vision_ideal(pixel_values)
-        return self._run("vision_ideal", pixel_values.to(self.spec.vision_torch_dtype))[0]
 
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.cpu(), self.embed_table)

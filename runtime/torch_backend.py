@@ -38,10 +38,6 @@ class TorchBackend(Backend):
         return self.pipeline.vision(pixel_values, self.forced.get(0))
 
     @torch.inference_mode()
-    def run_vision_ideal(self, pixel_values: Tensor) -> Tensor:
-        return self.pipeline.vision.ideal(pixel_values)
-
-    @torch.inference_mode()
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return self.pipeline.embed_tokens(input_ids)
 

@@ -5,10 +5,12 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+import torch
 from PIL import Image
 
 import cli
 from bench.flops import stage_flops
+from bench.ideal import IdealBaseline, IdealVision
 from runtime.torch_backend import TorchBackend, pad_token_id
 from visiondrop.inspection import CLS, inspect_image
 from visiondrop.prompt import build_prompts, pixel_values, random_images
@@ -20,12 +22,14 @@ def test_ideal_prefill_gives_every_group_the_pruned_sizes(tiny):
     backend = TorchBackend(tiny, schedule)
     pixels = pixel_values(tiny.processor.image_processor, random_images(2, seed=4))
     batch = build_prompts(tiny.tokenizer, ["a", "a longer prompt"], schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
+    ideal = IdealBaseline(backend, IdealVision(backend.pipeline.vision).eval())
     shapes = {}
-    for ideal in (False, True):
-        vision = backend.encode_image(pixels, ideal=ideal)
-        assert vision.image_embeds.shape == (2, schedule.image_tokens, 64)
-        state = backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset, ideal=ideal).state
-        shapes[ideal] = [[tuple(t.shape) for t in cache] for cache in state.caches]
+    for variant in (backend, ideal):
+        with torch.inference_mode():
+            vision = variant.encode_image(pixels)
+            assert vision.image_embeds.shape == (2, schedule.image_tokens, 64)
+            state = variant.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset).state
+        shapes[variant is ideal] = [[tuple(t.shape) for t in cache] for cache in state.caches]
         assert [m.sum(-1).tolist() for m in state.masks] == [
             (batch.attention_mask.sum(-1) - schedule.image_tokens + count).tolist()
             for count in [schedule.image_tokens] + [s.total for s in schedule.llm_stages]

@@ -103,13 +103,6 @@ class VisionEncoder(nn.Module):
         result = pruning.prune(scores, hidden, metric, self.stage.dominant, self.stage.contextual, self.ops, forced=forced)
         return self.project(result.tokens), result.kept_index, result.target_index, scores, result.assignment, metric
 
-    def ideal(self, pixel_values: Tensor) -> Tensor:
-        """Benchmark baseline: the same tower and projector producing exactly the stage's
-        token count (its first tokens), with no scoring and no merging."""
-        if self.stage is None:
-            return self.forward(pixel_values)[0]
-        return self.project(self.features(pixel_values, len(self.layers))[:, : self.stage.total])
-
 
 def _clip_layer_with_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """A CLIP encoder layer (SDPA) that also returns its per-head queries and keys."""

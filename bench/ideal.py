@@ -1,0 +1,77 @@
+"""The benchmark's ``ideal`` baseline, over any backend's public units.
+
+The same model fed sequences of exactly each stage's size, with no scoring and no merging:
+the vision unit emits the stage-0 count of tokens (its first ones) and every later decoder
+group gets the first visual tokens of the stage in front of it. ``pruned / ideal - 1`` is then
+the cost of pruning itself. It lives here, not in the production units: nothing deploys it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import Tensor, nn
+
+from runtime.base import Backend, DecoderState, PrefillOutput, VisionOutput
+from visiondrop.modules import VisionEncoder, positions_from_mask, splice_visual
+from visiondrop.pruning import gather_rows, splice, visual_positions
+
+
+class IdealVision(nn.Module):
+    """The vision tower and projector producing the stage-0 token count (the first tokens)."""
+
+    def __init__(self, vision: VisionEncoder):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        if self.vision.stage is None:
+            return self.vision(pixel_values)[0]
+        return self.vision.project(self.vision.features(pixel_values, len(self.vision.layers))[:, : self.vision.stage.total])
+
+
+class IdealBaseline(Backend):
+    """``inner``'s units, driven as the ideal baseline; ``vision`` maps pixels to ideal embeddings."""
+
+    def __init__(self, inner: Backend, vision: Callable[[Tensor], Tensor]):
+        self.inner, self.vision = inner, vision
+        self.spec, self.device, self.name = inner.spec, inner.device, f"{inner.name} (ideal)"
+
+    def run_vision(self, pixel_values):
+        return (self.vision(pixel_values),)
+
+    def run_embed(self, input_ids):
+        return self.inner.run_embed(input_ids)
+
+    def run_qkv(self, group, hidden_states):
+        return self.inner.run_qkv(group, hidden_states)
+
+    def run_prune(self, stage, *inputs):
+        raise NotImplementedError("the ideal baseline does not prune")
+
+    def run_group(self, group, *inputs):
+        return self.inner.run_group(group, *inputs)
+
+    def encode_image(self, pixel_values: Tensor) -> VisionOutput:
+        return VisionOutput(self.vision(pixel_values.to(self.device)))
+
+    def prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
+        """Each group sees its stage's size of the visual block (its first tokens): projected once, never scored."""
+        input_ids, attention_mask, image_offset = (t.to(self.device) for t in (input_ids, attention_mask, image_offset))
+        embeds = self.run_embed(input_ids)
+        hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
+        mask, position_ids = attention_mask, positions_from_mask(attention_mask)
+        state, visual = DecoderState(), image_embeds.shape[1]
+        for group in range(self.num_groups):
+            if group > 0:
+                keep = self.spec.schedule.llm_stages[group - 1].total
+                first = gather_rows(hidden, visual_positions(image_offset, keep))
+                hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, first)
+                visual = keep
+            query, key, value = self.run_qkv(group, hidden)
+            hidden, presents = self.run_group(
+                group, hidden, query, key, value, mask, position_ids, self.empty_past(group, hidden.shape[0])
+            )
+            state.caches.append(presents)
+            state.masks.append(mask)
+        return PrefillOutput(hidden, state, [])
