@@ -65,6 +65,29 @@ def test_bench_reports_every_budget_against_full(tmp_path, backend):
     assert flops[("32", 2, "pruned")] == pytest.approx(2 * flops[("32", 1, "pruned")])
 
 
+def test_bench_under_cpu_load_predicts_decode_from_bytes(tmp_path, tiny):
+    """--cpu-load runs its workers only during the measurements; the predicted decode speed-up
+    is (weights + full cache) / (weights + pruned cache), weights counted from the config."""
+    import multiprocessing
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--budgets", "64", "--batch", "1", "--new-tokens", "2",
+                                          "--repeats", "1", "--warmup", "0", "--cpu-load", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert not multiprocessing.active_children()
+    report = json.loads(out.read_text())
+    assert report["config"]["cpu_load"] == 1
+    text = tiny.config.text_config
+    d, inter = text.hidden_size, text.intermediate_size
+    kv = text.num_key_value_heads * d // text.num_attention_heads  # k and v widths (GQA)
+    # per layer: q, o (d x d), k, v (d x kv), gate/up/down (d x inter), two norms; the final norm; the LM head; fp32
+    weights = 4 * (text.num_hidden_layers * (2 * d * d + 2 * d * kv + 3 * d * inter + 2 * d) + d + d * text.vocab_size)
+    rows = {r["variant"]: r for r in report["results"]}
+    [summary] = report["summary"]
+    assert summary["decode_speedup_predicted"] == pytest.approx(
+        (weights + rows["full"]["kv_cache_bytes"]) / (weights + rows["pruned"]["kv_cache_bytes"]), rel=1e-12)
+
+
 def test_flops_scale_with_sequence_length(tiny):
     full = stage_flops(tiny.config, Schedule.from_budget("full", 8, 576), text_tokens=20, batch=1)
     pruned = stage_flops(tiny.config, Schedule.from_budget(64, 8, 576), text_tokens=20, batch=1)
