@@ -108,6 +108,15 @@ def write_side_file(path: Path, write) -> None:
         raise UserError(f"could not write {path} ({exc.strerror or exc}); the results above are complete") from None
 
 
+def write_report(path: Path | None, report) -> None:
+    """``--json PATH``: the command's report as JSON, written after the work (see write_side_file)."""
+    from visiondrop.trace import write_json
+
+    if path is not None:
+        write_side_file(path, lambda target: write_json(target, report))
+        progress(f"wrote {path}")
+
+
 def open_torch(model: str, budget, schedule, device: str):
     """(backend, processor, source, (max sequence, what sets it)) for the PyTorch pipeline."""
     from runtime.torch_backend import TorchBackend
@@ -121,31 +130,26 @@ def open_torch(model: str, budget, schedule, device: str):
 
 def open_artifacts(directory: Path, provider: str):
     """(backend, processor, source, (max sequence, what sets it)) for an artifact folder on ONNX Runtime."""
-    from transformers import AutoProcessor
-
     from runtime.ort_backend import OrtBackend
+    from visiondrop.errors import ArtifactError
+    from visiondrop.loading import load_processor
 
     progress(f"loading artifacts {directory} ...")
     backend = OrtBackend(directory, provider=provider)
     limit = (backend.manifest.export["max_seq_len"], "the artifacts' --max-seq-len")
-    try:
-        processor = AutoProcessor.from_pretrained(directory)
-    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for missing or broken files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{directory} has no usable tokenizer/image processor ({first}): re-run export") from None
-    return backend, processor, backend.manifest.model["source"], limit
+    return backend, load_processor(directory, ArtifactError, "re-run export"), backend.manifest.model["source"], limit
 
 
 def open_engines(engines: Path, artifacts: Path | None):
     """(backend, processor, source, (max sequence, what sets it)) for a TensorRT engine folder."""
-    from transformers import AutoProcessor
-
     from runtime.trt_backend import TrtBackend
+    from visiondrop.errors import ArtifactError
+    from visiondrop.loading import load_processor
 
     progress(f"loading engines {engines} ...")
     backend = TrtBackend(engines, artifacts)
     limit = (backend.build["max_seq_len"], "the engines' --max-seq-len")
-    processor = AutoProcessor.from_pretrained(backend.artifacts)
+    processor = load_processor(backend.artifacts, ArtifactError, "re-run export")
     return backend, processor, backend.manifest.model["source"], limit
 
 
@@ -165,6 +169,23 @@ def open_backend(backend_name, model, artifacts, engines, provider, budget, sche
             raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
         return open_artifacts(artifacts, provider)
     return open_torch(model or "tiny", budget, schedule, device)
+
+
+def backend_options(command):
+    """The options that choose the backend a command runs on (see open_backend): one spelling for all."""
+    options = [
+        click.option("--model", default=None, help=MODEL_HELP + " Default: tiny."),
+        click.option("--budget", default=None, help=BUDGET_HELP),
+        click.option("--schedule", default=None, help=SCHEDULE_HELP),
+        click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device for the PyTorch backend (cpu, cuda, cuda:N)."),
+        click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Run an exported artifact folder with ONNX Runtime instead of PyTorch."),
+        click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --artifacts."),
+        click.option("--engines", type=click.Path(path_type=Path), default=None, help="Run the TensorRT engine folder written by `build` (its artifacts are found through its manifest, or give --artifacts)."),
+        click.option("--backend", "backend_name", default="auto", show_default=True, type=click.Choice(["auto", "torch", "ort", "trt"]), help="auto: torch for --model, ort for --artifacts, trt for --engines."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -197,17 +218,10 @@ def tiny(out: Path, force: bool) -> None:
 
 
 @cli.command()
-@click.option("--model", default=None, help=MODEL_HELP + " Default: tiny.")
-@click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Run an exported artifact folder with ONNX Runtime instead of PyTorch.")
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --artifacts.")
-@click.option("--backend", "backend_name", default="auto", show_default=True, type=click.Choice(["auto", "torch", "ort", "trt"]), help="auto: torch for --model, ort for --artifacts, trt for --engines.")
-@click.option("--engines", type=click.Path(path_type=Path), default=None, help="Run the TensorRT engine folder written by `build` (its artifacts are found through its manifest, or give --artifacts).")
+@backend_options
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image file; repeat for a batch.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one for all images, one per image, or several for one image (the image is then encoded once).")
-@click.option("--budget", default=None, help=BUDGET_HELP)
-@click.option("--schedule", default=None, help=SCHEDULE_HELP)
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device for the PyTorch backend (cpu, cuda, cuda:N).")
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, ids) as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the answers.")
 @user_errors
@@ -271,16 +285,9 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
 
 
 @cli.command()
-@click.option("--model", default=None, help=MODEL_HELP + " Default: tiny.")
-@click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Chat on an exported artifact folder with ONNX Runtime instead of PyTorch.")
-@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --artifacts.")
-@click.option("--backend", "backend_name", default="auto", show_default=True, type=click.Choice(["auto", "torch", "ort", "trt"]), help="auto: torch for --model, ort for --artifacts, trt for --engines.")
-@click.option("--engines", type=click.Path(path_type=Path), default=None, help="Chat on the TensorRT engine folder written by `build`.")
+@backend_options
 @click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to talk about.")
-@click.option("--budget", default=None, help=BUDGET_HELP)
-@click.option("--schedule", default=None, help=SCHEDULE_HELP)
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Longest answer per turn.")
-@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device for the PyTorch backend (cpu, cuda, cuda:N).")
 @user_errors
 def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, max_new_tokens, device) -> None:
     """Talk about one image in the terminal, one question per line (an empty line or EOF ends).
@@ -505,7 +512,6 @@ def validate(artifacts, reference, candidate, engines, json_path, images, batch,
     candidate's choices. Exits 1 if any gated check fails.
     """
     from export.validate import validate_artifacts
-    from visiondrop.trace import write_json
 
     check_device(device)
     check_outputs(json=json_path)
@@ -531,8 +537,7 @@ def validate(artifacts, reference, candidate, engines, json_path, images, batch,
                f"gates ({report.precision}): {'rel err <= %g, ' % relative if relative is not None else ''}"
                f"cosine >= {report.gates['cosine']:g}, decisions {report.gates['decisions']}; "
                f"{report.candidate} vs {report.reference}")
-    if json_path is not None:
-        write_side_file(json_path, lambda path: write_json(path, report.to_dict()))
+    write_report(json_path, report.to_dict())
     if not report.passed:
         sys.exit(1)
 
@@ -610,7 +615,6 @@ def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repea
     from bench.plot import plot_bench
     from bench.run import BenchConfig, run_bench
     from visiondrop.loading import load_model
-    from visiondrop.trace import write_json
 
     check_device(device)
     check_outputs(json=json_path, plot=plot_path)
@@ -645,9 +649,7 @@ def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repea
              f"{s['flops_fraction']:.2f}"] for s in report["summary"]]
     print_table(["budget", "batch", "prefill speed-up", "ideal speed-up", "of ideal", "overhead", "overhead (best)", "TTFT speed-up",
                  "decode speed-up (best)", "decode predicted by bytes", "FLOPs vs full"], rows)
-    if json_path is not None:
-        write_side_file(json_path, lambda path: write_json(path, report))
-        progress(f"wrote {json_path}")
+    write_report(json_path, report)
     if plot_path is not None:
         write_side_file(plot_path, lambda path: plot_bench(report, path))
         progress(f"wrote {plot_path}")
@@ -660,7 +662,6 @@ def bench_questions(loaded, config, counts: list[int], json_path: Path | None) -
     from bench.questions import run_questions_bench
     from bench.run import _ort_backend
     from runtime.torch_backend import TorchBackend
-    from visiondrop.trace import write_json
 
     report, rows = {"model": loaded.source, "backend": config.backend, "budgets": []}, []
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch:
@@ -676,15 +677,12 @@ def bench_questions(loaded, config, counts: list[int], json_path: Path | None) -
                       f"{r['speedup']:.2f}x ({r['speedup_best']:.2f}x)"] for r in results]
     print_table(["budget", "questions", "full prefill ms/answer", "reuse ms/answer", "answer-only ms/answer",
                  "speed-up (best)"], rows)
-    if json_path is not None:
-        write_side_file(json_path, lambda path: write_json(path, report))
-        progress(f"wrote {json_path}")
+    write_report(json_path, report)
 
 
 def bench_compare(compare: str, config, json_path: Path | None) -> None:
     """``bench --artifacts-compare BASELINE,CANDIDATE``: ratios baseline / candidate, per batch size."""
     from bench.compare import run_compare
-    from visiondrop.trace import write_json
 
     folders = [Path(p.strip()) for p in compare.split(",") if p.strip()]
     if len(folders) != 2:
@@ -698,15 +696,12 @@ def bench_compare(compare: str, config, json_path: Path | None) -> None:
                  "peak memory (request)", "bytes on disk"], rows)
     click.echo(f"speed-up = baseline / candidate time (median of {config.repeats}, best-of-{config.repeats} in brackets); "
                "memory and disk = candidate / baseline")
-    if json_path is not None:
-        write_side_file(json_path, lambda path: write_json(path, report))
-        progress(f"wrote {json_path}")
+    write_report(json_path, report)
 
 
 def bench_engines(engine_dirs: list[Path], config, json_path: Path | None) -> None:
     """``bench --backend trt --engines DIR ...``: each engine folder's pipeline, per batch size."""
     from bench.run import run_engines
-    from visiondrop.trace import write_json
 
     report = run_engines(engine_dirs, config, progress=progress)
     rows = [[r["engines"], r["budget"], r["batch"], f"{r['vision_ms']['median']:.2f}", f"{r['prefill_ms']['median']:.2f}",
@@ -715,9 +710,7 @@ def bench_engines(engine_dirs: list[Path], config, json_path: Path | None) -> No
              f"{r['decode_speedup']:.2f}x" if r.get("decode_speedup") else "-"] for r in report["results"]]
     print_table(["engines", "schedule", "batch", "vision ms", "prefill ms", "TTFT ms", "decode ms/token", "tokens/s",
                  "prefill vs full", "decode vs full"], rows)
-    if json_path is not None:
-        write_side_file(json_path, lambda path: write_json(path, report))
-        progress(f"wrote {json_path}")
+    write_report(json_path, report)
 
 
 if __name__ == "__main__":

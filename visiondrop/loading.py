@@ -472,6 +472,14 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def load_processor(path: Path, error: type[UserError], advice: str):
+    """The tokenizer + image processor saved in ``path``; any failure is one ``error`` with ``advice``."""
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except Exception as exc:  # transformers raises ValueError/OSError/KeyError for missing or broken files
+        raise error(f"{path} has no usable tokenizer/image processor ({_first_line(exc)}): {advice}") from None
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
     """Load ``spec`` (a preset name or a checkpoint directory) for inference."""
     if spec in PRESETS and spec not in SAVED_PRESETS:
@@ -495,10 +503,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     if info.get("missing_keys"):
         missing = sorted(info["missing_keys"])
         raise CheckpointError(f"{path} lacks {len(missing)} weights (first: {missing[0]}): the checkpoint is incomplete")
-    try:
-        processor = AutoProcessor.from_pretrained(path)
-    except Exception as exc:
-        raise CheckpointError(f"{path} has no usable tokenizer/image processor ({_first_line(exc)}): copy the processor files next to the weights") from None
+    processor = load_processor(path, CheckpointError, "copy the processor files next to the weights")
     model = model.to(device).eval()
     source = spec if spec in PRESETS else str(path)
     return LoadedModel(model, processor, source, lambda: content_hash(path), directory=path)
