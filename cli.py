@@ -660,15 +660,13 @@ def bench_questions(loaded, config, counts: list[int], json_path: Path | None) -
     import tempfile
 
     from bench.questions import run_questions_bench
-    from bench.run import _ort_backend
-    from runtime.torch_backend import TorchBackend
+    from bench.run import pipeline_backend
 
     report, rows = {"model": loaded.source, "backend": config.backend, "budgets": []}, []
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch:
         for budget in config.budgets:
             schedule = loaded.schedule(budget)
-            backend = (TorchBackend(loaded, schedule) if config.backend == "torch"
-                       else _ort_backend(loaded, schedule, Path(scratch), config.provider))
+            backend = pipeline_backend(loaded, schedule, Path(scratch), config)
             results = run_questions_bench(backend, loaded.processor, tuple(counts), config.new_tokens, config.repeats,
                                           config.warmup, progress=progress)
             report["budgets"].append({"budget": budget, "schedule": schedule.describe(), "rows": results})

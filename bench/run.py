@@ -189,9 +189,14 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
     return lambda pixels: torch.from_numpy(session.run(None, {"pixel_values": pixels.to(dtype).numpy()})[0])
 
 
+def pipeline_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> Backend:
+    """The pipeline on ``config.backend``: PyTorch, or this budget exported to ``scratch`` on ONNX Runtime."""
+    return _ort_backend(loaded, schedule, scratch, config.provider) if config.backend == "ort" else TorchBackend(loaded, schedule)
+
+
 def _variants(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> dict[str, Backend]:
     """The full model alone, or the pruned pipeline and its ideal baseline over the same units."""
-    backend = _ort_backend(loaded, schedule, scratch, config.provider) if config.backend == "ort" else TorchBackend(loaded, schedule)
+    backend = pipeline_backend(loaded, schedule, scratch, config)
     if schedule.is_full:
         return {"full": backend}
     if config.backend == "ort":

@@ -71,11 +71,13 @@ class Check:
 
 @dataclass
 class TensorResult:
-    """Polygraphy's numbers for one float tensor, and the verdicts of the two gates."""
+    """Polygraphy's numbers for one float tensor, the gates it was judged by, and the verdicts."""
 
     max_abs_err: float
     max_rel_err: float
     cosine: float
+    relative_gate: float  # inf: not gated
+    cosine_gate: float
     relative_ok: bool
     cosine_ok: bool
 
@@ -105,13 +107,13 @@ class Report:
     def check(self, name: str, kind: str = "tensor", gated: bool = True) -> Check:
         return self.checks.setdefault(name, Check(name, kind, gated))
 
-    def add_tensor(self, name: str, result: TensorResult, gates: Gates, gated: bool = True, relative: float | None = None) -> None:
+    def add_tensor(self, name: str, result: TensorResult, gated: bool = True) -> None:
         row = self.check(name, gated=gated)
         row.max_abs_err = max(row.max_abs_err, result.max_abs_err)
         row.max_rel_err = max(row.max_rel_err, result.max_rel_err)
         row.cosine = min(row.cosine, result.cosine)
-        failed = [f"rel err {result.max_rel_err:.3g} > {relative or gates.relative:g}"] if not result.relative_ok else []
-        failed += [f"cosine {result.cosine:.6f} < {gates.cosine:g}"] if not result.cosine_ok else []
+        failed = [f"rel err {result.max_rel_err:.3g} > {result.relative_gate:g}"] if not result.relative_ok else []
+        failed += [f"cosine {result.cosine:.6f} < {result.cosine_gate:g}"] if not result.cosine_ok else []
         row.note(not failed, "; ".join(failed))
 
     def to_dict(self) -> dict:
@@ -194,7 +196,8 @@ def compare_tensors(
     for name in ref:
         abs_err = float(simple[name].max_absdiff)
         out[name] = TensorResult(abs_err, abs_err / scale[name] if scale[name] else abs_err,
-                                 float(cosine[name].cosine_similarity), bool(simple[name]), bool(cosine[name]))
+                                 float(cosine[name].cosine_similarity), relative, gates.cosine,
+                                 bool(simple[name]), bool(cosine[name]))
     return out
 
 
@@ -232,7 +235,7 @@ class Validator:
         for name, o, r in pairs:
             if name in floats:
                 group = "KV (present.*)" if name.startswith("present.") else FLOAT_GROUPS.get(name, name)
-                self.report.add_tensor(f"{label}.{group}", results[name], self.gates)
+                self.report.add_tensor(f"{label}.{group}", results[name])
                 continue
             if o.shape != r.shape:
                 self.report.check(f"{label}.{name}", "exact").note(False, f"shape {list(o.shape)} vs {list(r.shape)}")
@@ -317,8 +320,7 @@ class Validator:
                 break
             o, r = ours.step_logits[step].cpu()[rows], ref.step_logits[step].cpu()[rows]
             result = compare_tensors({"logits": _np(o)}, {"logits": _np(r)}, self.gates, self.gates.end_to_end_relative)["logits"]
-            self.report.add_tensor("generate: logits (steps before any divergence)", result, self.gates, gated,
-                                   self.gates.end_to_end_relative)
+            self.report.add_tensor("generate: logits (steps before any divergence)", result, gated)
             for row in rows.tolist():
                 a, b = int(ref.tokens[row, step]), int(ours.tokens[row, step]) if step < ours.tokens.shape[1] else -1
                 if a != b:
