@@ -1,4 +1,4 @@
-"""Repository-wide pytest setup: imports from the repo root, and visible hardware skips.
+"""Repository-wide pytest setup: visible hardware skips (the package is installed: `pip install -e .`).
 
 Tests marked ``gpu`` need a CUDA GPU, ``trt`` need TensorRT; where this machine lacks
 them they are skipped with the reason (never counted as passed).
@@ -6,12 +6,7 @@ them they are skipped with the reason (never counted as passed).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _has_cuda() -> bool:

@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from export.manifest import read_manifest
-from visiondrop.errors import UserError
-from visiondrop.prompt import build_prompts, pixel_values, random_images
+from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
 
 from .run import PROMPT, BenchConfig, PeakMemory, _stats, run_once
 
@@ -42,7 +42,7 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
     """Measure both folders on every batch size of ``config``; returns the JSON-ready report."""
     from transformers import AutoProcessor
 
-    from runtime.ort_backend import OrtBackend
+    from visiondrop_edge.runtime.ort_backend import OrtBackend
 
     _check_pair(baseline, candidate)
     folders = {"baseline": baseline, "candidate": candidate}

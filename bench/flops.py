@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from visiondrop.schedule import Schedule
+from visiondrop_edge.schedule import Schedule
 
 
 def _decoder_layer(tokens: int, context: int, hidden: int, kv_width: int, intermediate: int, causal: bool) -> float:

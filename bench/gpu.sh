@@ -13,6 +13,8 @@ OUT=${OUT:-build/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 VISIONDROP_CACHE=${VISIONDROP_CACHE:-/tmp/visiondrop-cache}
 status=0
+# The package itself (editable, no downloads: the device has none); its dependencies are there already.
+python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "could not install the package (pip install -e . needs setuptools>=68)"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 bash plugins_trt/tests/gpu_check.sh || status=1
 python3 cli.py bench --model llava-1.5-7b-shape --backend torch --device cuda --dtype fp16 \

@@ -12,9 +12,9 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from runtime.base import Backend, DecoderState, PrefillOutput, VisionOutput
-from visiondrop.modules import VisionEncoder, positions_from_mask, splice_visual
-from visiondrop.pruning import gather_rows, splice, visual_positions
+from visiondrop_edge.runtime.base import Backend, DecoderState, PrefillOutput, VisionOutput
+from visiondrop_edge.modules import VisionEncoder, positions_from_mask, splice_visual
+from visiondrop_edge.pruning import gather_rows, splice, visual_positions
 
 
 class IdealVision(nn.Module):

@@ -13,10 +13,10 @@ import statistics
 import time
 from typing import Callable
 
-from runtime.base import Backend
-from runtime.generate import greedy_generate
-from runtime.session import Session
-from visiondrop.prompt import build_prompts, pixel_values, random_images
+from visiondrop_edge.runtime.base import Backend
+from visiondrop_edge.runtime.generate import greedy_generate
+from visiondrop_edge.runtime.session import Session
+from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
 
 QUESTION = "Question {i}: what is in this image, and what colour is it?"
 

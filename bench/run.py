@@ -24,11 +24,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from runtime.base import Backend
-from runtime.torch_backend import TorchBackend
-from visiondrop.loading import LoadedModel
-from visiondrop.prompt import build_prompts, pixel_values, random_images
-from visiondrop.schedule import Schedule
+from visiondrop_edge.runtime.base import Backend
+from visiondrop_edge.runtime.torch_backend import TorchBackend
+from visiondrop_edge.loading import LoadedModel
+from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
+from visiondrop_edge.schedule import Schedule
 
 from .flops import stage_flops
 from .ideal import IdealBaseline, IdealVision
@@ -160,8 +160,8 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
 
 def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provider: str) -> Backend:
     """Export this budget to ``scratch`` and open it on ONNX Runtime."""
-    from export.onnx_export import EXPORT_DTYPES, ExportOptions, export_artifacts
-    from runtime.ort_backend import OrtBackend
+    from visiondrop_edge.export.onnx_export import EXPORT_DTYPES, ExportOptions, export_artifacts
+    from visiondrop_edge.runtime.ort_backend import OrtBackend
 
     options = ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[next(loaded.model.parameters()).dtype])
     folder = scratch / f"budget-{schedule.describe().replace(',', '_').replace(':', '-')}"
@@ -173,8 +173,8 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
     """The ideal vision unit exported like the others and run on the backend's providers."""
     import onnxruntime
 
-    from export.onnx_export import EXPORT_DTYPES, ExportOptions, GraphSpec, export_graph
-    from visiondrop.modules import VisionEncoder
+    from visiondrop_edge.export.onnx_export import EXPORT_DTYPES, ExportOptions, GraphSpec, export_graph
+    from visiondrop_edge.modules import VisionEncoder
 
     dtype = backend.spec.vision_torch_dtype
     size = loaded.config.vision_config.image_size
@@ -267,7 +267,7 @@ def run_engines(engine_dirs: list[Path], config: BenchConfig, progress: Callable
     built from ``--budget full`` artifacts is the baseline of the speed-ups."""
     from transformers import AutoProcessor
 
-    from runtime.trt_backend import TrtBackend
+    from visiondrop_edge.runtime.trt_backend import TrtBackend
 
     rows = []
     for folder in engine_dirs:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visiondrop.errors import UserError
-from visiondrop.prompt import build_prompts, load_images, pixel_values, random_images
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.prompt import build_prompts, load_images, pixel_values, random_images
 
 PROMPTS_FILE = "prompts.jsonl"
 BUILTIN = "builtin"
@@ -114,8 +114,8 @@ def record_feeds(
 
     Feeds are cast to the dtypes of the manifest's I/O contract (pixels arrive as fp32).
     """
-    from export.validate import RecordingBackend
-    from runtime.generate import greedy_generate
+    from visiondrop_edge.export.validate import RecordingBackend
+    from visiondrop_edge.runtime.generate import greedy_generate
 
     manifest = backend.manifest
     spec = backend.spec

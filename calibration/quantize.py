@@ -34,10 +34,10 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
-from export.gates import gates_for
-from export.manifest import MANIFEST, GraphEntry, Manifest, read_manifest
-from visiondrop.errors import UserError
-from visiondrop.loading import check_target, sha256_file, write_atomically
+from visiondrop_edge.export.gates import gates_for
+from visiondrop_edge.export.manifest import MANIFEST, GraphEntry, Manifest, read_manifest
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.loading import check_target, sha256_file, write_atomically
 
 from .data import GraphFeeds, calibration_set, record_feeds
 from .select import FLOAT_CLASSES, lm_head, scoring_linears, vision_prune_nodes, weighted_linears
@@ -140,7 +140,7 @@ def _session_options(precision: str | None, plugins: bool):
     for key, value in ORT_SETTINGS.get(precision or "", {}).get("session_config", {}).items():
         options.add_session_config_entry(key, value)
     if plugins:
-        from plugins_trt.ort_ops import custom_ops_library
+        from visiondrop_edge.plugins_trt.ort_ops import custom_ops_library
 
         options.register_custom_ops_library(custom_ops_library())
     return options
@@ -152,7 +152,7 @@ def _session(path: Path, precision: str | None, plugins: bool):
 
     model: str | bytes = str(path)
     if plugins:
-        from plugins_trt.ort_ops import ort_model
+        from visiondrop_edge.plugins_trt.ort_ops import ort_model
 
         model = ort_model(onnx.load(str(path))).SerializeToString()
     disabled = ORT_SETTINGS.get(precision or "", {}).get("disabled_optimizers") or None
@@ -354,7 +354,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
     import onnxruntime
     from transformers import AutoProcessor
 
-    from runtime.ort_backend import OrtBackend
+    from visiondrop_edge.runtime.ort_backend import OrtBackend
 
     source, out = Path(source), Path(out)
     manifest = read_manifest(source)

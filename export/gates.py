@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from visiondrop.errors import UserError
+from visiondrop_edge.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from visiondrop.errors import ArtifactError, UserError
-from visiondrop.loading import sha256_file
-from visiondrop.schedule import Schedule
-from visiondrop.jsonio import read_json_object
+from visiondrop_edge.errors import ArtifactError, UserError
+from visiondrop_edge.loading import sha256_file
+from visiondrop_edge.schedule import Schedule
+from visiondrop_edge.jsonio import read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "visiondrop-edge/artifacts"

@@ -23,14 +23,14 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from plugins_trt import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_LIBRARY, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP, is_plugin_node
-from plugins_trt.onnx_ops import PLUGIN_OPS
-from runtime.base import ModelSpec
-from visiondrop.errors import UserError
-from visiondrop.loading import LoadedModel, write_atomically
-from visiondrop.modules import VisionDropLlava
-from visiondrop.pruning import REFERENCE_OPS
-from visiondrop.schedule import Schedule
+from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_LIBRARY, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP, is_plugin_node
+from visiondrop_edge.plugins_trt.onnx_ops import PLUGIN_OPS
+from visiondrop_edge.runtime.base import ModelSpec
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.loading import LoadedModel, write_atomically
+from visiondrop_edge.modules import VisionDropLlava
+from visiondrop_edge.pruning import REFERENCE_OPS
+from visiondrop_edge.schedule import Schedule
 
 from .gates import gates_for
 from .graph_checks import data_dependent_shapes, undocumented_types
@@ -231,7 +231,7 @@ def export_artifacts(
     progress: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
     """Write the whole artifact folder atomically (temp folder, then rename)."""
-    from runtime.torch_backend import pad_token_id
+    from visiondrop_edge.runtime.torch_backend import pad_token_id
 
     dtype = EXPORT_DTYPES[options.dtype]
     vision_dtype = EXPORT_DTYPES[options.vision_dtype or options.dtype]

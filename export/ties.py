@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visiondrop import pruning
+from visiondrop_edge import pruning
 
 
 @dataclass

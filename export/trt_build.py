@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import onnx
 
-from export.manifest import MANIFEST, GraphEntry, read_manifest, sha256_file
-from plugins_trt import MERGE_OP, PLUGIN_LIBRARY, PLUGIN_VERSION, SELECT_OP, is_plugin_node
-from visiondrop.errors import UserError
-from visiondrop.schedule import Schedule
+from visiondrop_edge.export.manifest import MANIFEST, GraphEntry, read_manifest, sha256_file
+from visiondrop_edge.plugins_trt import DEFAULT_BUILD_DIR, MERGE_OP, PLUGIN_LIBRARY, PLUGIN_VERSION, SELECT_OP, is_plugin_node
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.schedule import Schedule
 
 if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
     import tensorrt as trt
@@ -43,7 +43,7 @@ ENGINE_SUFFIX = ".engine"
 # The kernels' limits (plugins_trt/include/visiondrop_kernels.h): refused at build time.
 MAX_TOKENS = 4096  # select's N and merge's R
 MAX_METRIC = 256  # merge's metric width M
-PLUGIN_SEARCH = (Path(__file__).resolve().parents[1] / "build" / "plugins_trt" / PLUGIN_LIBRARY,)
+PLUGIN_SEARCH = (DEFAULT_BUILD_DIR / PLUGIN_LIBRARY,)
 B, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", \
     "pruned_sequence_length"
 ONNX_ITEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
@@ -97,7 +97,7 @@ class BuildPlan:
     def require_plugin_library(self) -> None:
         if self.needs_plugins and self.plugin_library is None:
             raise UserError(f"{self.artifacts} uses the VisionDrop plugins: build {PLUGIN_LIBRARY} with "
-                            "`python -m plugins_trt.build` (or pass --plugin-lib PATH)")
+                            "`python -m visiondrop_edge.plugins_trt.build` (or pass --plugin-lib PATH)")
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON, with the trtexec / polygraphy cross-check command of every engine profile."""
@@ -132,7 +132,7 @@ def cross_check_commands(plan: BuildPlan, engine: EnginePlan, profile: Profile) 
 
     dims = lambda shape: "x".join(map(str, shape))  # noqa: E731
     listed = lambda shape: "[" + ",".join(map(str, shape)) + "]"  # noqa: E731
-    library = plan.plugin_library or Path("build/plugins_trt") / PLUGIN_LIBRARY
+    library = plan.plugin_library or DEFAULT_BUILD_DIR / PLUGIN_LIBRARY
     plugins = f" --dynamicPlugins={library}" if engine.plugin_nodes else ""
     trtexec = (f"trtexec --onnx={source} --stronglyTyped{plugins} --minShapes={joined(0, ',', dims)} "
                f"--optShapes={joined(1, ',', dims)} --maxShapes={joined(2, ',', dims)}")
@@ -273,7 +273,7 @@ def find_plugin_library(explicit: Path | None) -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate).resolve()
     if explicit:
-        raise UserError(f"--plugin-lib {explicit} does not exist: build it with `python -m plugins_trt.build` "
+        raise UserError(f"--plugin-lib {explicit} does not exist: build it with `python -m visiondrop_edge.plugins_trt.build` "
                         "(see the README's TensorRT section)")
     return None
 
@@ -368,7 +368,7 @@ def check_engine_manifest(data: dict[str, Any], environment: Environment, artifa
     if library is not None:
         if environment.plugin_sha256 is None:
             raise UserError(f"the engines need the VisionDrop plugin library ({Path(library['path']).name}), "
-                            "which was not found: pass its path, or build it with `python -m plugins_trt.build`")
+                            "which was not found: pass its path, or build it with `python -m visiondrop_edge.plugins_trt.build`")
         if environment.plugin_sha256 != library["sha256"]:
             raise UserError(f"the plugin library differs from the one the engines were built with "
                             f"(sha256 {environment.plugin_sha256[:12]}..., expected {library['sha256'][:12]}...): "
@@ -436,7 +436,7 @@ def build_engines(plan: BuildPlan, out: Path, environment: Environment, force: b
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
     from polygraphy.backend.trt import Profile as PolygraphyProfile
 
-    from visiondrop.loading import write_atomically
+    from visiondrop_edge.loading import write_atomically
 
     plan.require_plugin_library()
     if plan.plugin_library is not None:

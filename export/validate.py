@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from runtime.base import Backend, DecoderState, StageTrace
-from runtime.generate import GenerationResult, greedy_generate
-from runtime.torch_backend import TorchBackend
-from visiondrop.errors import UserError
-from visiondrop.loading import load_model
-from visiondrop.prompt import build_prompts, load_images, pixel_values, random_images
+from visiondrop_edge.runtime.base import Backend, DecoderState, StageTrace
+from visiondrop_edge.runtime.generate import GenerationResult, greedy_generate
+from visiondrop_edge.runtime.torch_backend import TorchBackend
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.loading import load_model
+from visiondrop_edge.prompt import build_prompts, load_images, pixel_values, random_images
 
 from .gates import Gates, gates_for
 from .manifest import Manifest, read_manifest
@@ -357,13 +357,13 @@ def jaccard(a: Tensor, b: Tensor) -> float:
 def open_candidate(name: str, directory: Path, manifest: Manifest, engines: Path | None = None) -> Backend:
     """The backend under test, over the artifact folder (or its TensorRT engines)."""
     if name in ("ort", "ort-cuda"):
-        from runtime.ort_backend import OrtBackend
+        from visiondrop_edge.runtime.ort_backend import OrtBackend
 
         return OrtBackend(directory, provider="cpu" if name == "ort" else "cuda", manifest=manifest)
     if name == "trt":
         if engines is None:
             raise UserError("--candidate trt needs --engines DIR (the folder `python cli.py build` wrote)")
-        from runtime.trt_backend import TrtBackend
+        from visiondrop_edge.runtime.trt_backend import TrtBackend
 
         return TrtBackend(engines, directory)
     raise UserError(f"unknown candidate backend '{name}': use one of {', '.join(CANDIDATES)}")

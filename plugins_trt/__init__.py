@@ -7,6 +7,8 @@ TensorRT EP expect) and names its creator explicitly: ``op_type`` = plugin name,
 attribute before the domain).
 """
 
+from pathlib import Path
+
 PLUGIN_DOMAIN = "trt.plugins"
 PLUGIN_NAMESPACE = "visiondrop"
 PLUGIN_VERSION = "1"
@@ -14,6 +16,9 @@ SELECT_OP = "VisionDropSelect"
 MERGE_OP = "VisionDropMerge"
 PLUGIN_LIBRARY = "libvisiondrop_trt_plugins.so"  # exports getCreators (trtexec --dynamicPlugins, load_library)
 STATIC_PLUGIN_LIBRARY = "libvisiondrop_trt_plugins_static.so"  # registers when loaded (dlopen-only loaders)
+# Where `python -m visiondrop_edge.plugins_trt.build` puts the libraries: relative to the working
+# directory (the README's cmake commands use the same folder), never inside the installed package.
+DEFAULT_BUILD_DIR = Path("build") / "plugins_trt"
 
 
 def is_plugin_node(node) -> bool:

@@ -1,6 +1,6 @@
 """Build the VisionDrop CUDA kernels, and the TensorRT plugins when TensorRT headers are found.
 
-    python -m plugins_trt.build [--tensorrt-root DIR] [--arch 90 ...] [--build-dir DIR] [--nvinfer LIB]
+    python -m visiondrop_edge.plugins_trt.build [--tensorrt-root DIR] [--arch 90 ...] [--build-dir DIR] [--nvinfer LIB]
 
 or ``build(tensorrt_root=None, archs=None) -> {"kernels": path[, "plugins": path[, "plugins_static": path]]}``.
 CMake does the work (plugins_trt/CMakeLists.txt); this module only checks the tools first so that a
@@ -17,11 +17,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from plugins_trt import PLUGIN_LIBRARY, STATIC_PLUGIN_LIBRARY
+from visiondrop_edge.plugins_trt import DEFAULT_BUILD_DIR, PLUGIN_LIBRARY, STATIC_PLUGIN_LIBRARY
 
 SOURCE_DIR = Path(__file__).resolve().parent
-REPO_ROOT = SOURCE_DIR.parent
-DEFAULT_BUILD_DIR = REPO_ROOT / "build" / "plugins_trt"
 KERNELS_LIB = "libvisiondrop_kernels.so"
 
 
@@ -100,7 +98,7 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plugins_trt.build", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m visiondrop_edge.plugins_trt.build", description=__doc__.split("\n")[0])
     parser.add_argument("--tensorrt-root", help="TensorRT root with include/NvInferRuntime.h (default: $TensorRT_ROOT)")
     parser.add_argument("--arch", action="append", help="CUDA architecture, repeatable (default: 87;89;90;110;120)")
     parser.add_argument("--build-dir", default=str(DEFAULT_BUILD_DIR))

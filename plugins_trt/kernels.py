@@ -1,10 +1,10 @@
 """ctypes binding of the VisionDrop kernels' C ABI (visiondrop_kernels.h) on torch CUDA tensors.
 
-For tests and GPU checks: ``select`` / ``merge`` mirror ``visiondrop.pruning.select`` / ``merge``
+For tests and GPU checks: ``select`` / ``merge`` mirror ``visiondrop_edge.pruning.select`` / ``merge``
 (same fields and shapes: ``Selection``, ``Merged``; indices are int32) but run the CUDA kernels on
 the current stream.
 
-    from plugins_trt import kernels
+    from visiondrop_edge.plugins_trt import kernels
     kernels.load("build/plugins_trt/libvisiondrop_kernels.so")   # or $VISIONDROP_KERNELS_LIB
     chosen = kernels.select(scores, tokens, metric, k)
     merged = kernels.merge(chosen.rest_tokens, chosen.rest_metric, c)   # .tokens, .assignment
@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from visiondrop.pruning import Merged, Selection
+from visiondrop_edge.plugins_trt import DEFAULT_BUILD_DIR
+from visiondrop_edge.pruning import Merged, Selection
 
-DEFAULT_LIBRARY = Path(__file__).resolve().parents[1] / "build" / "plugins_trt" / "libvisiondrop_kernels.so"
+DEFAULT_LIBRARY = DEFAULT_BUILD_DIR / "libvisiondrop_kernels.so"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 _P, _I, _SIZE = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
@@ -137,10 +138,10 @@ def _library() -> Kernels:
 
 
 def select(scores: Tensor, tokens: Tensor, metric: Tensor, k: int, out: Selection | None = None) -> Selection:
-    """``visiondrop.pruning.select`` on the CUDA kernel (see :meth:`Kernels.select`)."""
+    """``visiondrop_edge.pruning.select`` on the CUDA kernel (see :meth:`Kernels.select`)."""
     return _library().select(scores, tokens, metric, k, out)
 
 
 def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int, out: Merged | None = None) -> Merged:
-    """``visiondrop.pruning.merge`` on the CUDA kernel (see :meth:`Kernels.merge`)."""
+    """``visiondrop_edge.pruning.merge`` on the CUDA kernel (see :meth:`Kernels.merge`)."""
     return _library().merge(rest_tokens, rest_metric, c, out)

@@ -1,7 +1,7 @@
 """Plugin-mode export: the select and merge ops traced as single TensorRT plugin nodes.
 
 Each op is an autograd Function whose forward is the reference math in
-``visiondrop.pruning`` (so tracing computes real values) and whose ONNX symbolic is one node
+``visiondrop_edge.pruning`` (so tracing computes real values) and whose ONNX symbolic is one node
 that TensorRT's parser maps to the plugin: ``op_type`` = plugin name, ``domain`` =
 "trt.plugins", ``plugin_namespace`` = "visiondrop", ``plugin_version`` = "1", integer attributes.
 Indices leave the plugin as int32 (what every TensorRT 10.x plugin can emit).
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop import pruning
+from visiondrop_edge import pruning
 
 from . import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP
 

@@ -2,7 +2,7 @@
 
 ONNX Runtime cannot run ``trt.plugins::VisionDropSelect`` / ``VisionDropMerge`` nodes as they
 are. The ops are registered as onnxruntime-extensions Python ops whose bodies are the
-reference math of ``visiondrop.pruning`` (the same functions the CUDA kernels are checked
+reference math of ``visiondrop_edge.pruning`` (the same functions the CUDA kernels are checked
 against). Python ops live in the extensions' own domain and take fp32 only, so
 :func:`ort_model` rewrites a plugin graph in memory for ONNX Runtime: node domain to the
 extensions' domain, and fp16/bf16 token tensors cast to fp32 and back around the node
@@ -17,7 +17,7 @@ import onnx
 import torch
 from onnx import helper
 
-from visiondrop import pruning
+from visiondrop_edge import pruning
 
 from . import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP, is_plugin_node
 

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from visiondrop.modules import positions_from_mask
-from visiondrop.pruning import Choice, splice
-from visiondrop.schedule import Schedule
+from visiondrop_edge.modules import positions_from_mask
+from visiondrop_edge.pruning import Choice, splice
+from visiondrop_edge.schedule import Schedule
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -86,7 +86,7 @@ class StageTrace:
     kept_index: Tensor  # [B, k]
     target_index: Tensor  # [B, c]
     scores: Tensor  # [B, N]
-    assignment: Tensor  # [B, R - c]: each member's contextual slot (see visiondrop.pruning.merge)
+    assignment: Tensor  # [B, R - c]: each member's contextual slot (see visiondrop_edge.pruning.merge)
     merge_metric: Tensor  # [B, N, M]: the merge metric before normalisation
 
     @property

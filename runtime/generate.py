@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from visiondrop.prompt import PromptBatch
+from visiondrop_edge.prompt import PromptBatch
 
 from .base import Backend, DecoderState, StageTrace, VisionOutput
 

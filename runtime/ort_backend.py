@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from visiondrop.errors import UserError
+from visiondrop_edge.errors import UserError
 
 from .base import Backend, ModelSpec
 
@@ -47,7 +47,7 @@ class OrtBackend(Backend):
     def __init__(self, directory: str | Path, provider: str = "auto", verify: bool = True, manifest=None):
         import onnxruntime
 
-        from export.manifest import read_manifest
+        from visiondrop_edge.export.manifest import read_manifest
 
         self.directory = Path(directory)
         self.manifest = manifest or read_manifest(self.directory, verify=verify)
@@ -67,7 +67,7 @@ class OrtBackend(Backend):
         disabled = settings.get("disabled_optimizers") or None
         plugins = self.manifest.export.get("mode") == "plugins"
         if plugins:
-            from plugins_trt.ort_ops import custom_ops_library
+            from visiondrop_edge.plugins_trt.ort_ops import custom_ops_library
 
             options.register_custom_ops_library(custom_ops_library())
         self.sessions = {
@@ -85,7 +85,7 @@ class OrtBackend(Backend):
             return str(path)
         import onnx
 
-        from plugins_trt.ort_ops import ort_model
+        from visiondrop_edge.plugins_trt.ort_ops import ort_model
 
         model = ort_model(onnx.load(str(path)))
         if model.ByteSize() >= 2**31:

@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from visiondrop.errors import UserError
-from visiondrop.prompt import follow_up_ids, left_pad, split_prompt, template_puts_image_first
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.prompt import follow_up_ids, left_pad, split_prompt, template_puts_image_first
 
 from .base import Backend, DecoderState, StageTrace, VisionOutput
 from .generate import greedy_decode

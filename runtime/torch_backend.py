@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop.loading import LoadedModel
-from visiondrop.modules import VisionDropLlava
-from visiondrop.pruning import Choice
-from visiondrop.schedule import Schedule
+from visiondrop_edge.loading import LoadedModel
+from visiondrop_edge.modules import VisionDropLlava
+from visiondrop_edge.pruning import Choice
+from visiondrop_edge.schedule import Schedule
 
 from .base import Backend, ModelSpec
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop.errors import UserError
+from visiondrop_edge.errors import UserError
 
 from .base import Backend, ModelSpec
 
@@ -62,8 +62,8 @@ def require_gpu() -> tuple[str, str]:
 
 def current_environment(plugin_library: Path | None):
     """What engines built or run here are tied to (TensorRT version, GPU, plugin binary)."""
-    from export.manifest import sha256_file
-    from export.trt_build import Environment
+    from visiondrop_edge.export.manifest import sha256_file
+    from visiondrop_edge.export.trt_build import Environment
 
     trt = import_tensorrt()
     name, capability = require_gpu()
@@ -105,8 +105,8 @@ class TrtBackend(Backend):
                  plugin_lib: str | Path | None = None):
         from safetensors.torch import load_file
 
-        from export.manifest import read_manifest
-        from export.trt_build import (check_engine_manifest, find_plugin_library, load_plugin_library,
+        from visiondrop_edge.export.manifest import read_manifest
+        from visiondrop_edge.export.trt_build import (check_engine_manifest, find_plugin_library, load_plugin_library,
                                       read_engine_manifest, verify_engine_files)
 
         trt = import_tensorrt()
@@ -222,8 +222,8 @@ class TrtBackend(Backend):
 
 def doctor(plugin_lib: str | Path | None = None) -> dict[str, Any]:
     """What this machine has for each piece, and what to install where something is missing."""
-    from plugins_trt import STATIC_PLUGIN_LIBRARY
-    from plugins_trt.build import find_cmake, find_nvcc
+    from visiondrop_edge.plugins_trt import STATIC_PLUGIN_LIBRARY
+    from visiondrop_edge.plugins_trt.build import find_cmake, find_nvcc
 
     report: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
     tegra = Path("/etc/nv_tegra_release")
@@ -251,7 +251,7 @@ def doctor(plugin_lib: str | Path | None = None) -> dict[str, Any]:
         report["polygraphy"] = polygraphy.__version__
     except ImportError:
         report["polygraphy"] = {"missing": "pip install polygraphy"}
-    from export.trt_build import find_plugin_library
+    from visiondrop_edge.export.trt_build import find_plugin_library
 
     try:
         library = find_plugin_library(Path(plugin_lib) if plugin_lib else None)
@@ -259,7 +259,7 @@ def doctor(plugin_lib: str | Path | None = None) -> dict[str, Any]:
         library, report["plugin_library"] = None, {"missing": str(error)}
     if "plugin_library" not in report:
         report["plugin_library"] = str(library) if library else {
-            "missing": "build it with `python -m plugins_trt.build --tensorrt-root DIR` (needs nvcc, cmake and the "
+            "missing": "build it with `python -m visiondrop_edge.plugins_trt.build --tensorrt-root DIR` (needs nvcc, cmake and the "
                        "TensorRT headers; on Jetson the JetPack headers are found), or set $VISIONDROP_TRT_PLUGINS"}
     static = library.with_name(STATIC_PLUGIN_LIBRARY) if library else None
     report["plugin_library_static"] = str(static) if static and static.is_file() else None

@@ -32,7 +32,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in tiny model, loaded through from_pretrained like a real checkpoint."""
-    from visiondrop.loading import load_model
+    from visiondrop_edge.loading import load_model
 
     return load_model("tiny")
 
@@ -42,7 +42,7 @@ def tiny_half():
     """The built-in tiny model in fp16 (a separate copy: tests may not change ``tiny``)."""
     import torch
 
-    from visiondrop.loading import load_model
+    from visiondrop_edge.loading import load_model
 
     return load_model("tiny", dtype=torch.float16)
 
@@ -52,6 +52,6 @@ def tiny_eager(tiny):
     """A second, independent copy with HF's eager attention, for the naive reference."""
     from transformers import LlavaForConditionalGeneration
 
-    from visiondrop.loading import builtin_dir
+    from visiondrop_edge.loading import builtin_dir
 
     return LlavaForConditionalGeneration.from_pretrained(builtin_dir("tiny"), attn_implementation="eager").eval()

@@ -8,13 +8,13 @@ from click.testing import CliRunner
 import torch
 from PIL import Image
 
-import cli
-from bench.flops import stage_flops
-from bench.ideal import IdealBaseline, IdealVision
-from runtime.torch_backend import TorchBackend, pad_token_id
-from visiondrop.inspection import CLS, inspect_image
-from visiondrop.prompt import build_prompts, pixel_values, random_images
-from visiondrop.schedule import Schedule
+from visiondrop_edge import cli
+from visiondrop_edge.bench.flops import stage_flops
+from visiondrop_edge.bench.ideal import IdealBaseline, IdealVision
+from visiondrop_edge.runtime.torch_backend import TorchBackend, pad_token_id
+from visiondrop_edge.inspection import CLS, inspect_image
+from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
+from visiondrop_edge.schedule import Schedule
 
 
 def test_ideal_prefill_gives_every_group_the_pruned_sizes(tiny):

@@ -10,16 +10,16 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-import cli
-from calibration.data import builtin_set, record_feeds
-from calibration.quantize import CalibrateOptions, calibrate_artifacts
-from export.manifest import read_manifest
-from export.onnx_export import ExportOptions, export_artifacts
-from plugins_trt import PLUGIN_DOMAIN
-from runtime.generate import greedy_generate
-from runtime.ort_backend import OrtBackend
-from visiondrop.prompt import build_prompts, pixel_values, random_images
-from visiondrop.schedule import Schedule
+from visiondrop_edge import cli
+from visiondrop_edge.calibration.data import builtin_set, record_feeds
+from visiondrop_edge.calibration.quantize import CalibrateOptions, calibrate_artifacts
+from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+from visiondrop_edge.plugins_trt import PLUGIN_DOMAIN
+from visiondrop_edge.runtime.generate import greedy_generate
+from visiondrop_edge.runtime.ort_backend import OrtBackend
+from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
+from visiondrop_edge.schedule import Schedule
 
 PRECISIONS = ("int8", "fp8", "int4-weight")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
@@ -269,8 +269,8 @@ def test_bench_compares_a_quantized_folder_with_its_source(folders, tmp_path):
 
 def test_fp16_export_gets_fp16_scales_at_opset_19(tiny, tmp_path):
     """fp16 graphs keep fp16 activations around int8 linears (TensorRT's strongly typed fp16 + int8)."""
-    from export.onnx_export import EXPORT_DTYPES, apply_precision
-    from visiondrop.loading import load_model
+    from visiondrop_edge.export.onnx_export import EXPORT_DTYPES, apply_precision
+    from visiondrop_edge.loading import load_model
 
     half = apply_precision(load_model("tiny", dtype=EXPORT_DTYPES["fp16"]), None)
     source = tmp_path / "tiny-64-fp16"

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-from visiondrop.loading import builtin_dir
-from visiondrop.schedule import Schedule
+from visiondrop_edge import cli
+from visiondrop_edge.loading import builtin_dir
+from visiondrop_edge.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,14 +9,14 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-import cli
-from export import onnx_export
-from export.graph_checks import data_dependent_shapes, undocumented_types
-from export.manifest import read_manifest
-from export.onnx_export import ExportOptions, export_artifacts
-from export.validate import validate_artifacts
-from visiondrop.errors import UserError
-from visiondrop.schedule import Schedule
+from visiondrop_edge import cli
+from visiondrop_edge.export import onnx_export
+from visiondrop_edge.export.graph_checks import data_dependent_shapes, undocumented_types
+from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+from visiondrop_edge.export.validate import validate_artifacts
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.schedule import Schedule
 
 BUDGETS = [32, 64, 128, 192, "full"]
 CONTRACT_AXES = {"batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", "pruned_sequence_length"}

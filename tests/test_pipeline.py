@@ -9,11 +9,11 @@ O(5) logits is ~10x that noise floor. Kept indices and tokens must be identical.
 import pytest
 import torch
 
-from runtime.generate import greedy_generate
-from runtime.torch_backend import TorchBackend, pad_token_id
+from visiondrop_edge.runtime.generate import greedy_generate
+from visiondrop_edge.runtime.torch_backend import TorchBackend, pad_token_id
 from tests.reference import naive_generate
-from visiondrop.prompt import PROMPT_TEMPLATE, build_prompts, pixel_values, random_images
-from visiondrop.schedule import Schedule
+from visiondrop_edge.prompt import PROMPT_TEMPLATE, build_prompts, pixel_values, random_images
+from visiondrop_edge.schedule import Schedule
 
 NEW_TOKENS = 12
 TOL = {"rtol": 1e-4, "atol": 1e-4}

@@ -3,11 +3,11 @@
 import onnx
 import pytest
 
-from export.manifest import read_manifest
-from export.onnx_export import ExportOptions, export_artifacts
-from export.validate import validate_artifacts
-from plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
-from visiondrop.schedule import Schedule
+from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+from visiondrop_edge.export.validate import validate_artifacts
+from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
+from visiondrop_edge.schedule import Schedule
 
 BUDGETS = [32, 64, 128, 192]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from visiondrop import pruning
+from visiondrop_edge import pruning
 
 
 def loop_topk(scores: list[float], k: int) -> list[int]:

@@ -19,13 +19,13 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import cli
-from export.manifest import read_manifest
-from export.onnx_export import ExportOptions, export_artifacts
-from visiondrop.errors import ArtifactError, ConcurrentWriteError, UserError
-from visiondrop.loading import builtin_dir, load_model, sha256_file, write_atomically
-from visiondrop.prompt import load_images
-from visiondrop.schedule import Schedule
+from visiondrop_edge import cli
+from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+from visiondrop_edge.errors import ArtifactError, ConcurrentWriteError, UserError
+from visiondrop_edge.loading import builtin_dir, load_model, sha256_file, write_atomically
+from visiondrop_edge.prompt import load_images
+from visiondrop_edge.schedule import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +173,7 @@ def test_files_and_folders_get_normal_permissions(tmp_path):
     assert oct(target.stat().st_mode & 0o777) == oct(0o755)
     assert oct((target / "sub").stat().st_mode & 0o777) == oct(0o755)
     assert oct((target / "private.bin").stat().st_mode & 0o777) == oct(0o644)
-    from visiondrop.trace import write_json
+    from visiondrop_edge.trace import write_json
 
     old = os.umask(0o022)
     try:
@@ -527,12 +527,12 @@ def test_a_read_only_folder_is_refused_before_the_model_loads(tmp_path, image, m
 
 
 def test_answers_are_printed_even_if_the_trace_cannot_be_written(image, tmp_path, monkeypatch):
-    import visiondrop.trace
+    import visiondrop_edge.trace
 
     def disk_full(path, data):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(visiondrop.trace, "write_json", disk_full)
+    monkeypatch.setattr(visiondrop_edge.trace, "write_json", disk_full)
     result = invoke("generate", "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "3",
                     "--json", "--trace", tmp_path / "t.json")
     assert one_line_error(result, "could not write"), result.output
@@ -573,7 +573,7 @@ def test_first_use_waits_for_a_concurrent_cache_build(tmp_path, monkeypatch):
     """Two commands on a fresh machine: the second waits for the first's cache, no error."""
     import threading
 
-    from visiondrop import loading
+    from visiondrop_edge import loading
 
     ready = builtin_dir("tiny")  # the session's cache, built by this code
     monkeypatch.setenv("VISIONDROP_CACHE", str(tmp_path))

@@ -2,8 +2,8 @@
 
 import pytest
 
-from visiondrop.errors import UserError
-from visiondrop.schedule import Schedule, max_budget, resolve_schedule
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.schedule import Schedule, max_budget, resolve_schedule
 
 # The table for LLaVA-1.5 (32 layers): vision | after 8 | after 16 | after 24.
 PUBLISHED = {

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.onnx_export import ExportOptions, export_artifacts
-from runtime.generate import greedy_generate
-from runtime.ort_backend import OrtBackend
-from runtime.session import PrefixCache, Session
-from runtime.torch_backend import TorchBackend
-from visiondrop import prompt as prompts_module
-from visiondrop.errors import UserError
-from visiondrop.prompt import PromptBatch, build_prompts, follow_up_ids, pixel_values, random_images
-from visiondrop.schedule import Schedule
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+from visiondrop_edge.runtime.generate import greedy_generate
+from visiondrop_edge.runtime.ort_backend import OrtBackend
+from visiondrop_edge.runtime.session import PrefixCache, Session
+from visiondrop_edge.runtime.torch_backend import TorchBackend
+from visiondrop_edge import prompt as prompts_module
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.prompt import PromptBatch, build_prompts, follow_up_ids, pixel_values, random_images
+from visiondrop_edge.schedule import Schedule
 
 BUDGETS = [32, 64, 128, 192, "full"]
 QUESTIONS = ["What is in this image?", "Which colour dominates?", "Describe the scene in one long sentence, please."]

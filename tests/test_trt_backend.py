@@ -17,8 +17,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import cli
-from visiondrop.errors import UserError
+from visiondrop_edge import cli
+from visiondrop_edge.errors import UserError
 
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 NO_TENSORRT = pytest.mark.skipif(HAS_TENSORRT, reason="this machine has TensorRT: the refusal without it cannot be observed")
@@ -26,7 +26,7 @@ NO_TENSORRT = pytest.mark.skipif(HAS_TENSORRT, reason="this machine has TensorRT
 
 @NO_TENSORRT
 def test_backend_without_tensorrt_says_what_to_install(tmp_path):
-    from runtime.trt_backend import TrtBackend
+    from visiondrop_edge.runtime.trt_backend import TrtBackend
 
     with pytest.raises(UserError) as error:
         TrtBackend(tmp_path)
@@ -37,7 +37,7 @@ def test_backend_without_tensorrt_says_what_to_install(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU: the refusal without one cannot be observed")
 def test_no_gpu_is_refused_with_what_to_install():
-    from runtime.trt_backend import require_gpu
+    from visiondrop_edge.runtime.trt_backend import require_gpu
 
     with pytest.raises(UserError, match="no CUDA GPU is visible to PyTorch: TensorRT needs an NVIDIA GPU"):
         require_gpu()
@@ -171,7 +171,7 @@ class _FakeContext:
 
 @pytest.fixture
 def stand_in_tensorrt(monkeypatch):
-    from runtime import trt_backend
+    from visiondrop_edge.runtime import trt_backend
 
     fake = _FakeTensorRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
@@ -251,8 +251,8 @@ def stand_in_polygraphy(monkeypatch, stand_in_tensorrt):
 
 def _build(artifacts: Path, engines: Path, max_batch: int) -> dict:
     """`build` as the CLI runs it, over the stand-ins."""
-    from export.trt_build import BuildOptions, build_engines, plan_build
-    from runtime.trt_backend import current_environment
+    from visiondrop_edge.export.trt_build import BuildOptions, build_engines, plan_build
+    from visiondrop_edge.runtime.trt_backend import current_environment
 
     plan = plan_build(artifacts, BuildOptions(max_batch=max_batch))
     return build_engines(plan, engines, current_environment(None))
@@ -260,8 +260,8 @@ def _build(artifacts: Path, engines: Path, max_batch: int) -> dict:
 
 @pytest.fixture(scope="module")
 def portable_artifacts(tiny, tmp_path_factory):
-    from export.onnx_export import ExportOptions, export_artifacts
-    from visiondrop.schedule import Schedule
+    from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+    from visiondrop_edge.schedule import Schedule
 
     folder = tmp_path_factory.mktemp("trt-backend") / "tiny-64"
     export_artifacts(tiny, Schedule.from_budget(64, 8, 576), folder, ExportOptions(max_seq_len=512))
@@ -269,7 +269,7 @@ def portable_artifacts(tiny, tmp_path_factory):
 
 
 def test_build_hands_polygraphy_the_plan_and_writes_the_engine_manifest(stand_in_polygraphy, portable_artifacts, tmp_path):
-    from export.trt_build import BuildOptions, plan_build
+    from visiondrop_edge.export.trt_build import BuildOptions, plan_build
 
     engines = tmp_path / "engines"
     manifest = _build(portable_artifacts, engines, max_batch=2)
@@ -286,8 +286,8 @@ def test_build_hands_polygraphy_the_plan_and_writes_the_engine_manifest(stand_in
 def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraphy, stand_in_tensorrt,
                                                               portable_artifacts, tmp_path):
     """TrtBackend over the stand-in validates like any candidate (fp32 gates, PyTorch reference)."""
-    from export.validate import validate_artifacts
-    from runtime.trt_backend import TrtBackend
+    from visiondrop_edge.export.validate import validate_artifacts
+    from visiondrop_edge.runtime.trt_backend import TrtBackend
 
     engines = tmp_path / "engines"
     _build(portable_artifacts, engines, max_batch=2)
@@ -305,10 +305,10 @@ def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraph
 def test_prefix_reuse_runs_on_engines(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tiny, tmp_path):
     """A question prefilled on a reused prefix (several tokens on a cache) takes the decode
     profile and answers exactly like a full prefill on the same engines."""
-    from runtime.generate import greedy_generate
-    from runtime.session import Session
-    from runtime.trt_backend import TrtBackend
-    from visiondrop.prompt import build_prompts, pixel_values, random_images
+    from visiondrop_edge.runtime.generate import greedy_generate
+    from visiondrop_edge.runtime.session import Session
+    from visiondrop_edge.runtime.trt_backend import TrtBackend
+    from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
 
     engines = tmp_path / "engines"
     _build(portable_artifacts, engines, max_batch=2)
@@ -327,8 +327,8 @@ def test_prefix_reuse_runs_on_engines(stand_in_polygraphy, stand_in_tensorrt, po
 def test_generate_and_bench_run_engine_folders(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tiny,
                                               tmp_path):
     """The CLI paths: generate --engines answers like --artifacts; bench --backend trt measures each folder."""
-    from export.onnx_export import ExportOptions, export_artifacts
-    from visiondrop.schedule import Schedule
+    from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+    from visiondrop_edge.schedule import Schedule
 
     engines = tmp_path / "engines"
     _build(portable_artifacts, engines, max_batch=1)
@@ -357,7 +357,7 @@ def test_a_plugin_library_is_registered_once_per_process(stand_in_tensorrt, tmp_
     import shutil
     import subprocess
 
-    from export.trt_build import load_plugin_library
+    from visiondrop_edge.export.trt_build import load_plugin_library
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -373,7 +373,7 @@ def test_a_plugin_library_is_registered_once_per_process(stand_in_tensorrt, tmp_
 
 
 def test_backend_refuses_engines_it_must_not_run(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tmp_path):
-    from runtime.trt_backend import TrtBackend
+    from visiondrop_edge.runtime.trt_backend import TrtBackend
 
     engines = tmp_path / "engines"
     _build(portable_artifacts, engines, max_batch=1)
@@ -393,11 +393,11 @@ def test_backend_refuses_engines_it_must_not_run(stand_in_polygraphy, stand_in_t
 @pytest.mark.gpu
 def test_engines_match_pytorch_and_refuse_another_tensorrt(tiny, tmp_path):
     """Build the tiny model's engines, validate them like any candidate, then tamper the manifest."""
-    from export.onnx_export import ExportOptions, export_artifacts
-    from export.trt_build import BuildOptions, build_engines, plan_build
-    from export.validate import validate_artifacts
-    from runtime.trt_backend import TrtBackend, current_environment
-    from visiondrop.schedule import Schedule
+    from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+    from visiondrop_edge.export.trt_build import BuildOptions, build_engines, plan_build
+    from visiondrop_edge.export.validate import validate_artifacts
+    from visiondrop_edge.runtime.trt_backend import TrtBackend, current_environment
+    from visiondrop_edge.schedule import Schedule
 
     artifacts, engines = tmp_path / "tiny-64", tmp_path / "engines"
     export_artifacts(tiny, Schedule.from_budget(64, 8, 576), artifacts, ExportOptions(max_seq_len=512))

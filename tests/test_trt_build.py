@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import cli
-from export.manifest import GraphEntry, read_manifest
-from export.onnx_export import ExportOptions, export_artifacts
-from export.trt_build import (
+from visiondrop_edge import cli
+from visiondrop_edge.export.manifest import GraphEntry, read_manifest
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+from visiondrop_edge.export.trt_build import (
     BuildOptions,
     BuildPlan,
     Environment,
@@ -33,9 +33,9 @@ from export.trt_build import (
     profiles_for,
     sequence_ranges,
 )
-from plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
-from visiondrop.errors import UserError
-from visiondrop.schedule import Schedule
+from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
+from visiondrop_edge.errors import UserError
+from visiondrop_edge.schedule import Schedule
 
 SCHEDULE = Schedule.from_budget(128, 8, 576)
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
@@ -130,7 +130,7 @@ def test_kernel_limits_are_refused_from_the_graph():
 
 def test_kernel_limits_read_the_sizes_of_a_real_plugin_export(tiny, tmp_path):
     """On export's own plugin graphs the sizes are found (and fit): the check is not vacuous there."""
-    from export.trt_build import kernel_limit_problems as problems_of
+    from visiondrop_edge.export.trt_build import kernel_limit_problems as problems_of
 
     folder = tmp_path / "plugins"
     export_artifacts(tiny, SCHEDULE, folder, ExportOptions(plugins=True, max_seq_len=512))
@@ -267,7 +267,7 @@ def test_plugin_mode_plan_reports_a_missing_library_and_build_refuses(artifacts)
 
 
 def test_weights_are_counted_from_dims_for_every_stored_dtype():
-    from export.trt_build import weight_bytes
+    from visiondrop_edge.export.trt_build import weight_bytes
 
     arrays = [np.zeros((3, 5), np.float16), np.zeros((7,), np.int64), np.zeros((2, 2, 2), np.float32)]
     graph = helper.make_graph([], "g", [], [], initializer=[numpy_helper.from_array(a, f"w{i}") for i, a in enumerate(arrays)])

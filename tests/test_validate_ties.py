@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import Tensor
 
-from export.onnx_export import ExportOptions, apply_precision, export_artifacts
-from export.ties import error_bound, judge_assignment, judge_kept, judge_token
-from export.validate import validate_artifacts
-from runtime.base import Backend, StageTrace
-from runtime.torch_backend import TorchBackend
-from visiondrop import pruning
-from visiondrop.schedule import Schedule
+from visiondrop_edge.export.onnx_export import ExportOptions, apply_precision, export_artifacts
+from visiondrop_edge.export.ties import error_bound, judge_assignment, judge_kept, judge_token
+from visiondrop_edge.export.validate import validate_artifacts
+from visiondrop_edge.runtime.base import Backend, StageTrace
+from visiondrop_edge.runtime.torch_backend import TorchBackend
+from visiondrop_edge import pruning
+from visiondrop_edge.schedule import Schedule
 
 BUDGET = 64
 VISION_OFFSET, PRUNE_OFFSET = 1, 6  # where the StageTrace outputs start in run_vision / run_prune
@@ -288,7 +288,7 @@ def test_fp16_artifacts_validate_on_any_cpu(tmp_path, budget, plugins, tiny_half
 
 def test_mixed_precision_policy_keeps_the_vision_stage_in_fp32(tmp_path, tiny_half):
     """--dtype fp16 --vision-dtype fp32: CLIP and the stage-0 prune in fp32, the rest fp16."""
-    from export.manifest import read_manifest
+    from visiondrop_edge.export.manifest import read_manifest
 
     out = tmp_path / "mixed"
     loaded = apply_precision(tiny_half, "fp32")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins_trt import build as vd_build
+from visiondrop_edge.plugins_trt import build as vd_build
 
 TEST_BUILD_ROOT = vd_build.DEFAULT_BUILD_DIR / "tests"
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # trt_stub
@@ -49,7 +49,7 @@ def kernels():
     """The kernels on this machine's GPU: $VISIONDROP_KERNELS_LIB, else built for the GPU's architecture."""
     import torch
 
-    from plugins_trt.kernels import Kernels
+    from visiondrop_edge.plugins_trt.kernels import Kernels
 
     path = os.environ.get("VISIONDROP_KERNELS_LIB")
     if not path:

@@ -3,7 +3,7 @@
 Run ``bash plugins_trt/tests/gpu_check.sh`` from the repo root on a machine with a CUDA GPU and
 PyTorch. Steps: (1) build libvisiondrop_kernels.so for this GPU's architecture (sm_90 on H100/H200)
 with CMake, or with nvcc directly when cmake is missing; (2) run test_kernels_gpu.py against it;
-(3) time select and merge against the PyTorch reference (visiondrop.pruning) on the same inputs.
+(3) time select and merge against the PyTorch reference (visiondrop_edge.pruning) on the same inputs.
 Writes gpu_check.md / gpu_check.json / pytest.txt to $OUT (else build/plugins_trt/gpu_check/).
 Set VISIONDROP_KERNELS_LIB to use a prebuilt library instead of building (no nvcc here).
 Exit status 0 only if the tests pass, every op beats PyTorch and N=576, D=4096 runs under 50 us.
@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO_ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from plugins_trt import build as vd_build  # noqa: E402
-from visiondrop import pruning  # noqa: E402
+from visiondrop_edge.plugins_trt import build as vd_build
+from visiondrop_edge import pruning
 
 CASES = [  # (N, D, M, k, c): B = 1, fp16
     (576, 4096, 128, 168, 24),   # LLM stage, LLaVA-1.5-7B
@@ -114,7 +113,7 @@ def wall_us(fn, iterations: int = 100) -> float:
 
 
 def time_cases(kernels) -> list[dict]:
-    from visiondrop.pruning import Selection
+    from visiondrop_edge.pruning import Selection
 
     rows = []
     dtype = torch.float16
@@ -184,7 +183,7 @@ def main() -> int:
     tests = run_tests(library, out_dir)
     log(f"tests {tests['status']}: {tests['summary']} ({time.time() - t0:.0f} s; log in {out_dir / 'pytest.txt'})")
 
-    from plugins_trt.kernels import Kernels
+    from visiondrop_edge.plugins_trt.kernels import Kernels
 
     rows = time_cases(Kernels(library))
     table = markdown(rows)

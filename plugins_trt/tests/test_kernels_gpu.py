@@ -1,4 +1,4 @@
-"""The CUDA kernels against the PyTorch reference (visiondrop.pruning.select / merge), on a GPU.
+"""The CUDA kernels against the PyTorch reference (visiondrop_edge.pruning.select / merge), on a GPU.
 
 Indices must be identical (select's kept/rest indices, merge's member -> target assignment, on
 data whose similarities have a clear margin) and select outputs bit-identical (pure gathers). Merge outputs may
@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visiondrop import pruning
-from visiondrop.pruning import Selection
+from visiondrop_edge import pruning
+from visiondrop_edge.pruning import Selection
 
 pytestmark = pytest.mark.gpu
 

@@ -87,13 +87,14 @@ def _dump_api(import_files: list[str]) -> dict:
                                 "class": isinstance(value, type), "keywords": []}
     classes[MODULE] = module_members
     imports = {}
-    sys.path.insert(0, str(REPO_ROOT))
     for file in import_files:
         path = Path(file).resolve()
         if REPO_ROOT not in path.parents:
             continue  # a copy outside the repository (the tests' injected misuse): checked statically only
+        parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+        module = ".".join(parts if parts[0] == "visiondrop_edge" else ("visiondrop_edge", *parts))  # pyproject's package-dir
         try:
-            importlib.import_module(".".join(path.relative_to(REPO_ROOT).with_suffix("").parts))
+            importlib.import_module(module)
             imports[file] = None
         except Exception as error:  # noqa: BLE001 - reported, not raised
             imports[file] = f"{type(error).__name__}: {error}"

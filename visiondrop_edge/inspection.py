@@ -60,7 +60,7 @@ def keep_map(schedule: Schedule, traces: list) -> list[Panel]:
 @torch.no_grad()
 def inspect_image(loaded, schedule: Schedule, image, prompt: str) -> tuple[list[Panel], np.ndarray]:
     """Run one prefill with traces on; returns the panels and the image as the model saw it."""
-    from runtime.torch_backend import TorchBackend, pad_token_id
+    from visiondrop_edge.runtime.torch_backend import TorchBackend, pad_token_id
 
     backend = TorchBackend(loaded, schedule)
     pixels = pixel_values(loaded.processor.image_processor, [image])
