@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.manifest import read_manifest
 from visiondrop_edge.errors import UserError
 from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
 
@@ -55,7 +55,7 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
     rows = []
     for batch in config.batches:
         pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed))
-        prompts = build_prompts(processor.tokenizer, [PROMPT] * batch, spec.schedule.image_tokens,
+        prompts = build_prompts(processor.tokenizer, spec.prompt_template, [PROMPT] * batch, spec.schedule.image_tokens,
                                 spec.image_token_id, spec.pad_token_id)
         for backend in backends.values():
             for _ in range(config.warmup):

@@ -12,22 +12,23 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from visiondrop_edge.families import VisionUnit
+from visiondrop_edge.modules import positions_from_mask, splice_visual
 from visiondrop_edge.runtime.base import Backend, DecoderState, PrefillOutput, VisionOutput
-from visiondrop_edge.modules import VisionEncoder, positions_from_mask, splice_visual
 from visiondrop_edge.pruning import gather_rows, splice, visual_positions
 
 
 class IdealVision(nn.Module):
     """The vision tower and projector producing the stage-0 token count (the first tokens)."""
 
-    def __init__(self, vision: VisionEncoder):
+    def __init__(self, vision: VisionUnit):
         super().__init__()
         self.vision = vision
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         if self.vision.stage is None:
             return self.vision(pixel_values)[0]
-        return self.vision.project(self.vision.features(pixel_values, len(self.vision.layers))[:, : self.vision.stage.total])
+        return self.vision.project(self.vision.tower_tokens(pixel_values)[:, : self.vision.stage.total])
 
 
 class IdealBaseline(Backend):
@@ -38,7 +39,7 @@ class IdealBaseline(Backend):
         self.spec, self.device, self.name = inner.spec, inner.device, f"{inner.name} (ideal)"
 
     def run_vision(self, pixel_values):
-        return (self.vision(pixel_values),)
+        return {"image_embeds": self.vision(pixel_values)}
 
     def run_embed(self, input_ids):
         return self.inner.run_embed(input_ids)

@@ -31,7 +31,7 @@ def run_questions_bench(
     rows = []
     for count in counts:
         questions = [QUESTION.format(i=i) for i in range(count)]
-        batch = build_prompts(processor.tokenizer, questions, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
+        batch = build_prompts(processor.tokenizer, spec.prompt_template, questions, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
         times: dict[str, list[float]] = {"full": [], "reuse": [], "reuse_answer_only": []}
         for repeat in range(warmup + repeats):
             progress(f"questions per image {count}: repeat {repeat + 1 - warmup}/{repeats}" if repeat >= warmup else

@@ -160,7 +160,8 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
 
 def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provider: str) -> Backend:
     """Export this budget to ``scratch`` and open it on ONNX Runtime."""
-    from visiondrop_edge.export.onnx_export import EXPORT_DTYPES, ExportOptions, export_artifacts
+    from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+    from visiondrop_edge.loading import EXPORT_DTYPES
     from visiondrop_edge.runtime.ort_backend import OrtBackend
 
     options = ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[next(loaded.model.parameters()).dtype])
@@ -173,14 +174,17 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
     """The ideal vision unit exported like the others and run on the backend's providers."""
     import onnxruntime
 
-    from visiondrop_edge.export.onnx_export import EXPORT_DTYPES, ExportOptions, GraphSpec, export_graph
-    from visiondrop_edge.modules import VisionEncoder
+    from visiondrop_edge.export.onnx_export import ExportOptions, GraphSpec, export_graph
+    from visiondrop_edge.contract import VISION_INPUTS, dynamic_axes, vision_outputs
+    from visiondrop_edge.loading import EXPORT_DTYPES
+    from visiondrop_edge.pruning import REFERENCE_OPS
 
     dtype = backend.spec.vision_torch_dtype
-    size = loaded.config.vision_config.image_size
-    module = IdealVision(VisionEncoder(loaded.model, backend.spec.schedule.vision)).eval()
+    size = backend.spec.image_size
+    module = IdealVision(loaded.family.vision_unit(loaded.model, backend.spec.schedule.vision, REFERENCE_OPS)).eval()
+    outputs = vision_outputs(prunes=False)
     graph = GraphSpec("vision_ideal", "vision", 0, module, {"pixel_values": torch.randn(2, 3, size, size, dtype=dtype)},
-                      ["image_embeds"], {"pixel_values": {0: "batch_size"}, "image_embeds": {0: "batch_size"}})
+                      list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs))
     folder = Path(tempfile.mkdtemp(prefix="ideal-", dir=scratch))
     entry = export_graph(graph, folder, Path(tempfile.mkdtemp(dir=scratch)), ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[backend.spec.torch_dtype]), {})
     options = onnxruntime.SessionOptions()
@@ -221,7 +225,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
             backend = next(iter(backends.values()))
             for batch in config.batches:
                 pixels = pixel_values(loaded.processor.image_processor, random_images(batch, seed=config.seed))
-                prompts = build_prompts(loaded.tokenizer, [PROMPT] * batch, schedule.image_tokens,
+                prompts = build_prompts(loaded.tokenizer, backend.spec.prompt_template, [PROMPT] * batch, schedule.image_tokens,
                                         backend.spec.image_token_id, backend.spec.pad_token_id)
                 text_tokens = prompts.input_ids.shape[1] - schedule.image_tokens
                 variants = list(backends)
@@ -277,7 +281,7 @@ def run_engines(engine_dirs: list[Path], config: BenchConfig, progress: Callable
         schedule = backend.spec.schedule
         for batch in config.batches:
             pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed))
-            prompts = build_prompts(processor.tokenizer, [PROMPT] * batch, schedule.image_tokens,
+            prompts = build_prompts(processor.tokenizer, backend.spec.prompt_template, [PROMPT] * batch, schedule.image_tokens,
                                     backend.spec.image_token_id, backend.spec.pad_token_id)
             for _ in range(config.warmup):
                 run_once(backend, pixels, prompts, min(config.new_tokens, 2))

@@ -114,7 +114,7 @@ def record_feeds(
 
     Feeds are cast to the dtypes of the manifest's I/O contract (pixels arrive as fp32).
     """
-    from visiondrop_edge.export.validate import RecordingBackend
+    from visiondrop_edge.runtime.validate import RecordingBackend
     from visiondrop_edge.runtime.generate import greedy_generate
 
     manifest = backend.manifest
@@ -124,7 +124,7 @@ def record_feeds(
         stop = min(start + batch_size, data.samples)
         progress(f"calibration run: samples {start + 1}-{stop} of {data.samples} ...")
         pixels = pixel_values(processor.image_processor, data.images[start:stop])
-        prompts = build_prompts(processor.tokenizer, data.prompts[start:stop], spec.schedule.image_tokens,
+        prompts = build_prompts(processor.tokenizer, spec.prompt_template, data.prompts[start:stop], spec.schedule.image_tokens,
                                 spec.image_token_id, spec.pad_token_id)
         recorder = RecordingBackend(backend)
         greedy_generate(recorder, pixels, prompts, new_tokens)

@@ -34,8 +34,8 @@ import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
-from visiondrop_edge.export.gates import gates_for
-from visiondrop_edge.export.manifest import MANIFEST, GraphEntry, Manifest, read_manifest
+from visiondrop_edge.gates import gates_for
+from visiondrop_edge.manifest import MANIFEST, GraphEntry, Manifest, read_manifest
 from visiondrop_edge.errors import UserError
 from visiondrop_edge.loading import check_target, sha256_file, write_atomically
 

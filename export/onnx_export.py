@@ -25,41 +25,21 @@ from torch import Tensor, nn
 
 from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_LIBRARY, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP, is_plugin_node
 from visiondrop_edge.plugins_trt.onnx_ops import PLUGIN_OPS
-from visiondrop_edge.runtime.base import ModelSpec
 from visiondrop_edge.errors import UserError
-from visiondrop_edge.loading import LoadedModel, write_atomically
-from visiondrop_edge.modules import VisionDropLlava
+from visiondrop_edge.gates import gates_for
+from visiondrop_edge.contract import (PRUNE_INPUTS, PRUNE_OUTPUTS, QKV_INPUTS, QKV_OUTPUTS, VISION_INPUTS, bind, decoder_inputs,
+                                      decoder_outputs, dynamic_axes, vision_outputs)
+from visiondrop_edge.loading import EXPORT_DTYPES, LoadedModel, parameter_dtype, write_atomically
+from visiondrop_edge.manifest import GraphEntry, Manifest, ModelSpec, tensor_contract
+from visiondrop_edge.modules import VisionDropPipeline
+from visiondrop_edge.prompt import pad_token_id
 from visiondrop_edge.pruning import REFERENCE_OPS
 from visiondrop_edge.schedule import Schedule
 
-from .gates import gates_for
 from .graph_checks import data_dependent_shapes, undocumented_types
-from .manifest import GraphEntry, Manifest, tensor_contract
 
 EMBED_FILE = "embed_tokens.safetensors"
-EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
-
-
-def parameter_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def apply_precision(loaded: LoadedModel, vision_dtype: str | None) -> LoadedModel:
-    """The precision policy: the CLIP tower (and with it the stage-0 prune) in ``vision_dtype``,
-    the projector and decoder as loaded. The reference's fp16 evaluation keeps CLIP in fp32."""
-    if vision_dtype is not None:
-        loaded.model.model.vision_tower.to(EXPORT_DTYPES[vision_dtype])
-    return loaded
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph itself
-
-# A prune's decisions, in runtime.base.StageTrace's field order: which tokens it kept, the
-# contextual targets, the scores it ranked by, each member's contextual slot and the merge
-# metric it measured similarity with (validate judges near-ties from the last two).
-STAGE_OUTPUTS = ["kept_index", "target_index", "scores", "assignment", "merge_metric"]
-PRUNE_OUTPUTS = ["pruned_hidden_states", "pruned_query", "pruned_key", "pruned_value", "pruned_attention_mask",
-                 "pruned_position_ids", *STAGE_OUTPUTS]
-B, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", "pruned_sequence_length"
-
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -95,73 +75,57 @@ class GraphSpec:
     dynamic: dict[str, dict[int, str]]
 
 
-def kv_names(prefix: str, layers: range) -> list[str]:
-    return [f"{prefix}.{i}.{kind}" for i in layers for kind in ("key", "value")]
-
-
-def graph_specs(pipeline: VisionDropLlava, spec: ModelSpec) -> list[GraphSpec]:
-    """Every graph of the pipeline with example inputs (batch 2, so no axis specialises)."""
+def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec]:
+    """Every graph of the pipeline with example inputs (batch 2, so no axis specialises); names
+    and dynamic axes from :mod:`visiondrop_edge.contract`."""
     dtype = spec.torch_dtype
     schedule = pipeline.schedule
-    text = pipeline.config.text_config
-    heads, kv_heads, head_dim, hidden = text.num_attention_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    heads, kv_heads, head_dim, hidden = pipeline.config.text_config.num_attention_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     batch = 2
     size = spec.image_size
+    outputs = vision_outputs(not schedule.is_full)
     graphs = [
         GraphSpec(
             "vision_encoder", "vision", 0, pipeline.vision,
-            {"pixel_values": torch.randn(batch, 3, size, size, dtype=spec.vision_torch_dtype)},
-            ["image_embeds"] + ([] if schedule.is_full else STAGE_OUTPUTS),
-            {"pixel_values": {0: B}, "image_embeds": {0: B}, **{name: {0: B} for name in STAGE_OUTPUTS}},
+            bind(VISION_INPUTS, [torch.randn(batch, 3, size, size, dtype=spec.vision_torch_dtype)]),
+            list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs),
         )
     ]
     visual_counts = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
     for g, (start, stop) in enumerate(schedule.layer_groups()):
         seq = 7
         graphs.append(GraphSpec(
-            f"qkv_{g}", "qkv", g, pipeline.qkv[g],
-            {"hidden_states": torch.randn(batch, seq, hidden, dtype=dtype)},
-            ["query", "key", "value"],
-            {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ}},
+            f"qkv_{g}", "qkv", g, pipeline.qkv[g], bind(QKV_INPUTS, [torch.randn(batch, seq, hidden, dtype=dtype)]),
+            list(QKV_OUTPUTS), dynamic_axes("qkv", QKV_INPUTS + QKV_OUTPUTS),
         ))
         if g > 0:
             seq = visual_counts[g - 1] + 9
             mask = torch.ones(batch, seq, dtype=torch.int64)
             mask[0, :2] = 0
-            pruned = {name: {0: B, 1: PRUNED} for name in ("pruned_hidden_states", "pruned_attention_mask", "pruned_position_ids")}
-            pruned.update({name: {0: B, 2: PRUNED} for name in ("pruned_query", "pruned_key", "pruned_value")})
+            prune = pipeline.prunes[g - 1]
             graphs.append(GraphSpec(
-                f"prune_{g - 1}", "prune", g - 1, pipeline.prunes[g - 1],
-                {"hidden_states": torch.randn(batch, seq, hidden, dtype=dtype),
-                 "query": torch.randn(batch, heads, seq, head_dim, dtype=dtype),
-                 "key": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
-                 "value": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
-                 "attention_mask": mask, "image_offset": torch.tensor([4, 3])},
-                PRUNE_OUTPUTS,
-                {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ},
-                 "attention_mask": {0: B, 1: SEQ}, "image_offset": {0: B},
-                 **{name: {0: B} for name in STAGE_OUTPUTS}, **pruned},
+                f"prune_{g - 1}", "prune", g - 1, prune,
+                bind(PRUNE_INPUTS, [torch.randn(batch, seq, hidden, dtype=dtype),
+                                        torch.randn(batch, heads, seq, head_dim, dtype=dtype),
+                                        torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+                                        torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+                                        mask, torch.tensor([4, 3])]),
+                list(PRUNE_OUTPUTS), dynamic_axes("prune", PRUNE_INPUTS + PRUNE_OUTPUTS),
             ))
         seq, past = 5, 3
         layers = range(start, stop)
-        inputs = {
-            "hidden_states": torch.randn(batch, seq, hidden, dtype=dtype),
-            "query": torch.randn(batch, heads, seq, head_dim, dtype=dtype),
-            "key": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
-            "value": torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
-            "attention_mask": torch.ones(batch, past + seq, dtype=torch.int64),
-            "position_ids": torch.arange(past, past + seq).expand(batch, seq).contiguous(),
-        }
-        inputs.update({name: torch.randn(batch, kv_heads, past, head_dim, dtype=dtype) for name in kv_names("past_key_values", layers)})
-        last = g == len(schedule.layer_groups()) - 1
-        out_name = "logits" if last else "hidden_states_out"
-        dynamic = {"hidden_states": {0: B, 1: SEQ}, "query": {0: B, 2: SEQ}, "key": {0: B, 2: SEQ}, "value": {0: B, 2: SEQ},
-                   "attention_mask": {0: B, 1: TOTAL}, "position_ids": {0: B, 1: SEQ},
-                   out_name: {0: B} if last else {0: B, 1: SEQ}}
-        dynamic.update({name: {0: B, 2: PAST} for name in kv_names("past_key_values", layers)})
-        dynamic.update({name: {0: B, 2: TOTAL} for name in kv_names("present", layers)})
-        graphs.append(GraphSpec(f"decoder_{g}", "decoder", g, pipeline.groups[g], inputs,
-                                [out_name] + kv_names("present", layers), dynamic))
+        inputs = decoder_inputs(layers)
+        examples = [
+            torch.randn(batch, seq, hidden, dtype=dtype),
+            torch.randn(batch, heads, seq, head_dim, dtype=dtype),
+            torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+            torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+            torch.ones(batch, past + seq, dtype=torch.int64),
+            torch.arange(past, past + seq).expand(batch, seq).contiguous(),
+        ] + [torch.randn(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * len(layers))]
+        outputs = decoder_outputs(layers, last=g == len(schedule.layer_groups()) - 1)
+        graphs.append(GraphSpec(f"decoder_{g}", "decoder", g, pipeline.groups[g], bind(inputs, examples),
+                                list(outputs), dynamic_axes("decoder", inputs + outputs)))
     return graphs
 
 
@@ -231,12 +195,11 @@ def export_artifacts(
     progress: Callable[[str], None] = lambda message: None,
 ) -> Manifest:
     """Write the whole artifact folder atomically (temp folder, then rename)."""
-    from visiondrop_edge.runtime.torch_backend import pad_token_id
-
     dtype = EXPORT_DTYPES[options.dtype]
     vision_dtype = EXPORT_DTYPES[options.vision_dtype or options.dtype]
     model = loaded.model
-    if (parameter_dtype(model.model.language_model), parameter_dtype(model.model.vision_tower)) != (dtype, vision_dtype):
+    family = loaded.family
+    if (parameter_dtype(family.decoder(model).layers), parameter_dtype(family.tower_parameters(model))) != (dtype, vision_dtype):
         raise ValueError(f"load the model with the export's precision policy first (see apply_precision): {options}")
     text = loaded.config.text_config
     if options.max_seq_len > text.max_position_embeddings:
@@ -244,13 +207,13 @@ def export_artifacts(
     min_len = schedule.image_tokens + 8
     if options.max_seq_len < min_len:
         raise UserError(f"--max-seq-len {options.max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a prompt: use at least {min_len}")
-    spec = ModelSpec.from_config(loaded.config, schedule, dtype, pad_token_id(loaded.tokenizer), vision_dtype)
-    pipeline = VisionDropLlava(model, schedule, PLUGIN_OPS if options.plugins else REFERENCE_OPS).eval()
+    spec = ModelSpec.from_config(loaded.config, schedule, family.name, dtype, pad_token_id(loaded.tokenizer), vision_dtype)
+    pipeline = VisionDropPipeline(model, schedule, PLUGIN_OPS if options.plugins else REFERENCE_OPS, family).eval()
     graphs = graph_specs(pipeline, spec)
     metadata = {"visiondrop.schedule": schedule.describe(), "visiondrop.model": loaded.source}
     manifest = Manifest(
         model={"source": loaded.source, "content_hash": loaded.content_hash,
-               "architecture": "LlavaForConditionalGeneration", "text_model_type": text.model_type},
+               "architecture": family.architecture, "family": family.name, "text_model_type": text.model_type},
         spec=spec.to_dict(),
         export={"mode": "plugins" if options.plugins else "portable", **asdict(options), "embed_tokens": EMBED_FILE,
                 "plugins": {"library": PLUGIN_LIBRARY, "domain": PLUGIN_DOMAIN, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,

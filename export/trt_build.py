@@ -19,9 +19,7 @@ version, GPU architecture or plugin build; changed source artifacts).
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,21 +27,20 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import onnx
 
-from visiondrop_edge.export.manifest import MANIFEST, GraphEntry, read_manifest, sha256_file
+from visiondrop_edge.manifest import MANIFEST, GraphEntry, read_manifest, sha256_file
+from visiondrop_edge.engines import ENGINES_FORMAT, ENGINES_FORMAT_VERSION, Environment
 from visiondrop_edge.plugins_trt import DEFAULT_BUILD_DIR, MERGE_OP, PLUGIN_LIBRARY, PLUGIN_VERSION, SELECT_OP, is_plugin_node
+from visiondrop_edge.plugins_trt.library import find_plugin_library, load_plugin_library
 from visiondrop_edge.errors import UserError
 from visiondrop_edge.schedule import Schedule
 
 if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
     import tensorrt as trt
 
-ENGINES_FORMAT = "visiondrop-edge/engines"
-ENGINES_FORMAT_VERSION = 1
 ENGINE_SUFFIX = ".engine"
 # The kernels' limits (plugins_trt/include/visiondrop_kernels.h): refused at build time.
 MAX_TOKENS = 4096  # select's N and merge's R
 MAX_METRIC = 256  # merge's metric width M
-PLUGIN_SEARCH = (DEFAULT_BUILD_DIR / PLUGIN_LIBRARY,)
 B, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", \
     "pruned_sequence_length"
 ONNX_ITEM_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
@@ -265,19 +262,6 @@ def kernel_limit_problems(model: onnx.ModelProto, graph: str) -> list[str]:
     return problems
 
 
-def find_plugin_library(explicit: Path | None) -> Path | None:
-    """--plugin-lib, else $VISIONDROP_TRT_PLUGINS, else the default CMake build folder."""
-    candidates = [explicit] if explicit else [Path(p) for p in [os.environ.get("VISIONDROP_TRT_PLUGINS")] if p]
-    candidates += [] if explicit else list(PLUGIN_SEARCH)
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate).resolve()
-    if explicit:
-        raise UserError(f"--plugin-lib {explicit} does not exist: build it with `python -m visiondrop_edge.plugins_trt.build` "
-                        "(see the README's TensorRT section)")
-    return None
-
-
 def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     """What ``build`` will do, without TensorRT: engines, profiles, weights, plugin library; refusals first."""
     artifacts = Path(artifacts)
@@ -317,16 +301,6 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
 
 # ------------------------------------------------------------------ engine manifest (plain data)
 
-@dataclass(frozen=True)
-class Environment:
-    """What an engine is tied to: the TensorRT build, the GPU architecture and the plugin binary."""
-
-    tensorrt: str
-    gpu_name: str
-    compute_capability: str  # "8.7"
-    plugin_sha256: str | None = None
-
-
 def engine_manifest(plan: BuildPlan, environment: Environment, flags: dict[str, list[str]],
                     engine_hashes: dict[str, str]) -> dict[str, Any]:
     """The engines folder's manifest.json: what was built, from what, for what."""
@@ -352,82 +326,7 @@ def engine_manifest(plan: BuildPlan, environment: Environment, flags: dict[str, 
     }
 
 
-def check_engine_manifest(data: dict[str, Any], environment: Environment, artifacts: Path | None = None) -> None:
-    """Refuse engines this machine must not run (one line each, with the fix)."""
-    rebuild = "rebuild them with `python cli.py build`"
-    if data.get("format") != ENGINES_FORMAT or data.get("format_version") != ENGINES_FORMAT_VERSION:
-        raise UserError(f"not a {ENGINES_FORMAT} v{ENGINES_FORMAT_VERSION} engine folder: {rebuild}")
-    if data["tensorrt"] != environment.tensorrt:
-        raise UserError(f"the engines were built with TensorRT {data['tensorrt']}, this machine has "
-                        f"{environment.tensorrt}: {rebuild} here")
-    built_cc = data["gpu"]["compute_capability"]
-    if built_cc != environment.compute_capability:
-        raise UserError(f"the engines were built for a {data['gpu']['name']} (compute capability {built_cc}), this GPU "
-                        f"is a {environment.gpu_name} ({environment.compute_capability}): {rebuild} on this GPU")
-    library = data.get("plugin_library")
-    if library is not None:
-        if environment.plugin_sha256 is None:
-            raise UserError(f"the engines need the VisionDrop plugin library ({Path(library['path']).name}), "
-                            "which was not found: pass its path, or build it with `python -m visiondrop_edge.plugins_trt.build`")
-        if environment.plugin_sha256 != library["sha256"]:
-            raise UserError(f"the plugin library differs from the one the engines were built with "
-                            f"(sha256 {environment.plugin_sha256[:12]}..., expected {library['sha256'][:12]}...): "
-                            f"{rebuild}, or load the library they were built with")
-    if artifacts is not None:
-        artifacts = Path(artifacts)
-        if sha256_file(artifacts / MANIFEST) != data["artifacts"]["manifest_sha256"]:
-            raise UserError(f"{artifacts} is not the artifact folder the engines were built from (its manifest "
-                            f"changed): {rebuild} from it")
-        for name, expected in data["artifacts"]["sources"].items():
-            path = artifacts / name
-            if not path.is_file() or sha256_file(path) != expected:
-                raise UserError(f"{path} changed since the engines were built: {rebuild}")
-
-
-def read_engine_manifest(engines: Path) -> dict[str, Any]:
-    path = Path(engines) / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{engines} is not an engine folder (no {MANIFEST}): create one with `python cli.py build`")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc.msg}): rebuild with `python cli.py build`") from None
-
-
-def verify_engine_files(engines: Path, data: dict[str, Any]) -> None:
-    for engine in data["engines"]:
-        path = Path(engines) / engine["engine"]
-        if not path.is_file() or sha256_file(path) != engine["sha256"]:
-            raise UserError(f"{path} is missing or changed after the build: rebuild with `python cli.py build`")
-
-
 # ------------------------------------------------------------------ building (TensorRT)
-
-_LOADED_PLUGINS: dict[Path, str] = {}  # once per process: TensorRT refuses to register a creator twice
-
-
-def load_plugin_library(library: Path) -> str:
-    """Make the plugins visible to the ONNX parser and runtime; returns how (getCreators or static registration).
-
-    ``ctypes`` loading registers the static variant; the getCreators variant then goes through
-    the registry's ``load_library``, which is what trtexec --dynamicPlugins does.
-    """
-    import tensorrt as trt
-
-    library = Path(library).resolve()
-    if library in _LOADED_PLUGINS:
-        return _LOADED_PLUGINS[library]
-    handle = ctypes.CDLL(str(library))
-    how = "static registration"
-    if hasattr(handle, "getCreators"):
-        registry: trt.IPluginRegistry = trt.get_plugin_registry()
-        if registry.load_library(str(library)) is None:
-            raise UserError(f"TensorRT could not load {library} (is another VisionDrop plugin library loaded? see the "
-                            "TensorRT log above)")
-        how = "getCreators"
-    _LOADED_PLUGINS[library] = how
-    return how
-
 
 def build_engines(plan: BuildPlan, out: Path, environment: Environment, force: bool = False,
                   progress: Callable[[str], None] = lambda message: None) -> dict[str, Any]:

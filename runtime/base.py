@@ -10,92 +10,17 @@ exact same control flow. Nothing here leaves the device or syncs with the host.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from visiondrop_edge.contract import QKV, STAGE_OUTPUTS, PruneOutputs, StageTrace
+from visiondrop_edge.manifest import ModelSpec
 from visiondrop_edge.modules import positions_from_mask
-from visiondrop_edge.pruning import Choice, splice
-from visiondrop_edge.schedule import Schedule
+from visiondrop_edge.pruning import splice
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the orchestration needs to know about a model and schedule."""
-
-    schedule: Schedule
-    hidden_size: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    image_size: int
-    image_token_id: int
-    pad_token_id: int
-    eos_token_id: int | None
-    dtype: str = "float32"
-    vision_dtype: str | None = None  # the CLIP tower's (pixel_values'); None: dtype
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    @property
-    def vision_torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.vision_dtype or self.dtype]
-
-    @classmethod
-    def from_config(
-        cls, config: Any, schedule: Schedule, dtype: torch.dtype, pad_token_id: int, vision_dtype: torch.dtype | None = None
-    ) -> ModelSpec:
-        names = {v: k for k, v in DTYPES.items()}
-        text = config.text_config
-        eos = text.eos_token_id
-        return cls(
-            schedule=schedule,
-            hidden_size=text.hidden_size,
-            num_kv_heads=text.num_key_value_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-            vocab_size=text.vocab_size,
-            image_size=config.vision_config.image_size,
-            image_token_id=config.image_token_id,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            dtype=names[dtype],
-            vision_dtype=names[vision_dtype] if vision_dtype not in (None, dtype) else None,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "schedule"}
-        return {"schedule": self.schedule.to_dict(), **data}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        rest = {k: v for k, v in data.items() if k != "schedule"}
-        return cls(schedule=Schedule.from_dict(data["schedule"]), **rest)
-
-
-@dataclass
-class StageTrace:
-    """What one prune stage chose, in that stage's input numbering: the stage outputs of the
-    vision and prune graphs, in their order."""
-
-    kept_index: Tensor  # [B, k]
-    target_index: Tensor  # [B, c]
-    scores: Tensor  # [B, N]
-    assignment: Tensor  # [B, R - c]: each member's contextual slot (see visiondrop_edge.pruning.merge)
-    merge_metric: Tensor  # [B, N, M]: the merge metric before normalisation
-
-    @property
-    def choice(self) -> Choice:
-        return Choice(self.kept_index, self.assignment)
-
-    def row(self, index: int) -> StageTrace:
-        """Sample ``index`` alone (batch 1)."""
-        return StageTrace(*(getattr(self, f.name)[index:index + 1] for f in fields(self)))
+__all__ = ["Backend", "DecoderState", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
 
 
 @dataclass
@@ -128,24 +53,23 @@ class Backend(ABC):
 
     # ------------------------------------------------------------------ units
     @abstractmethod
-    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        """-> image_embeds (+ the :class:`StageTrace` fields when the schedule prunes)."""
+    def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        """-> ``image_embeds`` (+ the :class:`StageTrace` fields when the schedule prunes), by name."""
 
     @abstractmethod
     def run_embed(self, input_ids: Tensor) -> Tensor:
         """Token embeddings [B, S, D]."""
 
     @abstractmethod
-    def run_qkv(self, group: int, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def run_qkv(self, group: int, hidden_states: Tensor) -> QKV:
         """q, k and v (before RoPE) of ``group``'s first layer."""
 
     @abstractmethod
     def run_prune(
         self, stage: int, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
         attention_mask: Tensor, image_offset: Tensor,
-    ) -> tuple[Tensor, ...]:
-        """LLM stage ``stage`` -> hidden_states, query, key, value, attention_mask, position_ids, then the
-        :class:`StageTrace` fields (kept, targets, scores, assignment, merge metric)."""
+    ) -> PruneOutputs:
+        """LLM stage ``stage``: the pruned sequence, its q/k/v, mask and positions, and the stage's choices."""
 
     @abstractmethod
     def run_group(
@@ -161,8 +85,8 @@ class Backend(ABC):
 
     def encode_image(self, pixel_values: Tensor) -> VisionOutput:
         outputs = self.run_vision(pixel_values.to(self.device))
-        stage = StageTrace(*outputs[1:]) if len(outputs) > 1 else None
-        return VisionOutput(outputs[0], stage)
+        stage = None if self.spec.schedule.is_full else StageTrace(**{name: outputs[name] for name in STAGE_OUTPUTS})
+        return VisionOutput(outputs["image_embeds"], stage)
 
     def empty_past(self, group: int, batch: int) -> list[Tensor]:
         start, stop = self.spec.schedule.layer_groups()[group]
@@ -180,9 +104,10 @@ class Backend(ABC):
         for group in range(self.num_groups):
             query, key, value = self.run_qkv(group, hidden)
             if group > 0:
-                outputs = self.run_prune(group - 1, hidden, query, key, value, mask, image_offset)
-                hidden, query, key, value, mask, position_ids = outputs[:6]
-                stages.append(StageTrace(*outputs[6:]))
+                pruned = self.run_prune(group - 1, hidden, query, key, value, mask, image_offset)
+                hidden, query, key, value = pruned.pruned_hidden_states, pruned.pruned_query, pruned.pruned_key, pruned.pruned_value
+                mask, position_ids = pruned.pruned_attention_mask, pruned.pruned_position_ids
+                stages.append(pruned.stage)
             hidden, presents = self.run_group(
                 group, hidden, query, key, value, mask, position_ids, self.empty_past(group, hidden.shape[0])
             )

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
+from visiondrop_edge.contract import QKV, PruneOutputs, bind, decoder_outputs
 from visiondrop_edge.errors import UserError
 
 from .base import Backend, ModelSpec
@@ -47,7 +48,7 @@ class OrtBackend(Backend):
     def __init__(self, directory: str | Path, provider: str = "auto", verify: bool = True, manifest=None):
         import onnxruntime
 
-        from visiondrop_edge.export.manifest import read_manifest
+        from visiondrop_edge.manifest import read_manifest
 
         self.directory = Path(directory)
         self.manifest = manifest or read_manifest(self.directory, verify=verify)
@@ -92,22 +93,27 @@ class OrtBackend(Backend):
             raise UserError(f"{entry.file} is over 2 GB: run plugin-mode artifacts of this size with TensorRT, not ONNX Runtime")
         return model.SerializeToString()
 
-    def _run(self, graph: str, *tensors: Tensor) -> list[Tensor]:
-        feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.inputs[graph], tensors)}
-        return [torch.from_numpy(out) for out in self.sessions[graph].run(None, feeds)]
+    def _run(self, graph: str, *tensors: Tensor) -> dict[str, Tensor]:
+        """Feed ``tensors`` as the graph's inputs (the contract's order) and fetch its outputs by name."""
+        feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in bind(self.inputs[graph], tensors).items()}
+        session = self.sessions[graph]
+        names = [output.name for output in session.get_outputs()]
+        return {name: torch.from_numpy(out) for name, out in zip(names, session.run(names, feeds), strict=True)}
 
-    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype)))
+    def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        return self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype))
 
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.cpu(), self.embed_table)
 
-    def run_qkv(self, group, hidden_states):
-        return tuple(self._run(f"qkv_{group}", hidden_states))
+    def run_qkv(self, group, hidden_states) -> QKV:
+        return QKV(**self._run(f"qkv_{group}", hidden_states))
 
-    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
-        return tuple(self._run(f"prune_{stage}", hidden_states, query, key, value, attention_mask, image_offset))
+    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
+        return PruneOutputs(**self._run(f"prune_{stage}", hidden_states, query, key, value, attention_mask, image_offset))
 
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
-        out, *presents = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
+        outputs = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
+        start, stop = self.spec.schedule.layer_groups()[group]
+        out, *presents = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
         return out, presents

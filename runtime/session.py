@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from visiondrop_edge.errors import UserError
-from visiondrop_edge.prompt import follow_up_ids, left_pad, split_prompt, template_puts_image_first
+from visiondrop_edge.prompt import follow_up_ids, left_pad, split_prompt
 
 from .base import Backend, DecoderState, StageTrace, VisionOutput
 from .generate import greedy_decode
@@ -109,7 +109,8 @@ class Session:
     """
 
     def __init__(self, backend: Backend, processor, model_id: str, cache_bytes: int = 1 << 30):
-        if not template_puts_image_first():
+        self.template = backend.spec.prompt_template
+        if not self.template.image_first:
             raise UserError("the prompt template puts the question before the image: the question would then change "
                             "the pruning, so a prefill cannot be reused across questions")
         self.backend, self.processor, self.model_id = backend, processor, model_id
@@ -125,7 +126,7 @@ class Session:
         return (digest, prefix_ids, self.model_id, spec.schedule.describe(), spec.dtype, spec.vision_dtype, self.backend.name)
 
     def _prefix_ids(self) -> tuple[int, ...]:
-        return split_prompt(self.tokenizer, "", self.backend.spec.image_token_id).prefix_ids
+        return split_prompt(self.tokenizer, self.template, "", self.backend.spec.image_token_id).prefix_ids
 
     def encode_prefix(self, pixel_values: Tensor) -> list[PrefixState]:
         """The prefix states of a batch of images [B, 3, H, W] (cached per image)."""
@@ -155,7 +156,7 @@ class Session:
         if len(prefixes) != len(questions):
             raise ValueError(f"{len(prefixes)} prefixes for {len(questions)} questions")
         spec = self.backend.spec
-        splits = [split_prompt(self.tokenizer, q, spec.image_token_id) for q in questions]
+        splits = [split_prompt(self.tokenizer, self.template, q, spec.image_token_id) for q in questions]
         if any(split.prefix_ids != prefix.prefix_ids for split, prefix in zip(splits, prefixes)):
             raise UserError("the text before the image differs from the cached prefix's: it cannot be reused")
         ids, mask = left_pad([split.suffix_ids for split in splits], spec.pad_token_id)
@@ -189,10 +190,10 @@ class Conversation:
     def say(self, question: str, max_new_tokens: int, on_token: Callable[[Tensor], None] | None = None) -> Answer:
         spec = self.session.backend.spec
         if self.state is None:
-            split = split_prompt(self.session.tokenizer, question, spec.image_token_id)
+            split = split_prompt(self.session.tokenizer, self.session.template, question, spec.image_token_id)
             ids, state = list(split.suffix_ids), self.prefix.state
         else:
-            ids, state = self.pending + follow_up_ids(self.session.tokenizer, question), self.state
+            ids, state = self.pending + follow_up_ids(self.session.tokenizer, self.session.template, question), self.state
         row = torch.tensor([ids])
         answer = self.session.continue_with(state, row, torch.ones_like(row), max_new_tokens, on_token)
         generated = answer.tokens[0].tolist()  # one row: decoding stopped at its EOS, so all are real

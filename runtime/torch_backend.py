@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop_edge.loading import LoadedModel
-from visiondrop_edge.modules import VisionDropLlava
+from visiondrop_edge.contract import QKV, PruneOutputs, bind, vision_outputs
+from visiondrop_edge.loading import LoadedModel, parameter_dtype
+from visiondrop_edge.modules import VisionDropPipeline
+from visiondrop_edge.prompt import pad_token_id
 from visiondrop_edge.pruning import Choice
 from visiondrop_edge.schedule import Schedule
 
@@ -26,27 +28,29 @@ class TorchBackend(Backend):
     def __init__(self, loaded: LoadedModel, schedule: Schedule):
         model = loaded.model
         self.forced: dict[int, Choice] = {}
-        self.pipeline = VisionDropLlava(model, schedule).eval()
+        family = loaded.family
+        self.pipeline = VisionDropPipeline(model, schedule, family=family).eval()
         self.device = next(model.parameters()).device
         self.spec = ModelSpec.from_config(
-            model.config, schedule, next(model.model.language_model.parameters()).dtype, pad_token_id(loaded.tokenizer),
-            next(model.model.vision_tower.parameters()).dtype,
+            model.config, schedule, family.name, parameter_dtype(family.decoder(model).layers), pad_token_id(loaded.tokenizer),
+            parameter_dtype(family.tower_parameters(model)),
         )
 
     @torch.inference_mode()
-    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        return self.pipeline.vision(pixel_values, self.forced.get(0))
+    def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        outputs = self.pipeline.vision(pixel_values, self.forced.get(0))
+        return bind(vision_outputs(not self.spec.schedule.is_full), outputs)
 
     @torch.inference_mode()
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return self.pipeline.embed_tokens(input_ids)
 
     @torch.inference_mode()
-    def run_qkv(self, group: int, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def run_qkv(self, group: int, hidden_states: Tensor) -> QKV:
         return self.pipeline.qkv[group](hidden_states)
 
     @torch.inference_mode()
-    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
+    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
         return self.pipeline.prunes[stage](
             hidden_states, query, key, value, attention_mask, image_offset, self.forced.get(stage + 1)
         )
@@ -58,10 +62,3 @@ class TorchBackend(Backend):
         )
         return out, presents
 
-
-def pad_token_id(tokenizer) -> int:
-    """The tokenizer's pad id, else its EOS id (LLaMA tokenizers may define no pad)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0

@@ -32,6 +32,8 @@ from torch import Tensor
 
 from visiondrop_edge.errors import UserError
 
+from visiondrop_edge.contract import QKV, PruneOutputs, bind, decoder_outputs
+
 from .base import Backend, ModelSpec
 
 if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
@@ -62,8 +64,8 @@ def require_gpu() -> tuple[str, str]:
 
 def current_environment(plugin_library: Path | None):
     """What engines built or run here are tied to (TensorRT version, GPU, plugin binary)."""
-    from visiondrop_edge.export.manifest import sha256_file
-    from visiondrop_edge.export.trt_build import Environment
+    from visiondrop_edge.manifest import sha256_file
+    from visiondrop_edge.engines import Environment
 
     trt = import_tensorrt()
     name, capability = require_gpu()
@@ -105,9 +107,9 @@ class TrtBackend(Backend):
                  plugin_lib: str | Path | None = None):
         from safetensors.torch import load_file
 
-        from visiondrop_edge.export.manifest import read_manifest
-        from visiondrop_edge.export.trt_build import (check_engine_manifest, find_plugin_library, load_plugin_library,
-                                      read_engine_manifest, verify_engine_files)
+        from visiondrop_edge.manifest import read_manifest
+        from visiondrop_edge.engines import check_engine_manifest, read_engine_manifest, verify_engine_files
+        from visiondrop_edge.plugins_trt.library import find_plugin_library, load_plugin_library
 
         trt = import_tensorrt()
         require_gpu()
@@ -171,50 +173,53 @@ class TrtBackend(Backend):
                             f"{low}..{high} (built with --max-batch {self.build['max_batch']} --max-seq-len "
                             f"{self.build['max_seq_len']}): rebuild with `python cli.py build` and larger limits")
 
-    def _run(self, graph: str, profile: str, *tensors: Tensor) -> tuple[Tensor, ...]:
+    def _run(self, graph: str, profile: str, *tensors: Tensor) -> dict[str, Tensor]:
+        """Bind ``tensors`` to the engine's inputs (the contract's order) and return its outputs by name."""
         unit = self.units[graph]
         context: trt.IExecutionContext = unit.contexts[profile]
         stream = stream_handle(self.device)
         staged = []  # keeps converted inputs alive until execution is enqueued (stream-ordered reuse after)
-        for name, dtype, tensor in zip(unit.inputs, unit.input_dtypes, tensors):
+        for (name, tensor), dtype in zip(bind(unit.inputs, tensors).items(), unit.input_dtypes, strict=True):
             tensor = tensor.to(device=self.device, dtype=dtype).contiguous()
             self._check_shape(unit, graph, profile, name, tuple(tensor.shape))
             staged.append(tensor)
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, self._address(tensor))
-        outputs = []
-        for name, dtype in zip(unit.outputs, unit.output_dtypes):
+        outputs = {}
+        for name, dtype in zip(unit.outputs, unit.output_dtypes, strict=True):
             output = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=self.device)
             context.set_tensor_address(name, self._address(output))
-            outputs.append(output)
+            outputs[name] = output
         if not context.execute_async_v3(stream):
             raise RuntimeError(f"TensorRT could not enqueue {graph} ({profile} profile); see its log above")
-        return tuple(outputs)
+        return outputs
 
     def _address(self, tensor: Tensor) -> int:
         return tensor.data_ptr() if tensor.numel() else self._placeholder.data_ptr()
 
     # ------------------------------------------------------------------ units
-    def run_vision(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
+    def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
         return self._run("vision_encoder", "prefill", pixel_values)
 
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.to(self.device), self.embed_table)
 
-    def run_qkv(self, group: int, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def run_qkv(self, group: int, hidden_states: Tensor) -> QKV:
         """Prompts take the prefill profile; single tokens and short continuations (prefix reuse,
         chat turns) that fall below its range take the decode one."""
         low, _, high = self.units[f"qkv_{group}"].limits["prefill"]["hidden_states"]
         fits = all(lo <= size <= hi for lo, size, hi in zip(low, hidden_states.shape, high))
-        return self._run(f"qkv_{group}", "prefill" if fits else "decode", hidden_states)
+        return QKV(**self._run(f"qkv_{group}", "prefill" if fits else "decode", hidden_states))
 
-    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset):
-        return self._run(f"prune_{stage}", "prefill", hidden_states, query, key, value, attention_mask, image_offset)
+    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
+        return PruneOutputs(**self._run(f"prune_{stage}", "prefill", hidden_states, query, key, value, attention_mask,
+                                        image_offset))
 
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
         profile = "decode" if past and past[0].shape[2] > 0 else "prefill"
-        out, *presents = self._run(f"decoder_{group}", profile, hidden_states, query, key, value, attention_mask,
-                                   position_ids, *past)
+        outputs = self._run(f"decoder_{group}", profile, hidden_states, query, key, value, attention_mask, position_ids, *past)
+        start, stop = self.spec.schedule.layer_groups()[group]
+        out, *presents = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
         return out, presents
 
 
@@ -251,7 +256,7 @@ def doctor(plugin_lib: str | Path | None = None) -> dict[str, Any]:
         report["polygraphy"] = polygraphy.__version__
     except ImportError:
         report["polygraphy"] = {"missing": "pip install polygraphy"}
-    from visiondrop_edge.export.trt_build import find_plugin_library
+    from visiondrop_edge.plugins_trt.library import find_plugin_library
 
     try:
         library = find_plugin_library(Path(plugin_lib) if plugin_lib else None)

@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from visiondrop_edge import cli
 from visiondrop_edge.calibration.data import builtin_set, record_feeds
 from visiondrop_edge.calibration.quantize import CalibrateOptions, calibrate_artifacts
-from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.manifest import read_manifest
 from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
 from visiondrop_edge.plugins_trt import PLUGIN_DOMAIN
 from visiondrop_edge.runtime.generate import greedy_generate
@@ -95,7 +95,7 @@ def _initializers(model):
 def test_every_precision_runs_end_to_end(folders, tiny, precision):
     backend = OrtBackend(folders[precision], provider="cpu")  # applies the folder's recorded ORT settings
     spec = backend.spec
-    prompts = build_prompts(tiny.tokenizer, ["What is in this image?"] * 2, spec.schedule.image_tokens,
+    prompts = build_prompts(tiny.tokenizer, spec.prompt_template, ["What is in this image?"] * 2, spec.schedule.image_tokens,
                             spec.image_token_id, spec.pad_token_id)
     result = greedy_generate(backend, pixel_values(tiny.processor.image_processor, random_images(2, seed=5)), prompts, 4)
     assert result.tokens.shape == (2, 4)
@@ -269,7 +269,7 @@ def test_bench_compares_a_quantized_folder_with_its_source(folders, tmp_path):
 
 def test_fp16_export_gets_fp16_scales_at_opset_19(tiny, tmp_path):
     """fp16 graphs keep fp16 activations around int8 linears (TensorRT's strongly typed fp16 + int8)."""
-    from visiondrop_edge.export.onnx_export import EXPORT_DTYPES, apply_precision
+    from visiondrop_edge.loading import EXPORT_DTYPES, apply_precision
     from visiondrop_edge.loading import load_model
 
     half = apply_precision(load_model("tiny", dtype=EXPORT_DTYPES["fp16"]), None)

@@ -81,7 +81,7 @@ def broken_models(tmp_path):
         missing: "neither a built-in preset",
         empty: "no config.json",
         garbage_config: "not valid JSON",
-        not_llava: "not LLaVA",
+        not_llava: "which no model family here handles",
         corrupt_weights: "could not load the weights",
     }
 

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper
 from visiondrop_edge import cli
 from visiondrop_edge.export import onnx_export
 from visiondrop_edge.export.graph_checks import data_dependent_shapes, undocumented_types
-from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.manifest import read_manifest
 from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
-from visiondrop_edge.export.validate import validate_artifacts
+from visiondrop_edge.runtime.validate import validate_artifacts
 from visiondrop_edge.errors import UserError
 from visiondrop_edge.schedule import Schedule
 

@@ -3,9 +3,9 @@
 import onnx
 import pytest
 
-from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.manifest import read_manifest
 from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
-from visiondrop_edge.export.validate import validate_artifacts
+from visiondrop_edge.runtime.validate import validate_artifacts
 from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
 from visiondrop_edge.schedule import Schedule
 

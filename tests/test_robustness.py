@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from visiondrop_edge import cli
-from visiondrop_edge.export.manifest import read_manifest
+from visiondrop_edge.manifest import read_manifest
 from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
 from visiondrop_edge.errors import ArtifactError, ConcurrentWriteError, UserError
 from visiondrop_edge.loading import builtin_dir, load_model, sha256_file, write_atomically
@@ -381,7 +381,7 @@ def test_artifacts_without_their_tokenizer_are_refused(artifacts, tmp_path, imag
 
 
 def test_loosened_gates_are_refused_by_validate(artifacts, tmp_path):
-    """The gates come from the tool's table (export/gates.py), never from the artifact."""
+    """The gates come from the tool's table (visiondrop_edge/gates.py), never from the artifact."""
     def loosen(data, copy):
         data["tolerances"].update(relative=1e9, end_to_end="report")
 

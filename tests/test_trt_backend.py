@@ -286,7 +286,7 @@ def test_build_hands_polygraphy_the_plan_and_writes_the_engine_manifest(stand_in
 def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraphy, stand_in_tensorrt,
                                                               portable_artifacts, tmp_path):
     """TrtBackend over the stand-in validates like any candidate (fp32 gates, PyTorch reference)."""
-    from visiondrop_edge.export.validate import validate_artifacts
+    from visiondrop_edge.runtime.validate import validate_artifacts
     from visiondrop_edge.runtime.trt_backend import TrtBackend
 
     engines = tmp_path / "engines"
@@ -319,7 +319,7 @@ def test_prefix_reuse_runs_on_engines(stand_in_polygraphy, stand_in_tensorrt, po
     session = Session(backend, tiny.processor, "tiny")
     [prefix] = session.encode_prefix(pixels)
     answer = session.answer([prefix] * 2, questions, 4)
-    batch = build_prompts(tiny.tokenizer, questions, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
+    batch = build_prompts(tiny.tokenizer, spec.prompt_template, questions, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
     assert torch.equal(answer.tokens, greedy_generate(backend, pixels.expand(2, -1, -1, -1), batch, 4).tokens)
     assert ("qkv_0", 1) in stand_in_tensorrt.calls and ("decoder_3", 1) in stand_in_tensorrt.calls
 
@@ -357,7 +357,7 @@ def test_a_plugin_library_is_registered_once_per_process(stand_in_tensorrt, tmp_
     import shutil
     import subprocess
 
-    from visiondrop_edge.export.trt_build import load_plugin_library
+    from visiondrop_edge.plugins_trt.library import load_plugin_library
 
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -395,7 +395,7 @@ def test_engines_match_pytorch_and_refuse_another_tensorrt(tiny, tmp_path):
     """Build the tiny model's engines, validate them like any candidate, then tamper the manifest."""
     from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
     from visiondrop_edge.export.trt_build import BuildOptions, build_engines, plan_build
-    from visiondrop_edge.export.validate import validate_artifacts
+    from visiondrop_edge.runtime.validate import validate_artifacts
     from visiondrop_edge.runtime.trt_backend import TrtBackend, current_environment
     from visiondrop_edge.schedule import Schedule
 

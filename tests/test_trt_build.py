@@ -19,13 +19,11 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from visiondrop_edge import cli
-from visiondrop_edge.export.manifest import GraphEntry, read_manifest
+from visiondrop_edge.manifest import GraphEntry, read_manifest
 from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
 from visiondrop_edge.export.trt_build import (
     BuildOptions,
     BuildPlan,
-    Environment,
-    check_engine_manifest,
     engine_manifest,
     kernel_limit_problems,
     output_max_shapes,
@@ -33,6 +31,7 @@ from visiondrop_edge.export.trt_build import (
     profiles_for,
     sequence_ranges,
 )
+from visiondrop_edge.engines import Environment, check_engine_manifest
 from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
 from visiondrop_edge.errors import UserError
 from visiondrop_edge.schedule import Schedule

@@ -11,16 +11,17 @@ import pytest
 import torch
 from torch import Tensor
 
-from visiondrop_edge.export.onnx_export import ExportOptions, apply_precision, export_artifacts
-from visiondrop_edge.export.ties import error_bound, judge_assignment, judge_kept, judge_token
-from visiondrop_edge.export.validate import validate_artifacts
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+from visiondrop_edge.loading import apply_precision
+from visiondrop_edge.runtime.ties import error_bound, judge_assignment, judge_kept, judge_token
+from visiondrop_edge.runtime.validate import validate_artifacts
+from visiondrop_edge.contract import STAGE_OUTPUTS
 from visiondrop_edge.runtime.base import Backend, StageTrace
 from visiondrop_edge.runtime.torch_backend import TorchBackend
 from visiondrop_edge import pruning
 from visiondrop_edge.schedule import Schedule
 
 BUDGET = 64
-VISION_OFFSET, PRUNE_OFFSET = 1, 6  # where the StageTrace outputs start in run_vision / run_prune
 
 
 # ------------------------------------------------------------------ the judge on plain numbers
@@ -74,6 +75,11 @@ def test_judge_token_gap_is_the_reference_logit_difference():
 
 
 # ------------------------------------------------------------------ validate with known candidates
+def _named(outputs) -> dict:
+    """A unit's outputs by name (vision: a dict; prune: a PruneOutputs)."""
+    return dict(outputs) if isinstance(outputs, dict) else outputs._asdict()
+
+
 class Deviating(Backend):
     """A PyTorch backend that, at one stage, ranks by deviated scores and decides from them.
 
@@ -87,11 +93,12 @@ class Deviating(Backend):
         self.inner, self.spec, self.device = inner, inner.spec, inner.device
         self.stage, self.deviate, self.tamper, self.higher_index_wins = stage, deviate, tamper, higher_index_wins
 
-    def _decide(self, stage: int, call, offset: int) -> tuple:
-        outputs = list(call())
+    def _decide(self, stage: int, call):
+        outputs = call()
         if stage != self.stage:
-            return tuple(outputs)
-        trace = StageTrace(*outputs[offset:])
+            return outputs
+        named = _named(outputs)
+        trace = StageTrace(**{name: named[name] for name in STAGE_OUTPUTS})
         scores = self.deviate(trace.scores)
         k, c = trace.kept_index.shape[1], self.spec.schedule.stages[stage].contextual
         ranked = scores.flip(-1) if self.higher_index_wins else scores
@@ -102,17 +109,18 @@ class Deviating(Backend):
         assignment = pruning.member_similarity(pruning.gather_rows(trace.merge_metric, rest), c).argmax(-1)
         self.inner.forced = {stage: pruning.Choice(kept, assignment)}
         try:
-            outputs = list(call())
+            named = _named(call())
         finally:
             self.inner.forced = {}
-        outputs[offset + 2] = scores
-        return tuple(self.tamper(outputs) if self.tamper else outputs)
+        named["scores"] = scores
+        named = self.tamper(named) if self.tamper else named
+        return named if isinstance(outputs, dict) else type(outputs)(**named)
 
     def run_vision(self, pixel_values):
-        return self._decide(0, lambda: self.inner.run_vision(pixel_values), VISION_OFFSET)
+        return self._decide(0, lambda: self.inner.run_vision(pixel_values))
 
     def run_prune(self, stage, *inputs):
-        return self._decide(stage + 1, lambda: self.inner.run_prune(stage, *inputs), PRUNE_OFFSET)
+        return self._decide(stage + 1, lambda: self.inner.run_prune(stage, *inputs))
 
     def run_embed(self, input_ids):
         return self.inner.run_embed(input_ids)
@@ -201,11 +209,11 @@ def test_swap_beyond_the_measured_error_is_a_named_mismatch(fp32_folder, inner, 
     honest = swap_boundary(0.45, k)
 
     def swap_kept(outputs):
-        scores = outputs[VISION_OFFSET + 2]
+        scores = outputs["scores"]
         last, first = boundary(scores, k)  # of its own scores: the order did not change
-        kept = outputs[VISION_OFFSET].clone()
+        kept = outputs["kept_index"].clone()
         kept[kept == last.unsqueeze(-1)] = first
-        outputs[VISION_OFFSET] = kept.sort(-1).values
+        outputs["kept_index"] = kept.sort(-1).values
         return outputs
 
     assert run(fp32_folder, Deviating(inner, 0, honest)).passed  # the honest candidate alone is fine
@@ -231,15 +239,15 @@ def test_swap_with_a_large_gap_fails_and_names_the_tokens(fp32_folder, inner):
     k = inner.spec.schedule.stages[1].dominant
 
     def swap_best_and_worst(outputs):
-        kept = outputs[PRUNE_OFFSET].clone()
-        scores = outputs[PRUNE_OFFSET + 2]
+        kept = outputs["kept_index"].clone()
+        scores = outputs["scores"]
         best = scores.gather(1, kept).argmax(-1)
         dropped = pruning.topk_order(pruning.indicator(kept, scores.shape[1]), k)[:, k:]
         worst = dropped.gather(1, scores.gather(1, dropped).argmin(-1, keepdim=True))[:, 0]
         rows = torch.arange(kept.shape[0])
         expected[:] = list(zip(kept[rows, best].tolist(), worst.tolist()))
         kept[rows, best] = worst
-        outputs[PRUNE_OFFSET] = kept.sort(-1).values
+        outputs["kept_index"] = kept.sort(-1).values
         return outputs
 
     expected: list = []
@@ -259,9 +267,9 @@ def test_a_wrong_merged_token_after_a_genuine_tie_still_fails(fp32_folder, inner
     narrow_boundary(monkeypatch, 0, stage.dominant, 5e-5)
 
     def corrupt_contextual(outputs):
-        embeds = outputs[0].clone()
+        embeds = outputs["image_embeds"].clone()
         embeds[:, stage.dominant] *= 1.01
-        outputs[0] = embeds
+        outputs["image_embeds"] = embeds
         return outputs
 
     clean = run(fp32_folder, Deviating(inner, 0, swap_boundary(0.55, stage.dominant)))
@@ -288,7 +296,7 @@ def test_fp16_artifacts_validate_on_any_cpu(tmp_path, budget, plugins, tiny_half
 
 def test_mixed_precision_policy_keeps_the_vision_stage_in_fp32(tmp_path, tiny_half):
     """--dtype fp16 --vision-dtype fp32: CLIP and the stage-0 prune in fp32, the rest fp16."""
-    from visiondrop_edge.export.manifest import read_manifest
+    from visiondrop_edge.manifest import read_manifest
 
     out = tmp_path / "mixed"
     loaded = apply_precision(tiny_half, "fp32")

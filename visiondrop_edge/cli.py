@@ -241,7 +241,7 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
     backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device)
     plan = backend.spec.schedule
     batch = build_prompts(
-        processor.tokenizer, list(prompts) * max(1, len(images) // len(prompts)), plan.image_tokens,
+        processor.tokenizer, backend.spec.prompt_template, list(prompts) * max(1, len(images) // len(prompts)), plan.image_tokens,
         backend.spec.image_token_id, backend.spec.pad_token_id,
     )
     check_length(batch, max_new_tokens, *limit)
@@ -309,7 +309,7 @@ def chat(model, artifacts, provider, backend_name, engines, image, budget, sched
         line = sys.stdin.readline()
         if not line.strip():
             return
-        used = conversation.length + len(follow_up_ids(processor.tokenizer, line.strip())) + 2  # + the previous answer's end
+        used = conversation.length + len(follow_up_ids(processor.tokenizer, backend.spec.prompt_template, line.strip())) + 2  # + the previous answer's end
         if used + max_new_tokens > limit:
             raise UserError(f"the conversation would pass {limit_name} ({limit} tokens; {used} with this question): "
                             "start a new chat or lower --max-new-tokens")
@@ -355,7 +355,8 @@ def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len
     tool versions, validation tolerances). It is written to a temporary folder and renamed,
     so an interrupted export leaves nothing half-written.
     """
-    from visiondrop_edge.export.onnx_export import EXPORT_DTYPES, ExportOptions, apply_precision, export_artifacts
+    from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
+    from visiondrop_edge.loading import EXPORT_DTYPES, apply_precision
     from visiondrop_edge.loading import PRESETS, check_target, load_model
 
     options = ExportOptions(dtype=dtype, vision_dtype=vision_dtype, opset=opset, max_seq_len=max_seq_len, plugins=plugins)
@@ -508,7 +509,7 @@ def validate(artifacts, reference, candidate, engines, json_path, images, batch,
     report lists every tie, and everything after it is compared with PyTorch re-run on the
     candidate's choices. Exits 1 if any gated check fails.
     """
-    from visiondrop_edge.export.validate import validate_artifacts
+    from visiondrop_edge.runtime.validate import validate_artifacts
 
     check_device(device)
     check_outputs(json=json_path)
@@ -555,7 +556,7 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     tokens' patches bright with a white outline, each contextual group's patches coloured by
     its target (target outlined). Patch indices are row-major over the patch grid.
     """
-    from visiondrop_edge.runtime.torch_backend import pad_token_id
+    from visiondrop_edge.prompt import pad_token_id
     from visiondrop_edge.inspection import draw, inspect_image, panels_json
     from visiondrop_edge.loading import load_model
     from visiondrop_edge.prompt import build_prompts, check_length, load_images
@@ -569,7 +570,7 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     plan = loaded.schedule(budget, schedule)
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
-    batch = build_prompts(loaded.tokenizer, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
+    batch = build_prompts(loaded.tokenizer, loaded.family.template, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     check_length(batch, 0, *loaded.max_positions)
     panels, seen = inspect_image(loaded, plan, picture, prompt)
     if as_json:

@@ -34,8 +34,9 @@ class Panel:
 def keep_map(schedule: Schedule, traces: list) -> list[Panel]:
     """Panels for sample 0 from the stages' StageTraces (vision stage first)."""
     num_patches = schedule.num_patches
-    representative: list = [CLS] + list(range(num_patches))  # the vision stage's input: CLS, patches
-    coverage: list[set[int]] = [set()] + [{p} for p in range(num_patches)]
+    cls = [CLS] * schedule.cls_tokens
+    representative: list = cls + list(range(num_patches))  # the vision stage's input: CLS (if any), patches
+    coverage: list[set[int]] = [set() for _ in cls] + [{p} for p in range(num_patches)]
     panels = []
     for stage, result in zip(schedule.stages, traces):
         kept = result.kept_index[0].tolist()
@@ -60,11 +61,12 @@ def keep_map(schedule: Schedule, traces: list) -> list[Panel]:
 @torch.no_grad()
 def inspect_image(loaded, schedule: Schedule, image, prompt: str) -> tuple[list[Panel], np.ndarray]:
     """Run one prefill with traces on; returns the panels and the image as the model saw it."""
-    from visiondrop_edge.runtime.torch_backend import TorchBackend, pad_token_id
+    from visiondrop_edge.prompt import pad_token_id
+    from visiondrop_edge.runtime.torch_backend import TorchBackend
 
     backend = TorchBackend(loaded, schedule)
     pixels = pixel_values(loaded.processor.image_processor, [image])
-    batch = build_prompts(loaded.tokenizer, [prompt], schedule.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
+    batch = build_prompts(loaded.tokenizer, loaded.family.template, [prompt], schedule.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     vision = backend.encode_image(pixels)
     prefill = backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset)
     traces = [vision.stage, *prefill.stages]

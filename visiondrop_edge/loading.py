@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGeneration, PreTrainedConfig
+from torch import nn
+from transformers import AutoProcessor, PreTrainedConfig
 
 from .builtin import BUILTIN_FORMAT, BUILTIN_MARKER, BUILTIN_VERSION, PRESETS, build_model, recipe_hash
 from .errors import CheckpointError, ConcurrentWriteError, OutputError, UserError
+from .families import Family, family_for_config, family_of
 from .schedule import Schedule, resolve_schedule
 from .jsonio import read_json_object
 
 LOG = logging.getLogger("visiondrop")
 
-SUPPORTED_DECODERS = ("llama", "mistral")
-SUPPORTED_VISION = ("clip_vision_model",)
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Presets that live on disk like a downloaded checkpoint; the larger ones are built in memory.
 SAVED_PRESETS = ("tiny",)
@@ -41,7 +41,7 @@ SAVED_PRESETS = ("tiny",)
 class LoadedModel:
     """A model ready for VisionDrop, with the processor that prepares its inputs."""
 
-    model: LlavaForConditionalGeneration
+    model: nn.Module  # the family's HF model class, e.g. LlavaForConditionalGeneration
     processor: object  # LlavaProcessor: .tokenizer and .image_processor
     source: str  # preset name, or the checkpoint directory's absolute path
     hasher: Callable[[], str] = field(repr=False)
@@ -51,6 +51,10 @@ class LoadedModel:
     def content_hash(self) -> str:
         """sha256 over config + weights: what a manifest pins (computed on first use)."""
         return self.hasher()
+
+    @cached_property
+    def family(self) -> type[Family]:
+        return family_of(self.model)
 
     @property
     def config(self) -> PreTrainedConfig:
@@ -62,22 +66,29 @@ class LoadedModel:
 
     @property
     def max_positions(self) -> tuple[int, str]:
-        """(longest sequence this pipeline computes exactly, what sets it).
-
-        The attention mask has no sliding window, so a Mistral decoder is exact only up to
-        its window.
-        """
-        text = self.config.text_config
-        window = getattr(text, "sliding_window", None)
-        if window and window < text.max_position_embeddings:
-            return window, "the decoder's sliding_window (VisionDrop's attention has no window)"
-        return text.max_position_embeddings, "the model's max_position_embeddings"
+        """(longest sequence this pipeline computes exactly, what sets it): the family's rule."""
+        return self.family.max_positions(self.config)
 
     def schedule(self, budget: str | int | None = None, schedule: str | None = None) -> Schedule:
         """The schedule ``--budget``/``--schedule`` ask for, sized to this model."""
-        vision = self.config.vision_config
-        num_patches = (vision.image_size // vision.patch_size) ** 2
-        return resolve_schedule(budget, schedule, self.config.text_config.num_hidden_layers, num_patches)
+        geometry = self.family.geometry(self.config)
+        return resolve_schedule(budget, schedule, self.config.text_config.num_hidden_layers, geometry.num_patches,
+                                cls_tokens=geometry.cls_tokens)
+
+
+EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def apply_precision(loaded: LoadedModel, vision_dtype: str | None) -> LoadedModel:
+    """The precision policy: the CLIP tower (and with it the stage-0 prune) in ``vision_dtype``,
+    the projector and decoder as loaded. The reference's fp16 evaluation keeps CLIP in fp32."""
+    if vision_dtype is not None:
+        loaded.family.tower_parameters(loaded.model).to(EXPORT_DTYPES[vision_dtype])
+    return loaded
 
 
 def cache_root() -> Path:
@@ -362,88 +373,26 @@ def _read_config(path: Path) -> dict:
     return read_json_object(config_file, CheckpointError, "it must be the JSON object that save_pretrained writes")
 
 
-def _integer(config: dict, section: str | None, key: str, default: int, where: str) -> int:
-    """``config[section][key]`` (or ``config[key]``), which must be an integer if present."""
-    value = (config[section] if section else config).get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        name = f"{section}.{key}" if section else key
-        raise CheckpointError(f"{where}: config.json's {name} must be an integer (got {value!r})")
-    return value
+def check_supported(config: dict, where: str) -> type[Family]:
+    """The family that handles ``config.json``, after its refusals (one line naming the field
+    and the valid values). Runs on the JSON, before transformers instantiates anything
+    (transformers fills a missing sub-config with a 7B Llama default, for one)."""
+    return family_for_config(config, where)
 
 
-def check_supported(config: dict, where: str) -> None:
-    """Refuse configs VisionDrop's graphs do not cover, naming the field and the valid values.
-
-    Runs on config.json as JSON, before transformers instantiates anything (transformers
-    fills a missing sub-config with a 7B Llama default, for one).
-    """
-    model_type = config.get("model_type")
-    if model_type != "llava":
-        raise CheckpointError(
-            f"{where} is a '{model_type}' checkpoint, not LLaVA (model_type 'llava'): VisionDrop Edge "
-            "runs LlavaForConditionalGeneration checkpoints such as llava-hf/llava-1.5-7b-hf"
-        )
-    for key in ("text_config", "vision_config"):
-        if not isinstance(config.get(key), dict):
-            raise CheckpointError(f"{where}: config.json has no {key} object: a LLaVA config needs both text_config and vision_config")
-    text, vision = config["text_config"], config["vision_config"]
-    text_type = text.get("model_type", "llama")
-    if text_type not in SUPPORTED_DECODERS:
-        raise CheckpointError(f"{where}: decoder type '{text_type}' is not supported (supported: {', '.join(SUPPORTED_DECODERS)})")
-    if text.get("attention_bias", False):
-        raise CheckpointError(f"{where}: q/k/v projections with biases are not supported (attention_bias is true)")
-    vision_type = vision.get("model_type", "clip_vision_model")
-    if vision_type not in SUPPORTED_VISION:
-        raise CheckpointError(f"{where}: vision tower '{vision_type}' is not supported (supported: CLIP)")
-    strategy = config.get("vision_feature_select_strategy", "default")
-    if strategy != "default":
-        raise CheckpointError(
-            f"{where}: vision_feature_select_strategy '{strategy}' is not supported (supported: 'default', which "
-            "drops CLS; 'full' would give one more image embedding than the prompt has <image> placeholders)"
-        )
-    layer = config.get("vision_feature_layer", -2)
-    if isinstance(layer, list):
-        raise CheckpointError(f"{where}: a list of vision_feature_layer values is not supported; use a single layer")
-    layer = _integer(config, None, "vision_feature_layer", -2, where)
-    depth = _integer(config, "vision_config", "num_hidden_layers", CLIPVisionConfig().num_hidden_layers, where)
-    if not (1 <= layer <= depth or -depth <= layer <= -1):
-        raise CheckpointError(
-            f"{where}: vision_feature_layer {layer} is not a layer of the {depth}-layer vision tower: "
-            f"use 1..{depth} or -{depth}..-1 (LLaVA-1.5 uses -2)"
-        )
-    image_size = _integer(config, "vision_config", "image_size", CLIPVisionConfig().image_size, where)
-    patch_size = _integer(config, "vision_config", "patch_size", CLIPVisionConfig().patch_size, where)
-    if patch_size < 1 or image_size < patch_size or image_size % patch_size:
-        raise CheckpointError(
-            f"{where}: vision_config image_size {image_size} is not a whole number of {patch_size}-pixel patches: "
-            "the patch grid must be square and exact (LLaVA-1.5: 336 and 14)"
-        )
-    for key in ("max_position_embeddings", "num_hidden_layers"):
-        if key in text and _integer(config, "text_config", key, 1, where) < 1:
-            raise CheckpointError(f"{where}: text_config {key} must be positive (got {text[key]})")
-
-
-def _check_processor(path: Path, image_size: int) -> None:
-    """The image processor must crop to the tower's image size, or the patch grid is wrong.
-
-    Read from the saved JSON (``preprocessor_config.json``, or the ``image_processor`` entry
-    of ``processor_config.json``) before anything loads.
-    """
+def processor_files(path: Path) -> dict[str, dict]:
+    """The saved image-processor settings as JSON (``preprocessor_config.json``, or the
+    ``image_processor`` entry of ``processor_config.json``), for the family's checks before loading."""
+    found = {}
     for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
         try:
             data = json.loads((path / name).read_text())
         except (OSError, ValueError):
             continue  # AutoProcessor reports a missing or unreadable processor
         data = data.get(key) if key and isinstance(data, dict) else data
-        crop = data.get("crop_size") if isinstance(data, dict) else None
-        if crop is None:
-            continue
-        sizes = {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
-        if sizes != {image_size}:
-            raise CheckpointError(
-                f"{path}: {name} crops images to {crop} but config.json's vision_config image_size is {image_size}: "
-                "they must agree (LLaVA-1.5: 336)"
-            )
+        if isinstance(data, dict):
+            found[name] = data
+    return found
 
 
 def content_hash(path: Path) -> str:
@@ -488,12 +437,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         return LoadedModel(model, processor, spec, lambda: state_dict_hash(model))
     path = builtin_dir(spec) if spec in PRESETS else Path(spec).expanduser().resolve()
     config = _read_config(path)
-    check_supported(config, str(path))
-    _check_processor(path, config["vision_config"].get("image_size", CLIPVisionConfig().image_size))
+    family = check_supported(config, str(path))
+    family.check_processor(processor_files(path), config, str(path))
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
         raise CheckpointError(f"{path} has no weight files (*.safetensors or *.bin): the download is incomplete")
     try:
-        model, info = LlavaForConditionalGeneration.from_pretrained(
+        model, info = family.model_class.from_pretrained(
             path, dtype=dtype, output_loading_info=True, attn_implementation="sdpa"
         )
     except Exception as exc:  # any parse/IO failure from transformers or safetensors

@@ -3,7 +3,8 @@
 Each unit is one exported graph (see ``export/``), so PyTorch and every other backend run
 the same cut of the model:
 
-- :class:`VisionEncoder`: pixels -> image embeddings, with the stage-0 prune inside;
+- the family's vision unit (``visiondrop_edge.families``): pixels -> image embeddings, with
+  the stage-0 prune inside;
 - :class:`QKVProjection`: the first layer of a decoder group up to its q/k/v projections;
 - :class:`LLMPrune`: an LLM-stage prune (weightless: it scores with the q/k that the next
   layer's ``QKVProjection`` produced on the unpruned sequence, and carries those
@@ -24,6 +25,8 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
 
 from . import pruning
+from .contract import QKV, PruneOutputs
+from .families import Family, family_of
 from .schedule import Schedule, Stage
 
 
@@ -51,72 +54,6 @@ def causal_mask(attention_mask: Tensor, query_len: int, dtype: torch.dtype) -> T
     allowed = (allowed | (key_pos == query_pos)).unsqueeze(1)
     zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-# --------------------------------------------------------------------------- vision
-class VisionEncoder(nn.Module):
-    """CLIP tower up to ``vision_feature_layer`` + stage-0 prune + LLaVA projector.
-
-    Layers past the feature layer are never run. Without a stage it reproduces HF's
-    feature selection (``default`` drops CLS). The tower may run in another dtype than the
-    projector (the reference's fp16 policy keeps CLIP and the stage-0 prune in fp32): the
-    pruned tokens are cast to the projector's dtype.
-    """
-
-    def __init__(self, llava: nn.Module, stage: Stage | None, ops: tuple = pruning.REFERENCE_OPS):
-        super().__init__()
-        config = llava.config
-        tower = llava.model.vision_tower
-        layers = tower.encoder.layers
-        feature_layer = config.vision_feature_layer
-        depth = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
-        if stage is not None and depth < 1:
-            raise ValueError("the stage-0 prune needs vision_feature_layer to be an encoder layer")
-        self.embeddings = tower.embeddings
-        self.pre_layrnorm = tower.pre_layrnorm
-        self.layers = nn.ModuleList(layers[:depth])
-        self.projector = llava.model.multi_modal_projector
-        self.stage = stage
-        self.ops = ops
-        self.drop_cls = config.vision_feature_select_strategy == "default"
-
-    def project(self, features: Tensor) -> Tensor:
-        return self.projector(features.to(self.projector.linear_1.weight.dtype))
-
-    def features(self, pixel_values: Tensor, depth: int) -> Tensor:
-        """Hidden states after the first ``depth`` encoder layers."""
-        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
-        for layer in self.layers[:depth]:
-            hidden = layer(hidden, None)
-        return hidden
-
-    def forward(self, pixel_values: Tensor, forced: pruning.Choice | None = None) -> tuple[Tensor, ...]:
-        """-> image_embeds [B, V0, D_llm] (+ kept_index, target_index, scores, assignment, merge_metric when pruning)."""
-        if self.stage is None:
-            hidden = self.features(pixel_values, len(self.layers))
-            return (self.project(hidden[:, 1:] if self.drop_cls else hidden),)
-        hidden = self.features(pixel_values, len(self.layers) - 1)
-        last = self.layers[-1]
-        hidden, query, key = _clip_layer_with_qk(last, hidden)
-        scores = pruning.vision_scores(query, key, last.self_attn.scale)
-        metric = pruning.heads_mean_metric(key)
-        result = pruning.prune(scores, hidden, metric, self.stage.dominant, self.stage.contextual, self.ops, forced=forced)
-        return self.project(result.tokens), result.kept_index, result.target_index, scores, result.assignment, metric
-
-
-def _clip_layer_with_qk(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """A CLIP encoder layer (SDPA) that also returns its per-head queries and keys."""
-    attn = layer.self_attn
-    batch, length, _ = hidden.shape
-    x = layer.layer_norm1(hidden)
-    shape = (batch, length, attn.num_heads, attn.head_dim)
-    query = attn.q_proj(x).view(shape).transpose(1, 2)
-    key = attn.k_proj(x).view(shape).transpose(1, 2)
-    value = attn.v_proj(x).view(shape).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-    hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
-    hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-    return hidden, query, key
 
 
 # --------------------------------------------------------------------------- decoder
@@ -190,8 +127,8 @@ class QKVProjection(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return project_qkv(self.layer, hidden_states)
+    def forward(self, hidden_states: Tensor) -> QKV:
+        return QKV(*project_qkv(self.layer, hidden_states))
 
 
 class LLMPrune(nn.Module):
@@ -216,9 +153,7 @@ class LLMPrune(nn.Module):
     def forward(
         self, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor, image_offset: Tensor,
         forced: pruning.Choice | None = None,
-    ) -> tuple[Tensor, ...]:
-        """-> hidden_states, query, key, value, attention_mask, position_ids, then the stage's
-        kept_index, target_index, scores, assignment and merge_metric."""
+    ) -> PruneOutputs:
         positions = pruning.visual_positions(image_offset, self.num_visual)
         position_ids = positions_from_mask(attention_mask)
         visual_query, visual_key, visual_value = (pruning.gather_positions(t, positions) for t in (query, key, value))
@@ -243,8 +178,11 @@ class LLMPrune(nn.Module):
         hidden_states, attention_mask, position_ids = splice_visual(
             hidden_states, attention_mask, image_offset, self.num_visual, result.tokens
         )
-        return (hidden_states, query, key, value, attention_mask, position_ids,
-                result.kept_index, result.target_index, scores, result.assignment, metric)
+        return PruneOutputs(
+            pruned_hidden_states=hidden_states, pruned_query=query, pruned_key=key, pruned_value=value,
+            pruned_attention_mask=attention_mask, pruned_position_ids=position_ids, kept_index=result.kept_index,
+            target_index=result.target_index, scores=scores, assignment=result.assignment, merge_metric=metric,
+        )
 
 
 class DecoderGroup(nn.Module):
@@ -282,22 +220,24 @@ class DecoderGroup(nn.Module):
         return (hidden_states, *presents)
 
 
-class VisionDropLlava(nn.Module):
-    """A loaded LLaVA cut into VisionDrop units for one schedule (weights are shared, not copied).
+class VisionDropPipeline(nn.Module):
+    """A loaded model cut into VisionDrop units for one schedule (weights are shared, not copied).
 
+    The family (default: the model's own) gives the vision unit and the decoder's parts.
     ``ops`` are the (select, merge) implementations of the prunes: the reference math, or
     the plugin stand-ins that plugin-mode export traces into TensorRT plugin nodes.
     """
 
-    def __init__(self, llava: nn.Module, schedule: Schedule, ops: tuple = pruning.REFERENCE_OPS):
+    def __init__(self, model: nn.Module, schedule: Schedule, ops: tuple = pruning.REFERENCE_OPS, family: type[Family] | None = None):
         super().__init__()
-        text = llava.model.language_model
+        family = family or family_of(model)
+        text = family.decoder(model)
         if len(text.layers) != schedule.num_layers:
             raise ValueError(f"schedule is for {schedule.num_layers} layers, the decoder has {len(text.layers)}")
         self.schedule = schedule
-        self.config = llava.config
+        self.config = model.config
         self.embed_tokens = text.embed_tokens
-        self.vision = VisionEncoder(llava, schedule.vision, ops)
+        self.vision = family.vision_unit(model, schedule.vision, ops)
         groups = schedule.layer_groups()
         self.qkv = nn.ModuleList(QKVProjection(text.layers[start]) for start, _ in groups)
         scale = text.layers[0].self_attn.scaling
@@ -311,7 +251,7 @@ class VisionDropLlava(nn.Module):
         self.groups = nn.ModuleList(
             DecoderGroup(
                 list(text.layers[start:stop]), text.rotary_emb,
-                norm=text.norm if g == last else None, lm_head=llava.lm_head if g == last else None,
+                norm=text.norm if g == last else None, lm_head=text.lm_head if g == last else None,
             )
             for g, (start, stop) in enumerate(groups)
         )

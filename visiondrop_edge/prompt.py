@@ -1,4 +1,4 @@
-"""Prompts and images in, model inputs out (LLaVA-1.5's conversation template)."""
+"""Prompts and images in, model inputs out, in the model family's conversation template."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import CheckpointError, InputError
-
-PROMPT_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
-IMAGE_PLACEHOLDER = "<image>"
+from .families import PromptTemplate
 
 
 @dataclass
@@ -28,9 +26,6 @@ class PromptBatch:
     image_offset: Tensor  # [B] int64
 
 
-FOLLOW_UP_TEMPLATE = "USER: {prompt} ASSISTANT:"  # a later chat turn, after the previous answer's EOS
-
-
 @dataclass(frozen=True)
 class SplitPrompt:
     """A templated prompt cut at its image: what comes before it does not depend on the question."""
@@ -39,24 +34,30 @@ class SplitPrompt:
     suffix_ids: tuple[int, ...]  # the question and the answer cue
 
 
-def split_prompt(tokenizer, prompt: str, image_token_id: int) -> SplitPrompt:
-    """Tokenise ``prompt`` in the template and cut it at the ``<image>`` token."""
-    if IMAGE_PLACEHOLDER in prompt:
-        raise InputError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
-    ids = tokenizer(PROMPT_TEMPLATE.format(prompt=prompt)).input_ids
+def _check_question(prompt: str, template: PromptTemplate) -> None:
+    if template.image_placeholder in prompt:
+        raise InputError(f"the prompt must not contain '{template.image_placeholder}': the image is placed by the template")
+
+
+def split_prompt(tokenizer, template: PromptTemplate, prompt: str, image_token_id: int) -> SplitPrompt:
+    """Tokenise ``prompt`` in the template and cut it at the image token."""
+    _check_question(prompt, template)
+    ids = tokenizer(template.first_turn.format(prompt=prompt)).input_ids
     if ids.count(image_token_id) != 1:
         raise CheckpointError(
-            f"the tokenizer does not map '{IMAGE_PLACEHOLDER}' to the model's image token id {image_token_id}: "
+            f"the tokenizer does not map '{template.image_placeholder}' to the model's image token id {image_token_id}: "
             "use the tokenizer saved with the checkpoint"
         )
     at = ids.index(image_token_id)
     return SplitPrompt(tuple(ids[:at]), tuple(ids[at + 1:]))
 
 
-def template_puts_image_first() -> bool:
-    """Whether the question comes after the image: then the image's pruning (causal, visual
-    queries only) cannot depend on it, and one prefill of the image serves every question."""
-    return PROMPT_TEMPLATE.index(IMAGE_PLACEHOLDER) < PROMPT_TEMPLATE.index("{prompt}")
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (LLaMA tokenizers may define no pad)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
@@ -72,10 +73,10 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[Tensor, 
 
 
 def build_prompts(
-    tokenizer, prompts: Sequence[str], image_tokens: int, image_token_id: int, pad_token_id: int
+    tokenizer, template: PromptTemplate, prompts: Sequence[str], image_tokens: int, image_token_id: int, pad_token_id: int
 ) -> PromptBatch:
-    """Tokenise each prompt in the template and expand its ``<image>`` to ``image_tokens`` ids."""
-    splits = [split_prompt(tokenizer, prompt, image_token_id) for prompt in prompts]
+    """Tokenise each prompt in the template and expand its image placeholder to ``image_tokens`` ids."""
+    splits = [split_prompt(tokenizer, template, prompt, image_token_id) for prompt in prompts]
     rows = [list(p.prefix_ids) + [image_token_id] * image_tokens + list(p.suffix_ids) for p in splits]
     input_ids, attention_mask = left_pad(rows, pad_token_id)
     pad = input_ids.shape[1] - torch.tensor([len(ids) for ids in rows])
@@ -83,11 +84,10 @@ def build_prompts(
     return PromptBatch(input_ids, attention_mask, offsets.to(torch.int64))
 
 
-def follow_up_ids(tokenizer, prompt: str) -> list[int]:
+def follow_up_ids(tokenizer, template: PromptTemplate, prompt: str) -> list[int]:
     """A later chat turn's ids (no BOS: it continues the conversation)."""
-    if IMAGE_PLACEHOLDER in prompt:
-        raise InputError(f"the prompt must not contain '{IMAGE_PLACEHOLDER}': the image is placed by the template")
-    return tokenizer(FOLLOW_UP_TEMPLATE.format(prompt=prompt), add_special_tokens=False).input_ids
+    _check_question(prompt, template)
+    return tokenizer(template.follow_up.format(prompt=prompt), add_special_tokens=False).input_ids
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")

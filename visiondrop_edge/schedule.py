@@ -60,14 +60,16 @@ class Stage:
 class Schedule:
     """The prune stages for one model: empty ``stages`` means no pruning (HF's behaviour).
 
-    ``num_patches`` is the vision encoder's patch count (576 for CLIP ViT-L/14 at 336 px);
-    ``num_layers`` the decoder depth. Construct with :meth:`from_budget` or :meth:`parse`;
-    both validate.
+    ``num_patches`` is the vision encoder's patch count (576 for CLIP ViT-L/14 at 336 px),
+    ``cls_tokens`` the tokens the tower adds that the vision stage always keeps (CLIP's CLS: 1;
+    the model family says); ``num_layers`` the decoder depth. Construct with
+    :meth:`from_budget` or :meth:`parse`; both validate.
     """
 
     stages: tuple[Stage, ...]
     num_layers: int
     num_patches: int
+    cls_tokens: int = 1
 
     # ----------------------------------------------------------------- queries
     @property
@@ -81,6 +83,11 @@ class Schedule:
     @property
     def llm_stages(self) -> tuple[Stage, ...]:
         return self.stages[1:]
+
+    @property
+    def vision_inputs(self) -> int:
+        """Tokens the vision stage ranks: the patches and the tower's CLS, if it has one."""
+        return self.num_patches + self.cls_tokens
 
     @property
     def image_tokens(self) -> int:
@@ -115,6 +122,7 @@ class Schedule:
         return {
             "num_layers": self.num_layers,
             "num_patches": self.num_patches,
+            "cls_tokens": self.cls_tokens,
             "stages": [
                 {"after_layer": s.after_layer, "dominant": s.dominant, "contextual": s.contextual}
                 for s in self.stages
@@ -129,19 +137,19 @@ class Schedule:
             Stage(int(s["after_layer"]), int(s["dominant"]), int(s["contextual"]))
             for s in data["stages"]
         )
-        return cls._validated(stages, int(data["num_layers"]), int(data["num_patches"]))
+        return cls._validated(stages, int(data["num_layers"]), int(data["num_patches"]), int(data.get("cls_tokens", 1)))
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def full(cls, num_layers: int, num_patches: int) -> Schedule:
-        return cls((), num_layers, num_patches)
+    def full(cls, num_layers: int, num_patches: int, cls_tokens: int = 1) -> Schedule:
+        return cls((), num_layers, num_patches, cls_tokens)
 
     @classmethod
-    def from_budget(cls, budget: str | int, num_layers: int, num_patches: int) -> Schedule:
+    def from_budget(cls, budget: str | int, num_layers: int, num_patches: int, cls_tokens: int = 1) -> Schedule:
         """The paper's schedule shape scaled to an average of ``budget`` tokens per layer."""
         text = str(budget).strip().lower()
         if text in (FULL, str(num_patches)):
-            return cls.full(num_layers, num_patches)
+            return cls.full(num_layers, num_patches, cls_tokens)
         try:
             value = int(text)
         except ValueError:
@@ -149,21 +157,19 @@ class Schedule:
         if value < 1:
             raise UserError(
                 f"budget '{budget}' is not a positive integer: use an integer between 1 and "
-                f"{max_budget(num_layers, num_patches)}, or 'full' ({num_patches}) for no pruning"
+                f"{max_budget(num_layers, num_patches, cls_tokens)}, or 'full' ({num_patches}) for no pruning"
             )
-        return cls._validated(
-            _scaled_stages(value, num_layers), num_layers, num_patches, budget=value
-        )
+        return cls._validated(_scaled_stages(value, num_layers), num_layers, num_patches, cls_tokens, budget=value)
 
     @classmethod
-    def parse(cls, text: str, num_layers: int, num_patches: int) -> Schedule:
+    def parse(cls, text: str, num_layers: int, num_patches: int, cls_tokens: int = 1) -> Schedule:
         """Parse an explicit schedule such as ``"42+6,8:30+5,16:22+4,24:16+3"``.
 
         The first item is the vision stage (``k+c``, k counting CLS); every further item is
         ``layer:k+c`` with ``layer`` the 1-based decoder layer the stage follows.
         """
         if text.strip().lower() == FULL:
-            return cls.full(num_layers, num_patches)
+            return cls.full(num_layers, num_patches, cls_tokens)
         stages = []
         for position, item in enumerate(i.strip() for i in text.split(",")):
             layer_text, _, counts = item.rpartition(":")
@@ -179,22 +185,22 @@ class Schedule:
                     "then 'layer:k+c' per decoder stage, e.g. '42+6,8:30+5,16:22+4,24:16+3'"
                 )
             stages.append(Stage(layer, k, c))
-        return cls._validated(tuple(stages), num_layers, num_patches)
+        return cls._validated(tuple(stages), num_layers, num_patches, cls_tokens)
 
     @classmethod
     def _validated(
-        cls, stages: tuple[Stage, ...], num_layers: int, num_patches: int, budget: int | None = None
+        cls, stages: tuple[Stage, ...], num_layers: int, num_patches: int, cls_tokens: int, budget: int | None = None
     ) -> Schedule:
-        problem = _schedule_problem(stages, num_layers, num_patches)
+        problem = _schedule_problem(stages, num_layers, num_patches, cls_tokens)
         if problem is not None:
             if budget is not None:
                 raise UserError(
                     f"budget {budget} is out of range for this model ({problem}): use an integer "
-                    f"between 1 and {max_budget(num_layers, num_patches)}, or 'full' "
+                    f"between 1 and {max_budget(num_layers, num_patches, cls_tokens)}, or 'full' "
                     f"({num_patches}) for no pruning"
                 )
             raise UserError(f"invalid schedule: {problem}")
-        return cls(stages, num_layers, num_patches)
+        return cls(stages, num_layers, num_patches, cls_tokens)
 
 
 def _scaled_stages(budget: int, num_layers: int) -> tuple[Stage, ...]:
@@ -209,14 +215,15 @@ def _scaled_stages(budget: int, num_layers: int) -> tuple[Stage, ...]:
     return tuple(stages)
 
 
-def _schedule_problem(stages: tuple[Stage, ...], num_layers: int, num_patches: int) -> str | None:
+def _schedule_problem(stages: tuple[Stage, ...], num_layers: int, num_patches: int, cls_tokens: int) -> str | None:
     """Why ``stages`` cannot run on this model, or None if they can."""
     if not stages:
         return None
     vision = stages[0]
     if not vision.is_vision:
         return "the first stage must be the vision stage (written 'k+c', no layer)"
-    available = num_patches + 1  # patches + CLS
+    available = num_patches + cls_tokens
+    encoder = "(patches + CLS)" if cls_tokens else "(patches)"
     previous_layer = 0
     for index, stage in enumerate(stages):
         name = "vision stage" if index == 0 else f"stage after layer {stage.after_layer}"
@@ -238,7 +245,7 @@ def _schedule_problem(stages: tuple[Stage, ...], num_layers: int, num_patches: i
             if index == 0:
                 return (
                     f"vision stage keeps {stage.total} tokens but the encoder has only {available} "
-                    f"(patches + CLS): k+c must be at most {available}"
+                    f"{encoder}: k+c must be at most {available}"
                 )
             return (
                 f"{name} keeps {stage.total} tokens, more than the {available} the stage before "
@@ -248,26 +255,26 @@ def _schedule_problem(stages: tuple[Stage, ...], num_layers: int, num_patches: i
     return None
 
 
-def max_budget(num_layers: int, num_patches: int) -> int:
+def max_budget(num_layers: int, num_patches: int, cls_tokens: int = 1) -> int:
     """The largest ``--budget`` whose scaled schedule fits the encoder."""
     best = 1
     for budget in range(1, num_patches):
-        if _schedule_problem(_scaled_stages(budget, num_layers), num_layers, num_patches) is None:
+        if _schedule_problem(_scaled_stages(budget, num_layers), num_layers, num_patches, cls_tokens) is None:
             best = budget
     return best
 
 
 def resolve_schedule(
-    budget: str | int | None, schedule: str | None, num_layers: int, num_patches: int
+    budget: str | int | None, schedule: str | None, num_layers: int, num_patches: int, cls_tokens: int = 1
 ) -> Schedule:
     """The schedule a command asked for (``--budget`` defaults to 128; not both may be given)."""
     if schedule is not None and budget is not None:
         raise UserError("give either --budget or --schedule, not both")
     if schedule is not None:
-        return Schedule.parse(schedule, num_layers, num_patches)
+        return Schedule.parse(schedule, num_layers, num_patches, cls_tokens)
     if num_layers < 4 and str(budget).lower() != FULL:
         raise UserError(
             f"a {num_layers}-layer decoder is too shallow for the budget schedules (need 4+ layers): "
             "pass an explicit --schedule"
         )
-    return Schedule.from_budget(DEFAULT_BUDGET if budget is None else budget, num_layers, num_patches)
+    return Schedule.from_budget(DEFAULT_BUDGET if budget is None else budget, num_layers, num_patches, cls_tokens)

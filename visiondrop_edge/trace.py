@@ -17,12 +17,12 @@ TOP_LOGITS = 20
 def stage_records(schedule: Schedule, vision_stage, llm_stages) -> list[dict[str, Any]]:
     """Per stage: counts and, per sample, kept (dominant) and contextual target indices.
 
-    Indices are in the stage's own input numbering: the vision stage numbers CLS 0 and
-    patch p as p + 1; an LLM stage numbers the visual tokens it received, in order.
+    Indices are in the stage's own input numbering: the vision stage numbers CLS 0 (where the
+    tower has one) and patch p as p + 1; an LLM stage numbers the visual tokens it received, in order.
     """
     if schedule.is_full:
         return []
-    inputs = [schedule.num_patches + 1] + [s.total for s in schedule.stages[:-1]]
+    inputs = [schedule.vision_inputs] + [s.total for s in schedule.stages[:-1]]
     traces = [vision_stage, *llm_stages]
     records = []
     for stage, count, trace in zip(schedule.stages, inputs, traces):

@@ -19,7 +19,8 @@ from trt_api_check import REPO_ROOT, check_file, dump_api
 from trt_stub import build_stub
 
 VERSIONS = ("10.3.0", "10.13.3.9", "11.4.0.106")  # JetPack 6.2, JetPack 7.x, datacenter 11.x
-TRT_FILES = [REPO_ROOT / "export" / "trt_build.py", REPO_ROOT / "runtime" / "trt_backend.py"]
+TRT_FILES = [REPO_ROOT / "export" / "trt_build.py", REPO_ROOT / "runtime" / "trt_backend.py",
+             REPO_ROOT / "plugins_trt" / "library.py"]
 # Calls the checker must have followed to their classes in every version, so that a clean
 # result cannot come from code it failed to type.
 MUST_RESOLVE = {

@@ -9,9 +9,9 @@ Two kinds of comparison, on fresh random images (and any the user gives):
   logits, and the token ids.
 
 Float tensors go through Polygraphy's comparators (max absolute difference, cosine
-similarity) with the tool's own gates for the folder's precision (``export/gates.py``):
+similarity) with the tool's own gates for the folder's precision (``visiondrop_edge/gates.py``):
 ``max |ours - ref| <= relative * max |ref|`` and ``cosine >= 0.99``. Decisions (kept and
-target indices, merge assignments, greedy tokens) are judged tie-aware (``export/ties.py``):
+target indices, merge assignments, greedy tokens) are judged tie-aware (``runtime/ties.py``):
 a different choice passes only when it is valid under the error the candidate measurably
 made on that decision's input, and everything downstream of it is then compared with the
 reference re-run on the candidate's choices, with the same strict gates. The recorder and
@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visiondrop_edge.runtime.base import Backend, DecoderState, StageTrace
-from visiondrop_edge.runtime.generate import GenerationResult, greedy_generate
-from visiondrop_edge.runtime.torch_backend import TorchBackend
+from visiondrop_edge.contract import STAGE_OUTPUTS, bind
 from visiondrop_edge.errors import UserError
-from visiondrop_edge.loading import load_model
+from visiondrop_edge.gates import Gates, gates_for
+from visiondrop_edge.loading import EXPORT_DTYPES, apply_precision, load_model
+from visiondrop_edge.manifest import Manifest, read_manifest
 from visiondrop_edge.prompt import build_prompts, load_images, pixel_values, random_images
 
-from .gates import Gates, gates_for
-from .manifest import Manifest, read_manifest
-from .onnx_export import EXPORT_DTYPES, STAGE_OUTPUTS, apply_precision
+from .base import Backend, DecoderState, StageTrace
+from .generate import GenerationResult, greedy_generate
+from .torch_backend import TorchBackend
 from .ties import Decision, boundary_gap, error_bound, judge_assignment, judge_kept, judge_token
 
 DEFAULT_PROMPTS = ("What is in this image?", "Describe the scene in one long and detailed sentence, please.")
@@ -132,8 +132,8 @@ class RecordingBackend(Backend):
         self.phase = "prefill"
         self.decode_steps = 0
 
-    def _record(self, role: str, index: int, inputs: tuple, outputs) -> tuple:
-        self.calls.append((self.phase, role, index, inputs, tuple(outputs)))
+    def _record(self, role: str, index: int, inputs: tuple, outputs):
+        self.calls.append((self.phase, role, index, inputs, outputs))
         return outputs
 
     def run_vision(self, pixel_values):
@@ -201,9 +201,22 @@ def compare_tensors(
     return out
 
 
-def _stage_trace(names: Sequence[str], outputs: Sequence[Tensor]) -> StageTrace:
-    by_name = dict(zip(names, outputs, strict=True))
-    return StageTrace(*(by_name[name] for name in STAGE_OUTPUTS))
+def by_name(names: Sequence[str], outputs) -> dict[str, Tensor]:
+    """A unit's outputs keyed by the manifest's names: a backend's dict or typed result, or a
+    decoder group's (hidden states, *presents) in the contract's order."""
+    if isinstance(outputs, dict):
+        named = outputs
+    elif hasattr(outputs, "_asdict"):
+        named = outputs._asdict()
+    else:
+        named = bind(names, outputs)
+    if set(named) != set(names):
+        raise ValueError(f"outputs {sorted(named)} do not match the manifest's {sorted(names)}")
+    return named
+
+
+def _stage_trace(outputs: dict[str, Tensor]) -> StageTrace:
+    return StageTrace(**{name: outputs[name] for name in STAGE_OUTPUTS})
 
 
 def judge_stage(label: str, ref: StageTrace, cand: StageTrace, contextual: int) -> list[Decision]:
@@ -227,9 +240,9 @@ class Validator:
         finally:
             self.reference.forced = {}
 
-    def compare_outputs(self, label: str, names: Sequence[str], ours: Sequence[Tensor], ref: Sequence[Tensor]) -> None:
+    def compare_outputs(self, label: str, names: Sequence[str], ours: dict[str, Tensor], ref: dict[str, Tensor]) -> None:
         """Float outputs through the comparators, integer outputs exactly."""
-        pairs = list(zip(names, ours, ref, strict=True))
+        pairs = [(name, ours[name], ref[name]) for name in names]
         floats = {n: _np(r) for n, _, r in pairs if r.is_floating_point()}
         results = compare_tensors({n: _np(o) for n, o, _ in pairs if n in floats}, floats, self.gates) if floats else {}
         for name, o, r in pairs:
@@ -282,15 +295,17 @@ class Validator:
             else:
                 out, presents = self.candidate.run_group(index, *inputs[:6], list(inputs[6:]))
                 ours, label, stage = (out, *presents), f"decoder_{index} ({when})", None
+            ours, ref = by_name(names, ours), by_name(names, ref)
             if stage is None or len(names) == 1:  # no decisions (or the unpruned vision graph)
                 self.compare_outputs(label, names, ours, ref)
                 continue
-            ours_trace, ref_trace = _stage_trace(names, ours), _stage_trace(names, ref)
+            ours_trace, ref_trace = _stage_trace(ours), _stage_trace(ref)
             self.note_margin(label, ref_trace, ours_trace)
             decisions = judge_stage(label, ref_trace, ours_trace, self.stages[stage].contextual)
             if decisions:  # strict downstream comparison: the reference re-run on the candidate's choices
                 with self.forcing({stage: ours_trace.choice}):
-                    ref = self.reference.run_vision(*inputs) if role == "vision" else self.reference.run_prune(index, *inputs)
+                    ref = by_name(names, self.reference.run_vision(*inputs) if role == "vision"
+                                  else self.reference.run_prune(index, *inputs))
             self.record_decisions(f"{label}.decisions (kept, assignment)", decisions,
                                   (ours_trace.kept_index, ref_trace.kept_index))
             self.compare_outputs(label, names, ours, ref)
@@ -403,7 +418,7 @@ def validate_artifacts(
         report.cases.append({"label": label, "batch": batch, "prompts": case_prompts})
         pixels = pixel_values(loaded.processor.image_processor, case_images).to(device)
         spec = backend.spec
-        prompt_batch = build_prompts(loaded.tokenizer, case_prompts, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
+        prompt_batch = build_prompts(loaded.tokenizer, spec.prompt_template, case_prompts, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
         recorder = RecordingBackend(torch_reference)
         greedy_generate(recorder, pixels, prompt_batch, new_tokens)
         validator.replay(recorder, {"prefill", "decode[0]"})

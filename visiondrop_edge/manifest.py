@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from visiondrop_edge.errors import ArtifactError, UserError
+from visiondrop_edge.families import PromptTemplate, family_named
 from visiondrop_edge.loading import sha256_file
 from visiondrop_edge.schedule import Schedule
 from visiondrop_edge.jsonio import read_json_object
@@ -40,6 +42,72 @@ def tool_versions() -> dict[str, str]:
     except ImportError:
         pass
     return versions
+
+
+# ------------------------------------------------------------------ the model facts a runtime needs
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the orchestration needs to know about a model and schedule."""
+
+    schedule: Schedule
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_size: int
+    image_token_id: int
+    pad_token_id: int
+    eos_token_id: int | None
+    family: str  # the model family's registered name (visiondrop_edge.families): template, geometry
+    dtype: str = "float32"
+    vision_dtype: str | None = None  # the CLIP tower's (pixel_values'); None: dtype
+
+    @property
+    def prompt_template(self) -> PromptTemplate:
+        return family_named(self.family).template
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def vision_torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.vision_dtype or self.dtype]
+
+    @classmethod
+    def from_config(
+        cls, config: Any, schedule: Schedule, family: str, dtype: torch.dtype, pad_token_id: int,
+        vision_dtype: torch.dtype | None = None,
+    ) -> ModelSpec:
+        names = {v: k for k, v in DTYPES.items()}
+        text = config.text_config
+        eos = text.eos_token_id
+        return cls(
+            schedule=schedule,
+            hidden_size=text.hidden_size,
+            num_kv_heads=text.num_key_value_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            vocab_size=text.vocab_size,
+            image_size=config.vision_config.image_size,
+            image_token_id=config.image_token_id,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            family=family,
+            dtype=names[dtype],
+            vision_dtype=names[vision_dtype] if vision_dtype not in (None, dtype) else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "schedule"}
+        return {"schedule": self.schedule.to_dict(), **data}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        rest = {k: v for k, v in data.items() if k != "schedule"}
+        return cls(schedule=Schedule.from_dict(data["schedule"]), **rest)
 
 
 # ------------------------------------------------------------------ schema
@@ -81,6 +149,7 @@ class ScheduleSchema(_Schema):
     model_config = ConfigDict(extra="allow")
     num_layers: Count
     num_patches: Count
+    cls_tokens: Count = 1
     stages: list[StageSchema]
 
 
@@ -95,12 +164,13 @@ class SpecSchema(_Schema):
     image_token_id: Count
     pad_token_id: Count
     eos_token_id: Count | None
+    family: StrictStr
     dtype: Literal["float32", "float16", "bfloat16"]
 
 
 class QuantizationSchema(_Schema):
     model_config = ConfigDict(extra="allow")
-    precision: StrictStr  # export/gates.py refuses one it has no gates for
+    precision: StrictStr  # visiondrop_edge/gates.py refuses one it has no gates for
 
 
 class ExportSchema(_Schema):
@@ -167,7 +237,7 @@ def check_consistent(manifest: Manifest) -> Schedule:
             want["image_embeds"] = schedule.image_tokens
             if schedule.vision is not None:
                 want.update(kept_index=schedule.vision.dominant, target_index=schedule.vision.contextual,
-                            scores=schedule.num_patches + 1)
+                            scores=schedule.vision_inputs)
         elif entry.role == "prune":
             stage = schedule.llm_stages[entry.index]
             want.update(kept_index=stage.dominant, target_index=stage.contextual,

@@ -11,7 +11,7 @@ Float tensors are compared after each graph is fed the inputs its PyTorch unit s
   its exports on 0.99);
 - ``decisions``: how kept/target indices and merge assignments are judged. ``tie-aware``: a
   different choice passes only as a tie, i.e. when it is a valid choice under scores within
-  the measured error of this run (see ``export/ties.py``), and everything downstream is then
+  the measured error of this run (see ``runtime/ties.py``), and everything downstream is then
   compared with the reference re-run on the candidate's choices. ``overlap``: quantized
   graphs legitimately change decisions, so they are reported (Jaccard overlap of kept sets,
   ties) and not gated;

@@ -1,0 +1,127 @@
+"""Each pipeline unit's I/O, written once: tensor names, their dynamic axes, typed results.
+
+The exporter names graph inputs and outputs from here, the manifest records them, and every
+backend binds tensors by these names (ONNX Runtime feeds and fetches, TensorRT binds
+addresses, PyTorch builds the same typed results), so no unit's I/O is spelled twice and
+nothing is bound by position. Names follow Optimum (``past_key_values.{i}.key``,
+``present.{i}.key``). Shapes are ``[batch_size, ...]``; every visual-token count is a
+constant of the schedule, so only batch and sequence lengths are dynamic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+from torch import Tensor
+
+from .pruning import Choice
+
+# Symbolic axis names (the manifest and TensorRT profiles use them too).
+BATCH, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", "pruned_sequence_length"
+
+
+@dataclass
+class StageTrace:
+    """What one prune stage chose, in that stage's input numbering (the stage outputs of the
+    vision and prune graphs)."""
+
+    kept_index: Tensor  # [B, k]
+    target_index: Tensor  # [B, c]
+    scores: Tensor  # [B, N]
+    assignment: Tensor  # [B, R - c]: each member's contextual slot (see visiondrop_edge.pruning.merge)
+    merge_metric: Tensor  # [B, N, M]: the merge metric before normalisation
+
+    @property
+    def choice(self) -> Choice:
+        return Choice(self.kept_index, self.assignment)
+
+    def row(self, index: int) -> StageTrace:
+        """Sample ``index`` alone (batch 1)."""
+        return StageTrace(*(getattr(self, f.name)[index:index + 1] for f in fields(self)))
+
+
+STAGE_OUTPUTS: tuple[str, ...] = tuple(f.name for f in fields(StageTrace))
+
+
+class QKV(NamedTuple):
+    """``qkv_{g}``: the group's first layer's q/k/v before RoPE, [B, H(kv), S, hd] each."""
+
+    query: Tensor
+    key: Tensor
+    value: Tensor
+
+
+class PruneOutputs(NamedTuple):
+    """``prune_{s}``: the pruned sequence and the next layer's q/k/v for it, then the stage's choices."""
+
+    pruned_hidden_states: Tensor
+    pruned_query: Tensor
+    pruned_key: Tensor
+    pruned_value: Tensor
+    pruned_attention_mask: Tensor
+    pruned_position_ids: Tensor
+    kept_index: Tensor
+    target_index: Tensor
+    scores: Tensor
+    assignment: Tensor
+    merge_metric: Tensor
+
+    @property
+    def stage(self) -> StageTrace:
+        return StageTrace(*(getattr(self, name) for name in STAGE_OUTPUTS))
+
+
+VISION_INPUTS = ("pixel_values",)
+QKV_INPUTS = ("hidden_states",)
+QKV_OUTPUTS = QKV._fields
+PRUNE_INPUTS = ("hidden_states", "query", "key", "value", "attention_mask", "image_offset")
+PRUNE_OUTPUTS = PruneOutputs._fields
+DECODER_INPUTS = ("hidden_states", "query", "key", "value", "attention_mask", "position_ids")  # then past_key_values.*
+
+
+def vision_outputs(prunes: bool) -> tuple[str, ...]:
+    """``vision_encoder``: the image embeddings, and the stage-0 choices when it prunes."""
+    return ("image_embeds", *STAGE_OUTPUTS) if prunes else ("image_embeds",)
+
+
+def kv_names(prefix: str, layers: range) -> list[str]:
+    """``{prefix}.{i}.key``, ``{prefix}.{i}.value`` for each layer, in that order."""
+    return [f"{prefix}.{i}.{kind}" for i in layers for kind in ("key", "value")]
+
+
+def decoder_inputs(layers: range) -> tuple[str, ...]:
+    return (*DECODER_INPUTS, *kv_names("past_key_values", layers))
+
+
+def decoder_outputs(layers: range, last: bool) -> tuple[str, ...]:
+    """The group's hidden states (the last group: the LM head's logits at the last position), then the presents."""
+    return ("logits" if last else "hidden_states_out", *kv_names("present", layers))
+
+
+def dynamic_axes(unit: str, names: tuple[str, ...] | list[str]) -> dict[str, dict[int, str]]:
+    """The dynamic axes of ``names`` in a ``unit`` ("vision", "qkv", "prune" or "decoder")."""
+    axes: dict[str, dict[int, str]] = {}
+    for name in names:
+        if unit == "vision" or name in STAGE_OUTPUTS or name == "image_offset" or name == "logits":
+            axes[name] = {0: BATCH}
+        elif name.startswith("pruned_"):
+            axes[name] = {0: BATCH, 2 if name in ("pruned_query", "pruned_key", "pruned_value") else 1: PRUNED}
+        elif name.startswith("past_key_values."):
+            axes[name] = {0: BATCH, 2: PAST}
+        elif name.startswith("present."):
+            axes[name] = {0: BATCH, 2: TOTAL}
+        elif name in ("query", "key", "value"):
+            axes[name] = {0: BATCH, 2: SEQ}
+        elif name == "attention_mask":
+            axes[name] = {0: BATCH, 1: TOTAL if unit == "decoder" else SEQ}
+        else:  # hidden_states, hidden_states_out, position_ids
+            axes[name] = {0: BATCH, 1: SEQ}
+    return axes
+
+
+def bind(names: tuple[str, ...] | list[str], tensors: tuple | list) -> dict[str, Tensor]:
+    """Name a unit's positional results (a traced module's tuple): the counts must agree."""
+    if len(names) != len(tensors):
+        raise ValueError(f"{len(tensors)} tensors for the {len(names)} names {list(names)}")
+    return dict(zip(names, tensors))

@@ -1,0 +1,11 @@
+"""Model families: one adapter per architecture, registered by decorator (see ``base.py``).
+
+Importing this package registers the built-in families.
+"""
+
+from . import llava  # noqa: F401  (registers LLaVA-1.5)
+from .base import (FAMILIES, DecoderParts, Family, PromptTemplate, VisionGeometry, VisionUnit, family_for_config,
+                   family_named, family_of, register_family)
+
+__all__ = ["FAMILIES", "DecoderParts", "Family", "PromptTemplate", "VisionGeometry", "VisionUnit", "family_for_config",
+           "family_named", "family_of", "register_family"]

@@ -1,0 +1,189 @@
+"""What a model family tells the pipeline, and the registry that finds a checkpoint's family.
+
+Everything the pipeline knows about an architecture comes from its :class:`Family`: how to
+check a ``config.json`` before anything loads, how to load it, the vision tower's patch
+grid and whether it has a CLS token, the family's vision unit (tower + stage-0 prune +
+projector), where the decoder's parts are, and the prompt template. The rest of the code
+(schedules, the LLM-stage prunes, export, every backend) is family-agnostic. Families
+register with :func:`register_family`, the way Optimum registers one ``OnnxConfig`` per
+architecture; :func:`family_for_config` picks the one that accepts a config.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from visiondrop_edge.errors import CheckpointError
+from visiondrop_edge.schedule import Stage
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """One crop's patch grid as the vision tower sees it."""
+
+    image_size: int  # pixels per side of the (square) crop
+    patch_size: int  # pixels per side of a patch
+    has_cls: bool  # the tower prepends a CLS token, which the vision stage always keeps
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def cls_tokens(self) -> int:
+        return int(self.has_cls)
+
+    def patch_of(self, token: int) -> int | None:
+        """The row-major patch index of vision-stage input ``token`` (None for CLS)."""
+        patch = token - self.cls_tokens
+        return patch if patch >= 0 else None
+
+
+@dataclass(frozen=True)
+class DecoderParts:
+    """Where a Llama-style decoder's pieces are in a loaded model (shared, not copied)."""
+
+    embed_tokens: nn.Module
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary_emb: nn.Module
+    lm_head: nn.Module
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """The conversation template: ``{prompt}`` is the question, ``<image>`` the visual block."""
+
+    first_turn: str  # e.g. "USER: <image>\n{prompt} ASSISTANT:"
+    follow_up: str  # a later chat turn, after the previous answer's EOS
+    image_placeholder: str = "<image>"
+
+    @property
+    def image_first(self) -> bool:
+        """Whether the question comes after the image: then the image's pruning (causal, visual
+        queries only) cannot depend on it, and one prefill of the image serves every question."""
+        return self.first_turn.index(self.image_placeholder) < self.first_turn.index("{prompt}")
+
+
+class VisionUnit(nn.Module):
+    """A family's vision unit: pixels -> image embeddings, with the stage-0 prune inside.
+
+    ``forward(pixel_values, forced=None)`` returns the fields of
+    :class:`visiondrop_edge.contract.VisionOutputs` (only ``image_embeds`` when ``stage`` is
+    None). The two methods below are what the benchmark's ideal baseline builds on.
+    """
+
+    stage: Stage | None
+
+    def tower_tokens(self, pixel_values: Tensor) -> Tensor:
+        """The tower's tokens at the feature layer, unpruned (CLS first where there is one)."""
+        raise NotImplementedError
+
+    def project(self, tokens: Tensor) -> Tensor:
+        """Tower tokens -> the decoder's embedding space."""
+        raise NotImplementedError
+
+
+class Family(ABC):
+    """A model family's adapter. Subclasses set the class attributes and implement the methods."""
+
+    name: ClassVar[str]  # recorded in manifests, e.g. "llava-1.5"
+    architecture: ClassVar[str]  # the HF class name checkpoints declare, e.g. "LlavaForConditionalGeneration"
+    model_class: ClassVar[type]  # what from_pretrained is called on
+    template: ClassVar[PromptTemplate]
+
+    # ------------------------------------------------------------ before loading
+    @classmethod
+    @abstractmethod
+    def accepts(cls, config: dict[str, Any]) -> bool:
+        """Whether ``config.json`` (as JSON) is this family's: decided by its model types only."""
+
+    @classmethod
+    @abstractmethod
+    def check_config(cls, config: dict[str, Any], where: str) -> None:
+        """Refuse what the family's graphs do not compute exactly, with one line naming it
+        (raises :class:`CheckpointError`). Runs on the JSON, before transformers fills defaults."""
+
+    @classmethod
+    def check_processor(cls, processor_files: dict[str, Any], config: dict[str, Any], where: str) -> None:
+        """Refuse a saved image processor that does not fit the tower (default: no check)."""
+
+    # ------------------------------------------------------------- once loaded
+    @staticmethod
+    @abstractmethod
+    def geometry(config: Any) -> VisionGeometry:
+        """The patch grid of one crop, from the loaded config."""
+
+    @staticmethod
+    @abstractmethod
+    def vision_unit(model: nn.Module, stage: Stage | None, ops: tuple) -> VisionUnit:
+        """The family's vision unit over ``model``'s own sub-modules (weights shared)."""
+
+    @staticmethod
+    @abstractmethod
+    def decoder(model: nn.Module) -> DecoderParts:
+        """The decoder's embedding, layers, final norm, rotary embedding and LM head."""
+
+    @staticmethod
+    def max_positions(config: Any) -> tuple[int, str]:
+        """(longest sequence computed exactly, what sets it)."""
+        return config.text_config.max_position_embeddings, "the model's max_position_embeddings"
+
+    @staticmethod
+    def tower_parameters(model: nn.Module) -> nn.Module:
+        """The module whose dtype is the vision precision (the precision policy casts it)."""
+        return model.model.vision_tower
+
+
+FAMILIES: dict[str, type[Family]] = {}
+
+
+def register_family(family: type[Family]) -> type[Family]:
+    """Class decorator: make ``family`` available to :func:`family_for_config` and by name."""
+    if family.name in FAMILIES and FAMILIES[family.name] is not family:
+        raise ValueError(f"a family named {family.name!r} is registered already")
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_named(name: str) -> type[Family]:
+    """The registered family called ``name`` (what a manifest records)."""
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise CheckpointError(f"model family '{name}' is not known to this version (known: {', '.join(FAMILIES)})") from None
+
+
+def family_for_config(config: dict[str, Any], where: str) -> type[Family]:
+    """The one registered family that accepts ``config.json``, checked; else one line saying why not."""
+    matches = [family for family in FAMILIES.values() if family.accepts(config)]
+    if len(matches) > 1:
+        raise CheckpointError(f"{where}: more than one model family accepts this config ({', '.join(f.name for f in matches)})")
+    if not matches:
+        vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
+        kind = f"'{config.get('model_type')}'" + (f" with a '{vision['model_type']}' vision tower" if vision.get("model_type") else "")
+        raise CheckpointError(
+            f"{where} is a {kind} checkpoint, which no model family here handles "
+            f"(known: {', '.join(f'{f.name} ({f.architecture})' for f in FAMILIES.values())}): VisionDrop Edge "
+            "runs LlavaForConditionalGeneration checkpoints such as llava-hf/llava-1.5-7b-hf"
+        )
+    matches[0].check_config(config, where)
+    return matches[0]
+
+
+def family_of(model: nn.Module) -> type[Family]:
+    """The family of a loaded model (its config's), without re-checking it."""
+    config = model.config.to_dict()
+    matches = [family for family in FAMILIES.values() if family.accepts(config)]
+    if len(matches) != 1:
+        raise CheckpointError(f"{type(model).__name__} belongs to {len(matches)} registered model families, not one")
+    return matches[0]
+
