@@ -123,7 +123,7 @@ def record_feeds(
     for start in range(0, data.samples, batch_size):
         stop = min(start + batch_size, data.samples)
         progress(f"calibration run: samples {start + 1}-{stop} of {data.samples} ...")
-        pixels = pixel_values(processor.image_processor, data.images[start:stop])
+        pixels = pixel_values(processor.image_processor, data.images[start:stop], spec.prompt_template)
         prompts = build_prompts(processor.tokenizer, spec.prompt_template, data.prompts[start:stop], spec.schedule.image_tokens,
                                 spec.image_token_id, spec.pad_token_id)
         recorder = RecordingBackend(backend)

@@ -207,7 +207,7 @@ def export_artifacts(
     min_len = schedule.image_tokens + 8
     if options.max_seq_len < min_len:
         raise UserError(f"--max-seq-len {options.max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a prompt: use at least {min_len}")
-    spec = ModelSpec.from_config(loaded.config, schedule, family.name, dtype, pad_token_id(loaded.tokenizer), vision_dtype)
+    spec = ModelSpec.from_config(loaded.config, schedule, family.name, loaded.template, dtype, pad_token_id(loaded.tokenizer), vision_dtype)
     pipeline = VisionDropPipeline(model, schedule, PLUGIN_OPS if options.plugins else REFERENCE_OPS, family).eval()
     graphs = graph_specs(pipeline, spec)
     metadata = {"visiondrop.schedule": schedule.describe(), "visiondrop.model": loaded.source}

@@ -32,7 +32,7 @@ class TorchBackend(Backend):
         self.pipeline = VisionDropPipeline(model, schedule, family=family).eval()
         self.device = next(model.parameters()).device
         self.spec = ModelSpec.from_config(
-            model.config, schedule, family.name, parameter_dtype(family.decoder(model).layers), pad_token_id(loaded.tokenizer),
+            model.config, schedule, family.name, loaded.template, parameter_dtype(family.decoder(model).layers), pad_token_id(loaded.tokenizer),
             parameter_dtype(family.tower_parameters(model)),
         )
 

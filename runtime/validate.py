@@ -400,7 +400,8 @@ def validate_artifacts(
     # The candidate first: a missing TensorRT or GPU is reported before the reference loads.
     backend = candidate if isinstance(candidate, Backend) else open_candidate(candidate, Path(directory), manifest, engines)
     progress(f"loading the PyTorch reference ({source}, {dtype}) ...")
-    loaded = apply_precision(load_model(source, dtype=EXPORT_DTYPES[dtype], device=device), manifest.export.get("vision_dtype"))
+    loaded = apply_precision(load_model(source, dtype=EXPORT_DTYPES[dtype], device=device,
+                                        conversation=backend.spec.prompt_template.name), manifest.export.get("vision_dtype"))
     if loaded.content_hash != manifest.model["content_hash"]:
         raise UserError(f"the model at {source} is not the one these artifacts were exported from (content hash differs): re-export")
     torch_reference = TorchBackend(loaded, backend.spec.schedule)
@@ -416,8 +417,8 @@ def validate_artifacts(
         case_prompts = [prompts[i % len(prompts)] for i in range(batch)]
         progress(f"comparing {label}, batch {batch} ...")
         report.cases.append({"label": label, "batch": batch, "prompts": case_prompts})
-        pixels = pixel_values(loaded.processor.image_processor, case_images).to(device)
         spec = backend.spec
+        pixels = pixel_values(loaded.processor.image_processor, case_images, spec.prompt_template).to(device)
         prompt_batch = build_prompts(loaded.tokenizer, spec.prompt_template, case_prompts, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
         recorder = RecordingBackend(torch_reference)
         greedy_generate(recorder, pixels, prompt_batch, new_tokens)

@@ -21,7 +21,7 @@ def test_ideal_prefill_gives_every_group_the_pruned_sizes(tiny):
     schedule = Schedule.from_budget(64, 8, 576)
     backend = TorchBackend(tiny, schedule)
     pixels = pixel_values(tiny.processor.image_processor, random_images(2, seed=4))
-    batch = build_prompts(tiny.tokenizer, tiny.family.template, ["a", "a longer prompt"], schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
+    batch = build_prompts(tiny.tokenizer, tiny.template, ["a", "a longer prompt"], schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
     ideal = IdealBaseline(backend, IdealVision(backend.pipeline.vision).eval())
     shapes = {}
     for variant in (backend, ideal):

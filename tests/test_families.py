@@ -152,7 +152,7 @@ def test_full_budget_is_hf_generate(toy_checkpoint):
     loaded = load_model(str(toy_checkpoint))
     schedule = loaded.schedule("full")
     pixels = pixel_values(loaded.processor.image_processor, random_images(2, seed=3))
-    batch = build_prompts(loaded.tokenizer, loaded.family.template, ["a cat?", "what is in this picture?"],
+    batch = build_prompts(loaded.tokenizer, loaded.template, ["a cat?", "what is in this picture?"],
                           schedule.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     ours = greedy_generate(TorchBackend(loaded, schedule), pixels, batch, 6)
     hf = loaded.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels,

@@ -24,7 +24,7 @@ def run_batched(tiny, budget, seed, prompts=PROMPTS):
     schedule = Schedule.from_budget(budget, tiny.config.text_config.num_hidden_layers, 576)
     backend = TorchBackend(tiny, schedule)
     pixels = pixel_values(tiny.processor.image_processor, random_images(len(prompts), seed=seed))
-    batch = build_prompts(tiny.tokenizer, tiny.family.template, prompts, schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
+    batch = build_prompts(tiny.tokenizer, tiny.template, prompts, schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
     return schedule, pixels, batch, greedy_generate(backend, pixels, batch, NEW_TOKENS)
 
 
@@ -38,7 +38,7 @@ def test_batched_pipeline_matches_naive_reference(tiny, tiny_eager, budget):
     schedule, pixels, _, result = run_batched(tiny, budget, seed=100 + budget)
     batched_stages = [result.vision.stage, *result.stages]
     for b, prompt in enumerate(PROMPTS):
-        ids = tiny.tokenizer(tiny.family.template.first_turn.format(prompt=prompt)).input_ids
+        ids = tiny.tokenizer(tiny.template.first_turn.format(prompt=prompt)).input_ids
         naive = naive_generate(tiny_eager, pixels[b], ids, tiny.config.image_token_id, schedule, NEW_TOKENS, tiny.config.text_config.eos_token_id)
         assert len(naive.stages) == len(batched_stages) == 4
         for number, (stage, ours, ref) in enumerate(zip(schedule.stages, batched_stages, naive.stages)):
@@ -68,7 +68,7 @@ def test_token_counts_per_stage_follow_the_schedule(tiny, budget):
     schedule = Schedule.from_budget(budget, 8, 576)
     backend = TorchBackend(tiny, schedule)
     pixels = pixel_values(tiny.processor.image_processor, random_images(2, seed=5))
-    batch = build_prompts(tiny.tokenizer, tiny.family.template, PROMPTS, schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
+    batch = build_prompts(tiny.tokenizer, tiny.template, PROMPTS, schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
     vision = backend.encode_image(pixels)
     assert vision.image_embeds.shape[1] == schedule.vision.total
     assert vision.stage.kept_index.shape[1] == schedule.vision.dominant
@@ -99,7 +99,7 @@ def test_equal_length_batch_matches_single_samples(tiny):
     schedule = Schedule.from_budget(64, 8, 576)
     backend = TorchBackend(tiny, schedule)
     for b in range(2):
-        batch = build_prompts(tiny.tokenizer, tiny.family.template, prompts[b:b + 1], schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
+        batch = build_prompts(tiny.tokenizer, tiny.template, prompts[b:b + 1], schedule.image_tokens, tiny.config.image_token_id, pad_token_id(tiny.tokenizer))
         single = greedy_generate(backend, pixels[b:b + 1], batch, NEW_TOKENS)
         assert single.tokens[0].tolist() == batched.tokens[b].tolist()
         torch.testing.assert_close(single.step_logits[0][0], batched.step_logits[0][b], **TOL)

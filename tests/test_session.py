@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pytest
 import torch
 
@@ -11,7 +12,6 @@ from visiondrop_edge.runtime.ort_backend import OrtBackend
 from visiondrop_edge.runtime.session import PrefixCache, Session
 from visiondrop_edge.runtime.torch_backend import TorchBackend
 from visiondrop_edge.families import PromptTemplate
-from visiondrop_edge.families.llava import Llava15
 from visiondrop_edge.errors import UserError
 from visiondrop_edge.prompt import PromptBatch, build_prompts, follow_up_ids, pixel_values, random_images
 from visiondrop_edge.schedule import Schedule
@@ -81,7 +81,7 @@ def test_three_turn_chat_equals_a_full_prefill_of_the_conversation(backends, tin
     conversation = Session(backend, tiny.processor, "tiny").chat(pixels)
     for question in QUESTIONS[:2]:
         conversation.say(question, NEW_TOKENS)
-    before = list(conversation.history) + list(conversation.pending) + follow_up_ids(tiny.tokenizer, tiny.family.template, QUESTIONS[2])
+    before = list(conversation.history) + list(conversation.pending) + follow_up_ids(tiny.tokenizer, tiny.template, QUESTIONS[2])
     third = conversation.say(QUESTIONS[2], NEW_TOKENS)
     prefix = list(conversation.prefix.prefix_ids)
     ids = prefix + [spec.image_token_id] * spec.schedule.image_tokens + before
@@ -107,7 +107,8 @@ def test_prefix_is_immutable_and_cached(backends, tiny):
 def test_question_before_the_image_is_refused(backends, tiny, monkeypatch):
     """With the question before the image, the question changes the pruning: reuse would be wrong."""
     backend = backends[64]["torch"]
-    monkeypatch.setattr(Llava15, "template", PromptTemplate("USER: {prompt}\n<image> ASSISTANT:", Llava15.template.follow_up))
+    question_first = PromptTemplate("USER: {prompt}\n<image> ASSISTANT:", tiny.template.follow_up, name="question-first")
+    monkeypatch.setattr(backend, "spec", dataclasses.replace(backend.spec, prompt=question_first.to_dict()))
     pixels = pixel_values(tiny.processor.image_processor, random_images(1, seed=4))
     first, second = (full_prefill(backend, tiny, pixels, [q]) for q in QUESTIONS[:2])
     assert not all(torch.equal(a.kept_index, b.kept_index) for a, b in zip(first.stages, second.stages))

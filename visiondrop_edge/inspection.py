@@ -65,8 +65,8 @@ def inspect_image(loaded, schedule: Schedule, image, prompt: str) -> tuple[list[
     from visiondrop_edge.runtime.torch_backend import TorchBackend
 
     backend = TorchBackend(loaded, schedule)
-    pixels = pixel_values(loaded.processor.image_processor, [image])
-    batch = build_prompts(loaded.tokenizer, loaded.family.template, [prompt], schedule.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
+    pixels = pixel_values(loaded.processor.image_processor, [image], loaded.template)
+    batch = build_prompts(loaded.tokenizer, loaded.template, [prompt], schedule.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     vision = backend.encode_image(pixels)
     prefill = backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset)
     traces = [vision.stage, *prefill.stages]

@@ -26,7 +26,7 @@ from transformers import AutoProcessor, PreTrainedConfig
 
 from .builtin import BUILTIN_FORMAT, BUILTIN_MARKER, BUILTIN_VERSION, PRESETS, build_model, recipe_hash
 from .errors import CheckpointError, ConcurrentWriteError, OutputError, UserError
-from .families import Family, family_for_config, family_of
+from .families import Family, PromptTemplate, family_for_config, family_of
 from .schedule import Schedule, resolve_schedule
 from .jsonio import read_json_object
 
@@ -45,6 +45,7 @@ class LoadedModel:
     processor: object  # LlavaProcessor: .tokenizer and .image_processor
     source: str  # preset name, or the checkpoint directory's absolute path
     hasher: Callable[[], str] = field(repr=False)
+    template: PromptTemplate  # the prompt recipe: template, tokenisation, image framing (the family's)
     directory: Path | None = None  # the checkpoint folder read (None for in-memory presets)
 
     @cached_property
@@ -429,12 +430,15 @@ def load_processor(path: Path, error: type[UserError], advice: str):
         raise error(f"{path} has no usable tokenizer/image processor ({_first_line(exc)}): {advice}") from None
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load ``spec`` (a preset name or a checkpoint directory) for inference."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               conversation: str | None = None) -> LoadedModel:
+    """Load ``spec`` (a preset name or a checkpoint directory) for inference, prompted with the
+    family's ``conversation`` (None: its default for this checkpoint; checked here)."""
     if spec in PRESETS and spec not in SAVED_PRESETS:
         model, processor = build_model(spec, device=device)
         model = model.to(dtype)
-        return LoadedModel(model, processor, spec, lambda: state_dict_hash(model))
+        template = family_of(model).conversation(processor, conversation)
+        return LoadedModel(model, processor, spec, lambda: state_dict_hash(model), template)
     path = builtin_dir(spec) if spec in PRESETS else Path(spec).expanduser().resolve()
     config = _read_config(path)
     family = check_supported(config, str(path))
@@ -455,4 +459,5 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     processor = load_processor(path, CheckpointError, "copy the processor files next to the weights")
     model = model.to(device).eval()
     source = spec if spec in PRESETS else str(path)
-    return LoadedModel(model, processor, source, lambda: content_hash(path), directory=path)
+    template = family.conversation(processor, conversation)
+    return LoadedModel(model, processor, source, lambda: content_hash(path), template, directory=path)

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from visiondrop_edge.errors import ArtifactError, UserError
-from visiondrop_edge.families import PromptTemplate, family_named
+from visiondrop_edge.families import PromptTemplate
 from visiondrop_edge.loading import sha256_file
 from visiondrop_edge.schedule import Schedule
 from visiondrop_edge.jsonio import read_json_object
@@ -61,13 +61,14 @@ class ModelSpec:
     image_token_id: int
     pad_token_id: int
     eos_token_id: int | None
-    family: str  # the model family's registered name (visiondrop_edge.families): template, geometry
+    family: str  # the model family's registered name (visiondrop_edge.families)
+    prompt: dict[str, Any]  # the PromptTemplate the model is prompted with
     dtype: str = "float32"
     vision_dtype: str | None = None  # the CLIP tower's (pixel_values'); None: dtype
 
     @property
     def prompt_template(self) -> PromptTemplate:
-        return family_named(self.family).template
+        return PromptTemplate(**self.prompt)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -79,7 +80,7 @@ class ModelSpec:
 
     @classmethod
     def from_config(
-        cls, config: Any, schedule: Schedule, family: str, dtype: torch.dtype, pad_token_id: int,
+        cls, config: Any, schedule: Schedule, family: str, prompt: PromptTemplate, dtype: torch.dtype, pad_token_id: int,
         vision_dtype: torch.dtype | None = None,
     ) -> ModelSpec:
         names = {v: k for k, v in DTYPES.items()}
@@ -96,6 +97,7 @@ class ModelSpec:
             pad_token_id=pad_token_id,
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
             family=family,
+            prompt=prompt.to_dict(),
             dtype=names[dtype],
             vision_dtype=names[vision_dtype] if vision_dtype not in (None, dtype) else None,
         )
@@ -165,6 +167,7 @@ class SpecSchema(_Schema):
     pad_token_id: Count
     eos_token_id: Count | None
     family: StrictStr
+    prompt: dict
     dtype: Literal["float32", "float16", "bfloat16"]
 
 

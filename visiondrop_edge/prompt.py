@@ -40,9 +40,20 @@ def _check_question(prompt: str, template: PromptTemplate) -> None:
 
 
 def split_prompt(tokenizer, template: PromptTemplate, prompt: str, image_token_id: int) -> SplitPrompt:
-    """Tokenise ``prompt`` in the template and cut it at the image token."""
+    """Tokenise ``prompt`` in the template and cut it at the image token.
+
+    A ``chunked`` template tokenises the text before and after the image separately, as
+    LLaVA's ``tokenizer_image_token`` does (the second chunk loses its BOS): SentencePiece
+    then starts the question with its own word boundary, which one string would not.
+    """
     _check_question(prompt, template)
-    ids = tokenizer(template.first_turn.format(prompt=prompt)).input_ids
+    text = template.first_turn.format(prompt=prompt)
+    if template.chunked:
+        before, after = (tokenizer(chunk).input_ids for chunk in text.split(template.image_placeholder))
+        bos = tokenizer.bos_token_id
+        skip = 1 if bos is not None and before[:1] == [bos] else 0  # what LLaVA drops from every later chunk
+        return SplitPrompt(tuple(before), tuple(after[skip:]))
+    ids = tokenizer(text).input_ids
     if ids.count(image_token_id) != 1:
         raise CheckpointError(
             f"the tokenizer does not map '{template.image_placeholder}' to the model's image token id {image_token_id}: "
@@ -152,5 +163,20 @@ def random_images(count: int, seed: int, size: int = 336) -> list[Image.Image]:
     return images
 
 
-def pixel_values(image_processor, images: Sequence[Image.Image]) -> Tensor:
+def pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
+    """The image centred on a square of ``colour`` (LLaVA-1.5's ``expand2square``)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), colour)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def pixel_values(image_processor, images: Sequence[Image.Image], template: PromptTemplate | None = None) -> Tensor:
+    """The processor's pixels; a ``pad_to_square`` template first pads in the processor's mean colour."""
+    if template is not None and template.pad_to_square:
+        colour = tuple(int(x * 255) for x in image_processor.image_mean)
+        images = [pad_to_square(image, colour) for image in images]
     return image_processor(list(images), return_tensors="pt")["pixel_values"]

@@ -12,7 +12,7 @@ architecture; :func:`family_for_config` picks the one that accepts a config.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -60,11 +60,18 @@ class DecoderParts:
 
 @dataclass(frozen=True)
 class PromptTemplate:
-    """The conversation template: ``{prompt}`` is the question, ``<image>`` the visual block."""
+    """How a question and an image become model inputs: ``{prompt}`` is the question,
+    ``<image>`` the visual block. Recorded in manifests, so artifacts prompt as exported."""
 
     first_turn: str  # e.g. "USER: <image>\n{prompt} ASSISTANT:"
     follow_up: str  # a later chat turn, after the previous answer's EOS
+    name: str = "plain"  # which of the family's conversations (``Family.conversation``)
     image_placeholder: str = "<image>"
+    chunked: bool = False  # tokenise the text before and after the image separately (LLaVA's tokenizer_image_token)
+    pad_to_square: bool = False  # pad images to a square in the processor's mean colour first (LLaVA's image_aspect_ratio=pad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
     @property
     def image_first(self) -> bool:
@@ -131,6 +138,14 @@ class Family(ABC):
     @abstractmethod
     def decoder(model: nn.Module) -> DecoderParts:
         """The decoder's embedding, layers, final norm, rotary embedding and LM head."""
+
+    @classmethod
+    def conversation(cls, processor: Any, name: str | None = None) -> PromptTemplate:
+        """The prompt recipe called ``name`` for a checkpoint with ``processor`` (None: the
+        family's default); a family with several overrides this."""
+        if name not in (None, cls.template.name):
+            raise CheckpointError(f"conversation '{name}' is not one of the {cls.name} family's: use {cls.template.name}")
+        return cls.template
 
     @staticmethod
     def max_positions(config: Any) -> tuple[int, str]:

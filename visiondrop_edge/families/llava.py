@@ -20,6 +20,38 @@ from .base import DecoderParts, Family, PromptTemplate, VisionGeometry, VisionUn
 
 SUPPORTED_DECODERS = ("llama", "mistral")
 
+# What llava-hf's own chat template renders for one image and one question.
+PLAIN = PromptTemplate("USER: <image>\n{prompt} ASSISTANT:", "USER: {prompt} ASSISTANT:", name="plain")
+# The original LLaVA-1.5 evaluation (conv_vicuna_v1, tokenizer_image_token, image_aspect_ratio=pad).
+VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+LLAVA_V1 = PromptTemplate(VICUNA_V1_SYSTEM + " USER: <image>\n{prompt} ASSISTANT:", "USER: {prompt} ASSISTANT:",
+                          name="llava_v1", chunked=True, pad_to_square=True)
+CONVERSATIONS = {template.name: template for template in (PLAIN, LLAVA_V1)}
+CHECKPOINT = "checkpoint"
+
+
+def rendered_template(processor: Any, placeholder: str = "<image>") -> PromptTemplate:
+    """The checkpoint's own ``chat_template`` as a template: one image then the question, and a
+    later turn (the text its template puts after an answer, less the EOS the runtime feeds)."""
+    question, answer, follow = "\x00Q\x00", "\x00A\x00", "\x00F\x00"  # text no template produces
+
+    def render(messages: list) -> str:
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return text.replace("{", "{{").replace("}", "}}")
+
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    first = render(turn)
+    later = render(turn + [{"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                           {"role": "user", "content": [{"type": "text", "text": follow}]}]).split(answer, 1)[1]
+    eos = getattr(processor.tokenizer, "eos_token", None)
+    later = later[len(eos):] if eos and later.startswith(eos) else later
+    if first.count(placeholder) != 1 or question not in first or follow not in later:
+        raise CheckpointError(f"the checkpoint's chat_template does not render one {placeholder} and the question: "
+                              "use --conversation plain or llava_v1")
+    return PromptTemplate(first.replace(question, "{prompt}"), later.replace(follow, "{prompt}"), name=CHECKPOINT,
+                          image_placeholder=placeholder)
+
 
 def _integer(config: dict, section: str | None, key: str, default: int, where: str) -> int:
     """``config[section][key]`` (or ``config[key]``), which must be an integer if present."""
@@ -176,7 +208,7 @@ class Llava15(Family):
     name = "llava-1.5"
     architecture = "LlavaForConditionalGeneration"
     model_class = LlavaForConditionalGeneration
-    template = PromptTemplate(first_turn="USER: <image>\n{prompt} ASSISTANT:", follow_up="USER: {prompt} ASSISTANT:")
+    template = PLAIN
 
     @classmethod
     def accepts(cls, config: dict[str, Any]) -> bool:
@@ -191,6 +223,20 @@ class Llava15(Family):
     @classmethod
     def check_processor(cls, processor_files: dict[str, Any], config: dict[str, Any], where: str) -> None:
         check_crop_size(processor_files, config["vision_config"].get("image_size", CLIPVisionConfig().image_size), where)
+
+    @classmethod
+    def conversation(cls, processor: Any, name: str | None = None) -> PromptTemplate:
+        """``checkpoint`` (the processor's chat_template; the default where there is one), ``plain``
+        (llava-hf's template, the default otherwise) or ``llava_v1`` (the original evaluation)."""
+        own = bool(getattr(processor, "chat_template", None))
+        name = name or (CHECKPOINT if own else PLAIN.name)
+        if name == CHECKPOINT:
+            if not own:
+                raise CheckpointError("the checkpoint's processor has no chat_template: use --conversation plain or llava_v1")
+            return rendered_template(processor, getattr(processor, "image_token", "<image>"))
+        if name not in CONVERSATIONS:
+            raise CheckpointError(f"unknown conversation '{name}': use {', '.join([CHECKPOINT, *CONVERSATIONS])}")
+        return CONVERSATIONS[name]
 
     @staticmethod
     def geometry(config: Any) -> VisionGeometry:
