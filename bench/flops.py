@@ -27,8 +27,7 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
     that feeds each group exactly its stage's size with no scoring or merging.
     """
     vision, text = config.vision_config, config.text_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    n = patches + 1
+    patches, n = schedule.num_patches, schedule.vision_inputs  # a ViT tower: patch embedding, then n tokens
     dv, d = vision.hidden_size, text.hidden_size
     depth = config.vision_feature_layer if config.vision_feature_layer >= 0 else vision.num_hidden_layers + 1 + config.vision_feature_layer
     heads, kv_heads = text.num_attention_heads, text.num_key_value_heads

@@ -23,7 +23,7 @@ def plot_bench(report: dict, path: str | Path) -> None:
         ideal = [get[(b, "ideal")] for b in budgets]
         line = latency.plot(x, pruned, "o-", label=f"pruned, batch {batch}")[0]
         latency.plot(x, ideal, "s--", color=line.get_color(), alpha=0.6, label=f"ideal, batch {batch}")
-        latency.axhline(full, color=line.get_color(), linestyle=":", label=f"full (576), batch {batch}")
+        latency.axhline(full, color=line.get_color(), linestyle=":", label=f"full (unpruned), batch {batch}")
         speedup.plot(x, [full / p for p in pruned], "o-", color=line.get_color(), label=f"pruned, batch {batch}")
         speedup.plot(x, [full / i for i in ideal], "s--", color=line.get_color(), alpha=0.6, label=f"ideal, batch {batch}")
     machine = report["machine"]

@@ -120,8 +120,8 @@ def cpu_load(workers: int) -> Iterator[None]:
 def decode_bytes(loaded: LoadedModel) -> int:
     """Bytes of the weights every decode step reads once: the decoder layers, the final norm
     and the LM head (of the embedding table only one row per token)."""
-    text = loaded.model.model.language_model
-    tensors = [*text.layers.parameters(), *text.norm.parameters(), *loaded.model.lm_head.parameters()]
+    text = loaded.family.decoder(loaded.model)
+    tensors = [*text.layers.parameters(), *text.norm.parameters(), *text.lm_head.parameters()]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
