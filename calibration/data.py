@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from visiondrop_edge.errors import UserError
+from visiondrop_edge.errors import SettingError, UserError
 from visiondrop_edge.prompt import build_prompts, load_images, pixel_values, random_images
 
 PROMPTS_FILE = "prompts.jsonl"
@@ -89,7 +89,7 @@ def folder_set(directory: Path, samples: int | None) -> CalibrationSet:
     if not rows:
         raise UserError(f"{file} lists no samples: add lines of {{\"image\": ..., \"prompt\": ...}}")
     if samples is not None and samples > len(rows):
-        raise UserError(f"--samples {samples} but {file} lists only {len(rows)}: lower --samples or add samples")
+        raise SettingError(f"{{samples}} {samples} but {file} lists only {len(rows)}: lower {{samples}} or add samples")
     rows = rows[:samples] if samples is not None else rows
     return CalibrationSet(str(directory.resolve()), load_images([path for path, _ in rows]), [prompt for _, prompt in rows])
 
@@ -99,7 +99,7 @@ def calibration_set(data: str, samples: int | None, default_builtin_samples: int
         return builtin_set(samples or default_builtin_samples)
     directory = Path(data)
     if not directory.is_dir():
-        raise UserError(f"--data {data} is not a folder: pass a folder of images with {PROMPTS_FILE}, or 'builtin'")
+        raise SettingError(f"{{data}} {data} is not a folder: pass a folder of images with {PROMPTS_FILE}, or 'builtin'")
     return folder_set(directory, samples)
 
 

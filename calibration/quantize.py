@@ -36,7 +36,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from visiondrop_edge.gates import gates_for
 from visiondrop_edge.manifest import MANIFEST, GraphEntry, Manifest, read_manifest
-from visiondrop_edge.errors import UserError
+from visiondrop_edge.errors import SettingError, UserError
 from visiondrop_edge.loading import check_target, sha256_file, write_atomically
 
 from .data import GraphFeeds, calibration_set, record_feeds
@@ -101,11 +101,11 @@ class CalibrateOptions:
 
     def __post_init__(self):
         if self.precision not in RECIPES:
-            raise UserError(f"--precision {self.precision} is not supported: use {', '.join(PRECISIONS)}")
+            raise SettingError(f"{{precision}} {self.precision} is not supported: use {', '.join(PRECISIONS)}")
         if self.samples is not None and self.samples < 1:
-            raise UserError(f"--samples {self.samples}: give at least 1")
+            raise SettingError(f"{{samples}} {self.samples}: give at least 1")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise UserError(f"--block-size {self.block_size}: use a power of two of at least 16 (128 is usual)")
+            raise SettingError(f"{{block_size}} {self.block_size}: use a power of two of at least 16 (128 is usual)")
 
 
 FP16_SCALES_OPSET = 19  # DequantizeLinear takes fp16 scales (the fp16 graphs' dtype) from opset 19
@@ -120,15 +120,15 @@ def target_opset(recipe: Recipe, source_opset: int, requested: int | None, dtype
         return max(source_opset, needed)
     if requested < needed:
         extra = f"; {INT4_TENSORRT}" if recipe.precision == "int4-weight" else ""
-        fallback = "" if dtype == "fp16" else f", or --precision int8 for opset {requested}"
-        raise UserError(f"--precision {recipe.precision} cannot be carried by opset {requested}: {why} "
-                        f"(use --opset {needed}{fallback}){extra}")
+        fallback = "" if dtype == "fp16" else f", or {{precision}} int8 for opset {requested}"
+        raise SettingError(f"{{precision}} {recipe.precision} cannot be carried by opset {requested}: {why} "
+                           f"(use {{opset}} {needed}{fallback}){extra}")
     if requested < source_opset:
-        raise UserError(f"--opset {requested} is below the source graphs' opset {source_opset}: opsets only go up")
+        raise SettingError(f"{{opset}} {requested} is below the source graphs' opset {source_opset}: opsets only go up")
     highest = max(r.min_opset for r in RECIPES.values())
     if requested > highest:
-        raise UserError(f"--opset {requested}: no precision here needs more than opset {highest}, and older TensorRT "
-                        f"parsers read fewer opsets; leave --opset out")
+        raise SettingError(f"{{opset}} {requested}: no precision here needs more than opset {highest}, and older TensorRT "
+                           "parsers read fewer opsets; leave {opset} out")
     return requested
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_LIBRARY, PLUGIN_NAMESPACE, PLUGIN_VERSION, SELECT_OP, is_plugin_node
 from visiondrop_edge.plugins_trt.onnx_ops import PLUGIN_OPS
-from visiondrop_edge.errors import UserError
+from visiondrop_edge.errors import SettingError
 from visiondrop_edge.gates import gates_for
 from visiondrop_edge.contract import (PRUNE_INPUTS, PRUNE_OUTPUTS, QKV_INPUTS, QKV_OUTPUTS, VISION_INPUTS, bind, decoder_inputs,
                                       decoder_outputs, dynamic_axes, vision_outputs)
@@ -53,13 +53,13 @@ class ExportOptions:
 
     def __post_init__(self):
         if self.dtype not in EXPORT_DTYPES:
-            raise UserError(f"--dtype {self.dtype} is not supported: use fp32 or fp16")
+            raise SettingError(f"{{dtype}} {self.dtype} is not supported: use fp32 or fp16")
         if self.vision_dtype not in (None, *EXPORT_DTYPES):
-            raise UserError(f"--vision-dtype {self.vision_dtype} is not supported: use fp32 or fp16")
+            raise SettingError(f"{{vision_dtype}} {self.vision_dtype} is not supported: use fp32 or fp16")
         if self.vision_dtype == self.dtype:  # one spelling of "the same precision" in manifests
             object.__setattr__(self, "vision_dtype", None)
         if self.opset < 17:
-            raise UserError(f"--opset {self.opset} is too old: the graphs need opset 17 or newer")
+            raise SettingError(f"{{opset}} {self.opset} is too old: the graphs need opset 17 or newer")
 
 
 @dataclass
@@ -203,10 +203,10 @@ def export_artifacts(
         raise ValueError(f"load the model with the export's precision policy first (see apply_precision): {options}")
     text = loaded.config.text_config
     if options.max_seq_len > text.max_position_embeddings:
-        raise UserError(f"--max-seq-len {options.max_seq_len} exceeds the model's {text.max_position_embeddings} positions")
+        raise SettingError(f"{{max_seq_len}} {options.max_seq_len} exceeds the model's {text.max_position_embeddings} positions")
     min_len = schedule.image_tokens + 8
     if options.max_seq_len < min_len:
-        raise UserError(f"--max-seq-len {options.max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a prompt: use at least {min_len}")
+        raise SettingError(f"{{max_seq_len}} {options.max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a prompt: use at least {min_len}")
     spec = ModelSpec.from_config(loaded.config, schedule, family.name, loaded.template, dtype, pad_token_id(loaded.tokenizer), vision_dtype)
     pipeline = VisionDropPipeline(model, schedule, PLUGIN_OPS if options.plugins else REFERENCE_OPS, family).eval()
     graphs = graph_specs(pipeline, spec)

@@ -31,7 +31,7 @@ from visiondrop_edge.manifest import MANIFEST, GraphEntry, read_manifest, sha256
 from visiondrop_edge.engines import ENGINES_FORMAT, ENGINES_FORMAT_VERSION, Environment
 from visiondrop_edge.plugins_trt import DEFAULT_BUILD_DIR, MERGE_OP, PLUGIN_LIBRARY, PLUGIN_VERSION, SELECT_OP, is_plugin_node
 from visiondrop_edge.plugins_trt.library import find_plugin_library, load_plugin_library
-from visiondrop_edge.errors import UserError
+from visiondrop_edge.errors import SettingError, UserError
 from visiondrop_edge.schedule import Schedule
 
 if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
@@ -271,17 +271,17 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     max_seq_len = options.max_seq_len or exported_max
     shortest = schedule.image_tokens + 2  # the image, one text token, one generated token
     if options.max_batch < 1:
-        raise UserError(f"--max-batch {options.max_batch}: use 1 or more")
+        raise SettingError(f"{{max_batch}} {options.max_batch}: use 1 or more")
     if max_seq_len < shortest:
-        raise UserError(f"--max-seq-len {max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a "
-                        f"prompt: use at least {shortest}")
+        raise SettingError(f"{{max_seq_len}} {max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a "
+                           f"prompt: use at least {shortest}")
     if max_seq_len > exported_max:
-        raise UserError(f"--max-seq-len {max_seq_len} is past the {exported_max} the artifacts were exported for: "
-                        f"re-export with --max-seq-len {max_seq_len}, or build with at most {exported_max}")
+        raise SettingError(f"{{max_seq_len}} {max_seq_len} is past the {exported_max} the artifacts were exported for: "
+                           f"re-export with {{max_seq_len}} {max_seq_len}, or build with at most {exported_max}")
     opt_seq_len = options.opt_seq_len or min(max_seq_len - 1, schedule.image_tokens + 32)
     if not shortest - 1 <= opt_seq_len <= max_seq_len - 1:
-        raise UserError(f"--opt-seq-len {opt_seq_len} must lie between {shortest - 1} (the image and one token) "
-                        f"and --max-seq-len - 1 = {max_seq_len - 1}")
+        raise SettingError(f"{{opt_seq_len}} {opt_seq_len} must lie between {shortest - 1} (the image and one token) "
+                           f"and {{max_seq_len}} - 1 = {max_seq_len - 1}")
     plugins = manifest.export.get("mode") == "plugins"
     library = find_plugin_library(options.plugin_lib) if plugins or options.plugin_lib else None  # a bad path: refused
     engines, problems = [], []

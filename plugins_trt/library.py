@@ -6,7 +6,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from visiondrop_edge.errors import UserError
+from visiondrop_edge.errors import SettingError, UserError
 
 from . import DEFAULT_BUILD_DIR, PLUGIN_LIBRARY
 
@@ -21,7 +21,7 @@ def find_plugin_library(explicit: Path | None) -> Path | None:
         if candidate and Path(candidate).is_file():
             return Path(candidate).resolve()
     if explicit:
-        raise UserError(f"--plugin-lib {explicit} does not exist: build it with `python -m visiondrop_edge.plugins_trt.build` "
+        raise SettingError(f"{{plugin_lib}} {explicit} does not exist: build it with `python -m visiondrop_edge.plugins_trt.build` "
                         "(see the README's TensorRT section)")
     return None
 

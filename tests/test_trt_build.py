@@ -261,7 +261,7 @@ def test_plugin_mode_plan_reports_a_missing_library_and_build_refuses(artifacts)
                             needs_plugins=True, plugin_library=None)
     with pytest.raises(UserError, match="uses the VisionDrop plugins: build libvisiondrop_trt_plugins.so"):
         plugin_plan.require_plugin_library()
-    with pytest.raises(UserError, match="--plugin-lib .* does not exist"):
+    with pytest.raises(UserError, match="plugin_lib .* does not exist"):
         plan_build(artifacts, BuildOptions(plugin_lib=artifacts / "missing.so"))
 
 

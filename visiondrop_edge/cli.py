@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from visiondrop_edge.errors import UserError
+from visiondrop_edge.errors import SettingError, UserError
 
 MODEL_HELP = "Built-in preset (tiny, small, llava-1.5-7b-shape) or a local Hugging Face LLaVA checkpoint folder."
 BUDGET_HELP = "Average visual tokens per LLM layer (e.g. 32, 64, 128, 192), or 'full' for no pruning. Default 128."
@@ -39,6 +39,11 @@ class ClickHandler(logging.Handler):
         click.echo(self.format(record), err=True)
 
 
+def option_spelling(parameter: str) -> str:
+    """A library setting's name as this CLI's option (``max_seq_len`` -> ``--max-seq-len``)."""
+    return "--" + parameter.replace("_", "-")
+
+
 def user_errors(command):
     """Print a :class:`UserError` as one line on stderr and exit 2, with no traceback."""
 
@@ -47,7 +52,8 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            click.echo(f"error: {exc}", err=True)
+            message = exc.spelled(option_spelling) if isinstance(exc, SettingError) else str(exc)
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -245,7 +251,7 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
         backend.spec.image_token_id, backend.spec.pad_token_id,
     )
     check_length(batch, max_new_tokens, *limit)
-    pixels = pixel_values(processor.image_processor, pil_images)
+    pixels = pixel_values(processor.image_processor, pil_images, backend.spec.prompt_template)
     progress(f"generating on {backend.name} with schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer)")
     if len(images) == 1 and len(prompts) > 1:  # one prefill of the image, every question on top of it
         from visiondrop_edge.runtime.session import Session
@@ -300,7 +306,7 @@ def chat(model, artifacts, provider, backend_name, engines, image, budget, sched
     picture = load_images([image])
     backend, processor, source, (limit, limit_name) = open_backend(
         backend_name, model, artifacts, engines, provider, budget, schedule, device)
-    conversation = Session(backend, processor, source).chat(pixel_values(processor.image_processor, picture))
+    conversation = Session(backend, processor, source).chat(pixel_values(processor.image_processor, picture, backend.spec.prompt_template))
     progress(f"image encoded ({backend.spec.schedule.describe()}); ask away, an empty line ends")
     interactive = sys.stdin.isatty()
     while True:
@@ -570,7 +576,7 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     plan = loaded.schedule(budget, schedule)
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
-    batch = build_prompts(loaded.tokenizer, loaded.family.template, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
+    batch = build_prompts(loaded.tokenizer, loaded.template, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     check_length(batch, 0, *loaded.max_positions)
     panels, seen = inspect_image(loaded, plan, picture, prompt)
     if as_json:

@@ -27,3 +27,26 @@ class OutputError(UserError):
 
 class ConcurrentWriteError(OutputError):
     """Another process is writing the same output folder right now."""
+
+
+
+class SettingError(UserError):
+    """A setting that cannot work as given. The message names settings as ``{name}`` fields
+    (the parameter's name): a library caller reads ``max_seq_len``, the CLI ``--max-seq-len``."""
+
+    def __init__(self, template: str):
+        self.template = template
+        super().__init__(self.spelled(lambda name: name))
+
+    def spelled(self, spell) -> str:
+        """The message with every setting named by ``spell(parameter_name)``."""
+        return self.template.format_map(_Spelled(spell))
+
+
+class _Spelled(dict):
+    def __init__(self, spell):
+        super().__init__()
+        self.spell = spell
+
+    def __missing__(self, key: str) -> str:
+        return self.spell(key)

@@ -179,7 +179,7 @@ def check_target(target: Path, force: bool, protect: Sequence[Path] = (), owned:
     check_writable(resolved, "folder", folder=True)
     if resolved.is_dir() and any(resolved.iterdir()):
         if not force:
-            raise OutputError(f"{target} exists and is not empty: pass --force to replace it, or choose another --out")
+            raise OutputError(f"{target} exists and is not empty: pass --force to replace it, or choose another output folder")
         if not owned and not written_by_us(resolved):
             raise OutputError(
                 f"{target} was not written by visiondrop (no visiondrop manifest in it): --force only replaces "

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UserError
+from .errors import SettingError, UserError
 
 # The published LLaVA-1.5 setting for an average of 32 tokens per layer:
 # vision 42+6, then 30+5 / 22+4 / 16+3 after 1/4, 1/2 and 3/4 of the decoder.
@@ -269,7 +269,7 @@ def resolve_schedule(
 ) -> Schedule:
     """The schedule a command asked for (``--budget`` defaults to 128; not both may be given)."""
     if schedule is not None and budget is not None:
-        raise UserError("give either --budget or --schedule, not both")
+        raise SettingError("give either {budget} or {schedule}, not both")
     if schedule is not None:
         return Schedule.parse(schedule, num_layers, num_patches, cls_tokens)
     if num_layers < 4 and str(budget).lower() != FULL:

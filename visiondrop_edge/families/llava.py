@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
 from visiondrop_edge import pruning
-from visiondrop_edge.errors import CheckpointError
+from visiondrop_edge.errors import CheckpointError, SettingError
 from visiondrop_edge.schedule import Stage
 
 from .base import DecoderParts, Family, PromptTemplate, VisionGeometry, VisionUnit, register_family
@@ -232,7 +232,7 @@ class Llava15(Family):
         name = name or (CHECKPOINT if own else PLAIN.name)
         if name == CHECKPOINT:
             if not own:
-                raise CheckpointError("the checkpoint's processor has no chat_template: use --conversation plain or llava_v1")
+                raise SettingError("the checkpoint's processor has no chat_template: use {conversation} plain or llava_v1")
             return rendered_template(processor, getattr(processor, "image_token", "<image>"))
         if name not in CONVERSATIONS:
             raise CheckpointError(f"unknown conversation '{name}': use {', '.join([CHECKPOINT, *CONVERSATIONS])}")
