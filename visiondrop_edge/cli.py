@@ -659,6 +659,121 @@ def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repea
         progress(f"wrote {plot_path}")
 
 
+# ------------------------------------------------------------------ serving on Triton Inference Server
+
+PORT = click.IntRange(1, 65535)
+
+
+def serving_options(command):
+    """What ``serve`` and ``triton-repo`` share: batching, answer lengths, the prefix cache."""
+    options = [
+        click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Most requests one batched prefill/decode holds (Triton's dynamic batcher)."),
+        click.option("--batch-delay-us", default=2000, show_default=True, type=click.IntRange(0, 10_000_000), help="How long the batcher may hold a request to fill a batch, in microseconds."),
+        click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096), help="Answer length for a request that sends no max_new_tokens."),
+        click.option("--max-new-tokens-limit", default=256, show_default=True, type=click.IntRange(1, 4096), help="The most tokens a request may ask for."),
+        click.option("--prefix-cache-bytes", default=1 << 30, show_default=True, type=click.IntRange(0, None), help="Memory budget of the prefix cache (encoded images; the least recently used go first)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def check_serving(max_new_tokens: int, max_new_tokens_limit: int) -> None:
+    if max_new_tokens > max_new_tokens_limit:
+        raise UserError(f"--max-new-tokens {max_new_tokens} is past --max-new-tokens-limit {max_new_tokens_limit}: lower it or raise the limit")
+
+
+@cli.command()
+@backend_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address Triton listens on (0.0.0.0: every interface).")
+@click.option("--http-port", default=8000, show_default=True, type=PORT)
+@click.option("--grpc-port", default=8001, show_default=True, type=PORT)
+@click.option("--metrics-port", default=8002, show_default=True, type=PORT, help="Triton's Prometheus metrics (GET /metrics).")
+@serving_options
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Where Triton writes its own log (default: a new file in the temp folder, named at start).")
+@user_errors
+def serve(model, budget, schedule, device, artifacts, provider, engines, backend_name, host, http_port, grpc_port, metrics_port,
+          max_batch, batch_delay_us, max_new_tokens, max_new_tokens_limit, prefix_cache_bytes, log_file) -> None:
+    """Serve the pipeline on Triton Inference Server (through PyTriton): HTTP, gRPC and metrics.
+
+    \b
+    Clients call the model 'visiondrop' (tritonclient, or any KServe v2 client) with
+      image           BYTES [1]  the bytes of a PNG or JPEG file
+      prompt          BYTES [1]  the question, UTF-8
+      max_new_tokens  INT32 [1]  optional (default --max-new-tokens)
+    and get text (BYTES), tokens (INT64, up to EOS), kept_tokens (INT32: the visual tokens the
+    LLM received, then those left after each LLM stage) and prefix_cache_hit (BOOL).
+
+    Triton's dynamic batcher groups concurrent requests: their new images are encoded in one
+    batch (an image in the prefix cache skips the vision encoder and its prefill), their
+    questions prefilled and decoded together. A malformed request gets a Triton error of its
+    own. visiondrop_stats returns the prefix cache's counters. SIGTERM or Ctrl-C stops cleanly.
+    """
+    import dataclasses
+    import tempfile
+
+    from visiondrop_edge.runtime.serve import MODEL, ServeOptions, VisionDropServer, check_ports
+
+    check_serving(max_new_tokens, max_new_tokens_limit)
+    check_outputs(log_file=log_file)
+    options = ServeOptions(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port, max_batch=max_batch,
+                           batch_delay_us=batch_delay_us, max_new_tokens=max_new_tokens, max_new_tokens_limit=max_new_tokens_limit,
+                           prefix_cache_bytes=prefix_cache_bytes)
+    check_ports(options)
+    backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device)
+    if log_file is None:
+        handle, name = tempfile.mkstemp(prefix="visiondrop-triton-", suffix=".log")
+        os.close(handle)
+        log_file = Path(name)
+    options = dataclasses.replace(options, log_file=log_file)
+    progress(f"starting Triton Inference Server ({backend.name}, schedule {backend.spec.schedule.describe()}; Triton's log: {log_file}) ...")
+    with VisionDropServer(backend, processor, source, limit, options) as server:
+        urls = server.urls
+        click.echo(f"serving '{MODEL}' on HTTP {urls['http']}, gRPC {urls['grpc']}, metrics {urls['metrics']}; "
+                   "SIGTERM or Ctrl-C stops", err=True)
+        server.wait()
+        report = server.stats.report()
+    cache, counts = report["prefix_cache"], report["server"]
+    click.echo(f"stopped: {counts['requests']} answered in {counts['batches']} batches (largest {counts['largest_batch']}), "
+               f"{counts['refused']} refused; prefix cache {cache['hits']} hits, {cache['misses']} misses, "
+               f"{cache['evictions']} evictions", err=True)
+
+
+@cli.command("triton-repo")
+@click.option("--engines", type=click.Path(path_type=Path), default=None, help="TensorRT engine folder written by `build` (units: tensorrt_plan models).")
+@click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Artifact folder written by `export` (units: ONNX graphs); with --engines, the folder they were built from if it moved.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="The model repository folder to write.")
+@click.option("--units", default="auto", show_default=True, type=click.Choice(["auto", "tensorrt", "onnxruntime", "python"]),
+              help="How Triton runs each unit: auto = tensorrt for --engines, onnxruntime (Triton's ONNX Runtime backend) for --artifacts; "
+                   "python = ONNX Runtime inside the Python backend, for a Triton without the ONNX Runtime backend (e.g. PyTriton's).")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64), help="Instances of the BLS model (each keeps its own prefix cache).")
+@serving_options
+@click.option("--force", is_flag=True, help="Replace --out if it is a repository this tool wrote.")
+@user_errors
+def triton_repo(engines, artifacts, out, units, instances, max_batch, batch_delay_us, max_new_tokens, max_new_tokens_limit,
+                prefix_cache_bytes, force) -> None:
+    """Write a Triton model repository: the scale-out path (many GPUs or Jetsons behind Triton).
+
+    \b
+    REPO/visiondrop    the model clients call (the inputs and outputs of `serve`): a Python-backend
+                       (BLS) model with dynamic batching, the prefix cache and per-request errors,
+                       which calls every unit as a Triton model
+    REPO/<unit>        vision_encoder, qkv_g, prune_s, decoder_g: config.pbtxt and the engine or graph
+    Serve it with: tritonserver --model-repository REPO (visiondrop-edge installed in the
+    Python that Triton's Python backend runs).
+    """
+    from visiondrop_edge.runtime.serve import ServeOptions
+    from visiondrop_edge.runtime.triton_repo import RepoOptions, open_source, write_repository
+
+    check_serving(max_new_tokens, max_new_tokens_limit)
+    source = open_source(artifacts, engines)
+    chosen = units if units != "auto" else ("tensorrt" if engines is not None else "onnxruntime")
+    serving = ServeOptions(max_batch=max_batch, batch_delay_us=batch_delay_us, max_new_tokens=max_new_tokens,
+                           max_new_tokens_limit=max_new_tokens_limit, prefix_cache_bytes=prefix_cache_bytes)
+    path = write_repository(source, out, RepoOptions(units=chosen, instances=instances, serve=serving), force=force, progress=progress)
+    click.echo(f"wrote {path} ({chosen} units); serve it with: tritonserver --model-repository {path}")
+
+
 def bench_questions(loaded, config, counts: list[int], json_path: Path | None) -> None:
     """``bench --questions-per-image``: prefix reuse against a full prefill per question, per budget."""
     import tempfile
