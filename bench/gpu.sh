@@ -18,9 +18,9 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "could n
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 bash plugins_trt/tests/gpu_check.sh || status=1
 python3 cli.py bench --model llava-1.5-7b-shape --backend torch --device cuda --dtype fp16 \
-    --budgets 32,64,128,192,full --batch 1,4 --new-tokens 32 --warmup 2 --repeats 10 \
+    --budgets 32,64,128,192,full --batch 1,4 --max-new-tokens 32 --warmup 2 --repeats 10 \
     --json "$OUT/bench_7b.json" --plot "$OUT/bench_7b.png" 2>&1 | tee "$OUT/bench_7b.log" || status=1
 python3 cli.py bench --model llava-1.5-7b-shape --backend torch --device cuda --dtype fp16 --budgets 64 \
-    --questions-per-image 1,4,16 --new-tokens 16 --warmup 1 --repeats 5 \
+    --questions-per-image 1,4,16 --max-new-tokens 16 --warmup 1 --repeats 5 \
     --json "$OUT/bench_7b_questions.json" 2>&1 | tee "$OUT/bench_7b_questions.log" || status=1
 exit $status

@@ -41,7 +41,7 @@ def test_ideal_prefill_gives_every_group_the_pruned_sizes(tiny):
 def test_bench_reports_every_budget_against_full(tmp_path, backend):
     out, plot = tmp_path / "bench.json", tmp_path / "bench.png"
     result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--backend", backend, "--budgets", "32,128",
-                                          "--batch", "1,2", "--new-tokens", "3", "--repeats", "1", "--warmup", "0",
+                                          "--batch", "1,2", "--max-new-tokens", "3", "--repeats", "1", "--warmup", "0",
                                           "--json", str(out), "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
@@ -71,7 +71,7 @@ def test_bench_under_cpu_load_predicts_decode_from_bytes(tmp_path, tiny):
     import multiprocessing
 
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--budgets", "64", "--batch", "1", "--new-tokens", "2",
+    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--budgets", "64", "--batch", "1", "--max-new-tokens", "2",
                                           "--repeats", "1", "--warmup", "0", "--cpu-load", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert not multiprocessing.active_children()
@@ -115,7 +115,7 @@ def test_inspect_panels_follow_the_schedule(tiny, budget):
 
 def test_inspect_cli_draws_one_panel_per_stage(tmp_path):
     out = tmp_path / "kept.png"
-    result = CliRunner().invoke(cli.cli, ["inspect", "--image", "examples/cat.png", "--budget", "64", "--out", str(out), "--json"])
+    result = CliRunner().invoke(cli.cli, ["inspect", "--image", "examples/cat.png", "--budget", "64", "--out", str(out), "--json", "-"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     schedule = Schedule.from_budget(64, 8, 576)

@@ -224,7 +224,7 @@ def test_data_folder_and_plugin_mode(tiny, tmp_path):
     (data / "prompts.jsonl").write_text("\n".join(rows) + "\n")
     out = tmp_path / "int8"
     result = CliRunner().invoke(cli.cli, ["calibrate", "--artifacts", str(source), "--precision", "int8",
-                                          "--data", str(data), "--samples", "2", "--out", str(out), "--json"])
+                                          "--data", str(data), "--samples", "2", "--out", str(out), "--json", "-"])
     assert result.exit_code == 0, result.output
     q = read_manifest(out).export["quantization"]
     assert q["data"]["samples"] == 2 and q["data"]["source"] == str(data.resolve())
@@ -256,7 +256,7 @@ def test_a_calibrated_folder_is_not_calibrated_again(folders):
 def test_bench_compares_a_quantized_folder_with_its_source(folders, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli.cli, ["bench", "--artifacts-compare", f"{folders['fp32']},{folders['int8']}", "--batch", "1",
-                                          "--repeats", "1", "--warmup", "0", "--new-tokens", "2", "--json", str(out)])
+                                          "--repeats", "1", "--warmup", "0", "--max-new-tokens", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     [summary] = report["summary"]

@@ -40,7 +40,7 @@ def one_line_error(result, fragment):
 def test_generate_writes_a_trace(image, tmp_path):
     trace = tmp_path / "trace.json"
     result = invoke("generate", "--model", "tiny", "--image", image, "--prompt", "What is this?", "--budget", "64",
-                    "--max-new-tokens", "5", "--trace", trace, "--json")
+                    "--max-new-tokens", "5", "--trace", trace, "--json", "-")
     assert result.exit_code == 0, result.output
     answer = json.loads(result.stdout)
     data = json.loads(trace.read_text())
@@ -58,8 +58,8 @@ def test_tiny_checkpoint_round_trips_through_from_pretrained(tmp_path, image):
     assert invoke("tiny", "--out", out).exit_code == 0
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert invoke("tiny", "--out", out).exit_code == 2  # refuses a non-empty folder without --force
-    from_dir = invoke("generate", "--model", out, "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json")
-    from_cache = invoke("generate", "--model", "tiny", "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json")
+    from_dir = invoke("generate", "--model", out, "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json", "-")
+    from_cache = invoke("generate", "--model", "tiny", "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json", "-")
     assert from_dir.exit_code == 0 and json.loads(from_dir.stdout)["generated_ids"] == json.loads(from_cache.stdout)["generated_ids"]
 
 
@@ -125,3 +125,81 @@ def test_cli_runs_as_a_script(image):
     assert "Traceback" not in bad.stderr
     help_text = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "generate" in help_text and "tiny" in help_text
+
+
+# ------------------------------------------------------------------ one spelling per option
+SHARED = ("--json", "--max-new-tokens", "--device", "--provider", "--dtype", "--model", "--budget", "--schedule")
+
+
+def option_signature(param):
+    """What a user can type and what it means: the type, its choices or range, the flag value (not the default)."""
+    return (type(param.type).__name__, getattr(param.type, "choices", None), getattr(param.type, "min", None),
+            getattr(param.type, "max", None), param.is_flag, param.multiple)
+
+
+def test_an_option_means_the_same_in_every_command():
+    """Each shared option has one type and value set wherever it appears; the retired spellings are gone."""
+    found: dict[str, dict[str, tuple]] = {}
+    for name, command in cli.cli.commands.items():
+        for param in command.params:
+            assert not {"--new-tokens"} & set(param.opts), name
+            if param.opts[0] in SHARED:
+                found.setdefault(param.opts[0], {})[name] = option_signature(param)
+    for option, signatures in found.items():
+        assert len(signatures) >= 2 and len(set(signatures.values())) == 1, (option, signatures)
+    assert set(found) == set(SHARED)
+    vision_dtype = next(p for p in cli.cli.commands["export"].params if p.opts[0] == "--vision-dtype")
+    assert option_signature(vision_dtype) == found["--dtype"]["export"]  # one precision list
+    # Every command with a report takes --json PATH|-; the provider default is the same where there is one.
+    assert set(found["--json"]) == {"generate", "export", "calibrate", "build", "doctor", "validate", "inspect", "bench"}
+    defaults = {c.name: p.default for c in cli.cli.commands.values() for p in c.params if p.opts[0] == "--provider"}
+    assert set(defaults.values()) == {"auto"}, defaults
+
+
+def test_json_dash_prints_the_report_that_json_path_writes(image, tmp_path):
+    """--json - puts the JSON alone on stdout; --json PATH writes the same JSON and leaves the answers on stdout."""
+    args = ["generate", "--image", image, "--prompt", "What is this?", "--budget", "32", "--max-new-tokens", "4"]
+    printed = invoke(*args, "--json", "-")
+    assert printed.exit_code == 0, printed.output
+    report = json.loads(printed.stdout)
+    path = tmp_path / "report.json"
+    written = invoke(*args, "--json", path)
+    assert written.exit_code == 0, written.output
+    assert json.loads(path.read_text()) == report
+    assert written.stdout.splitlines() == report["answers"]
+    assert f"wrote {path}" in written.stderr
+
+
+def test_the_old_bare_json_flag_gets_the_new_spelling(tmp_path):
+    for args in (["doctor", "--json"], ["doctor", "--json", "--plugin-lib", tmp_path / "x.so"], ["build", "--artifacts", tmp_path, "--json"]):
+        result = invoke(*args)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.exit_code == 2 and "Invalid value for '--json'" in last and "--json - to print" in last, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written under a name that was an option
+
+
+def test_a_gpu_that_is_not_there_is_one_line_before_anything_loads(image, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for args in (["generate", "--image", image, "--prompt", "hi", "--device", "cuda"],
+                 ["validate", "--artifacts", tmp_path / "none", "--device", "cuda:0"],
+                 ["bench", "--model", "tiny", "--device", "cuda"]):
+        result = invoke(*args)
+        assert one_line_error(result, "PyTorch sees no CUDA GPU: use --device cpu"), (args, result.output)
+        assert "loading" not in result.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    result = invoke("bench", "--model", "tiny", "--device", "cuda:2")
+    assert one_line_error(result, "PyTorch sees 2 CUDA GPU(s), cuda:0..cuda:1"), result.output
+
+
+def test_validate_takes_the_provider_like_every_other_command(tmp_path, monkeypatch):
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    result = invoke("validate", "--artifacts", tmp_path / "none", "--provider", "cuda")
+    assert one_line_error(result, "ONNX Runtime here has no CUDAExecutionProvider"), result.output
+    assert "loading" not in result.stderr  # refused before the reference model loads
+    retired = invoke("validate", "--artifacts", tmp_path / "none", "--candidate", "ort-cuda")
+    assert retired.exit_code == 2 and "'ort-cuda' is not one of 'ort', 'trt'" in retired.stderr

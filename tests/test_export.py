@@ -180,7 +180,7 @@ def test_export_cli_writes_manifest_and_generate_runs_the_artifacts(tmp_path, ti
     from PIL import Image
 
     Image.fromarray((np.random.default_rng(9).random((300, 200, 3)) * 255).astype("uint8")).save(image)
-    args = ["--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "8", "--json"]
+    args = ["--image", str(image), "--prompt", "What is it?", "--max-new-tokens", "8", "--json", "-"]
     onnx_run = CliRunner().invoke(cli.cli, ["generate", "--artifacts", str(out), *args])
     torch_run = CliRunner().invoke(cli.cli, ["generate", "--model", "tiny", "--budget", "64", *args])
     assert onnx_run.exit_code == 0, onnx_run.output

@@ -386,7 +386,7 @@ def test_loosened_gates_are_refused_by_validate(artifacts, tmp_path):
         data["tolerances"].update(relative=1e9, end_to_end="report")
 
     copy = tampered(artifacts, tmp_path, loosen)
-    result = invoke("validate", "--artifacts", copy, "--batch", "1", "--new-tokens", "2")
+    result = invoke("validate", "--artifacts", copy, "--batch", "1", "--max-new-tokens", "2")
     assert one_line_error(result, "validation gates differ from this tool's fp32 gates: relative 1000000000.0"), result.output
     assert "PASSED" not in result.output
 
@@ -452,7 +452,7 @@ def test_a_prompt_longer_than_the_positions_is_refused_before_any_work(image, ar
     assert "generating" not in result.stderr
     result = invoke("generate", "--artifacts", artifacts, "--image", image, "--prompt", "a" * 2000, "--max-new-tokens", "8")
     assert one_line_error(result, "more than the 2048 of the artifacts' --max-seq-len"), result.output
-    result = invoke("inspect", "--image", image, "--prompt", long_prompt, "--budget", "32", "--json")
+    result = invoke("inspect", "--image", image, "--prompt", long_prompt, "--budget", "32", "--json", "-")
     assert one_line_error(result, "more than the 4096 of the model's max_position_embeddings; shorten the prompt"), result.output
 
 
@@ -534,7 +534,7 @@ def test_answers_are_printed_even_if_the_trace_cannot_be_written(image, tmp_path
 
     monkeypatch.setattr(visiondrop_edge.trace, "write_json", disk_full)
     result = invoke("generate", "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "3",
-                    "--json", "--trace", tmp_path / "t.json")
+                    "--json", "-", "--trace", tmp_path / "t.json")
     assert one_line_error(result, "could not write"), result.output
     assert len(json.loads(result.stdout)["generated_ids"][0]) >= 1
 

@@ -142,7 +142,7 @@ def test_bench_questions_per_image_reports_both_ways(tmp_path):
 
     out = tmp_path / "questions.json"
     result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--budgets", "32", "--questions-per-image", "1,2",
-                                          "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+                                          "--max-new-tokens", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)])
     assert result.exit_code == 0, result.output
     [budget] = json.loads(out.read_text())["budgets"]
     assert [r["questions_per_image"] for r in budget["rows"]] == [1, 2]

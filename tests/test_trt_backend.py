@@ -44,7 +44,7 @@ def test_no_gpu_is_refused_with_what_to_install():
 
 
 def test_doctor_reports_every_piece_and_what_is_missing(tmp_path):
-    result = CliRunner().invoke(cli.cli, ["doctor", "--json", "--plugin-lib", str(tmp_path / "missing.so")])
+    result = CliRunner().invoke(cli.cli, ["doctor", "--json", "-", "--plugin-lib", str(tmp_path / "missing.so")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     for key in ("gpu", "tensorrt", "polygraphy", "plugin_library", "onnxruntime", "nvcc", "cmake", "ready_for_tensorrt"):
@@ -56,7 +56,7 @@ def test_doctor_reports_every_piece_and_what_is_missing(tmp_path):
         assert "NVIDIA GPU" in report["gpu"]["missing"]
     built = tmp_path / "libvisiondrop_trt_plugins.so"
     built.write_bytes(b"\x7fELF")
-    found = json.loads(CliRunner().invoke(cli.cli, ["doctor", "--json", "--plugin-lib", str(built)]).output)
+    found = json.loads(CliRunner().invoke(cli.cli, ["doctor", "--json", "-", "--plugin-lib", str(built)]).output)
     assert found["plugin_library"] == str(built.resolve())
     text = CliRunner().invoke(cli.cli, ["doctor"]).output
     assert "tensorrt: " in text and ("MISSING - pip install tensorrt-cu12" in text) == (not HAS_TENSORRT)
@@ -332,7 +332,7 @@ def test_generate_and_bench_run_engine_folders(stand_in_polygraphy, stand_in_ten
 
     engines = tmp_path / "engines"
     _build(portable_artifacts, engines, max_batch=1)
-    question = ["--image", "examples/cat.png", "--prompt", "What is this?", "--max-new-tokens", "4", "--json"]
+    question = ["--image", "examples/cat.png", "--prompt", "What is this?", "--max-new-tokens", "4", "--json", "-"]
     on_engines = CliRunner().invoke(cli.cli, ["generate", "--engines", str(engines), *question])
     on_graphs = CliRunner().invoke(cli.cli, ["generate", "--artifacts", str(portable_artifacts), *question])
     assert on_engines.exit_code == 0 and on_graphs.exit_code == 0, on_engines.output + on_graphs.output
@@ -344,7 +344,7 @@ def test_generate_and_bench_run_engine_folders(stand_in_polygraphy, stand_in_ten
     _build(full, tmp_path / "engines-full", max_batch=1)
     report_path = tmp_path / "bench.json"
     bench = CliRunner().invoke(cli.cli, ["bench", "--backend", "trt", "--engines", str(tmp_path / "engines-full"),
-                                         "--engines", str(engines), "--batch", "1", "--new-tokens", "2", "--warmup", "0",
+                                         "--engines", str(engines), "--batch", "1", "--max-new-tokens", "2", "--warmup", "0",
                                          "--repeats", "1", "--json", str(report_path)])
     assert bench.exit_code == 0, bench.output
     rows = json.loads(report_path.read_text())["results"]

@@ -151,7 +151,7 @@ def artifacts(tiny, tmp_path_factory):
 
 def test_dry_run_prints_the_plan_without_tensorrt(artifacts):
     runner = CliRunner()
-    result = runner.invoke(cli.cli, ["build", "--artifacts", str(artifacts), "--max-batch", "2", "--dry-run", "--json"])
+    result = runner.invoke(cli.cli, ["build", "--artifacts", str(artifacts), "--max-batch", "2", "--dry-run", "--json", "-"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     manifest = read_manifest(artifacts)

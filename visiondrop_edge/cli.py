@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -77,6 +78,26 @@ class DeviceType(click.ParamType):
 
 
 DEVICE = DeviceType()
+STDOUT = "-"  # --json's value for "print it": a str, so that a file given as ./- stays a Path
+BARE_JSON = ""  # what Click passes for --json given no value (the old flag): refused with the new spelling
+
+
+class JsonTarget(click.ParamType):
+    """``--json PATH`` writes a file, ``--json -`` prints; the old bare flag gets one line with the new spelling."""
+
+    name = "PATH|-"
+
+    def convert(self, value, param, ctx):
+        text = str(value)
+        if text == BARE_JSON:
+            self.fail("a bare --json no longer prints: give --json - to print the JSON, or --json PATH to write it", param, ctx)
+        if text == STDOUT:
+            return STDOUT
+        if text.startswith("-"):
+            self.fail(f"'{text}' is an option, not a file: give --json a PATH, or '-' to print the JSON", param, ctx)
+        return click.Path(dir_okay=False, path_type=Path).convert(text, param, ctx)
+
+
 # Opsets the exporter handles: 17 is what TensorRT 10.3 parses; torch's TorchScript-based
 # exporter (dynamo=False) writes up to 20.
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -98,7 +119,7 @@ def check_outputs(**paths) -> None:
     from visiondrop_edge.loading import check_writable
 
     for option, path in paths.items():
-        if path is not None:
+        if path is not None and path != STDOUT:
             check_writable(path, f"--{option.replace('_', '-')}")
 
 
@@ -111,23 +132,30 @@ def write_side_file(path: Path, write) -> None:
         raise UserError(f"could not write {path} ({exc.strerror or exc}); the results above are complete") from None
 
 
-def write_report(path: Path | None, report) -> None:
-    """``--json PATH``: the command's report as JSON, written after the work (see write_side_file)."""
+def write_report(path: Path | str | None, report) -> None:
+    """``--json``: the command's report on stdout (``-``) or in PATH, written after the work (see write_side_file)."""
     from visiondrop_edge.trace import write_json
 
-    if path is not None:
+    if path == STDOUT:
+        click.echo(json.dumps(report))
+    elif path is not None:
         write_side_file(path, lambda target: write_json(target, report))
         progress(f"wrote {path}")
 
 
-def open_torch(model: str, budget, schedule, device: str):
+def shows_table(json_path: Path | str | None) -> bool:
+    """The human-readable output goes to stdout unless ``--json -`` claims it."""
+    return json_path != STDOUT
+
+
+def open_torch(model: str, budget, schedule, device: str, conversation: str | None = None):
     """(backend, processor, source, (max sequence, what sets it)) for the PyTorch pipeline."""
     from visiondrop_edge.runtime.torch_backend import TorchBackend
     from visiondrop_edge.loading import load_model
 
     check_device(device)
     progress(f"loading {model} ...")
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, conversation=conversation)
     return TorchBackend(loaded, loaded.schedule(budget, schedule)), loaded.processor, loaded.source, loaded.max_positions
 
 
@@ -156,8 +184,10 @@ def open_engines(engines: Path, artifacts: Path | None):
     return backend, processor, backend.manifest.model["source"], limit
 
 
-def open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device):
+def open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation=None):
     """The backend a command's --backend/--model/--artifacts/--engines options name (see open_*)."""
+    if conversation is not None and (artifacts or engines):
+        raise UserError("--conversation is fixed at export time (the manifest records it): drop it, or re-export")
     if backend_name == "torch" and (artifacts or engines) or backend_name == "ort" and (artifacts is None or engines):
         raise UserError("--backend torch runs --model, ort runs --artifacts DIR, trt runs --engines DIR: "
                         "pick the one that matches the folder you gave")
@@ -171,18 +201,58 @@ def open_backend(backend_name, model, artifacts, engines, provider, budget, sche
         if model is not None or budget is not None or schedule is not None:
             raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
         return open_artifacts(artifacts, provider)
-    return open_torch(model or "tiny", budget, schedule, device)
+    return open_torch(model or "tiny", budget, schedule, device, conversation)
+
+
+# ------------------------------------------------------------------ options several commands share: one spelling each
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def model_option(default: str | None):
+    """``--model``; None lets a command tell "not given" from tiny (open_backend refuses it beside --artifacts)."""
+    return click.option("--model", default=default, show_default=default is not None,
+                        help=MODEL_HELP + ("" if default is not None else " Default: tiny."))
+
+
+def schedule_options(command):
+    """``--budget`` and ``--schedule``: the pruning schedule of a model run or export."""
+    command = click.option("--schedule", default=None, help=SCHEDULE_HELP)(command)
+    return click.option("--budget", default=None, help=BUDGET_HELP)(command)
+
+
+device_option = click.option("--device", default="cpu", show_default=True, type=DEVICE, metavar=DEVICE.name,
+                             help="Torch device of the PyTorch pipeline: cpu, cuda or cuda:N (a GPU that is not there is refused before anything loads).")
+provider_option = click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+                               help="ONNX Runtime provider of the exported graphs; auto: CUDA where onnxruntime-gpu sees a GPU, else CPU.")
+dtype_option = click.option("--dtype", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
+                            help="Precision of weights and activations (exported graphs: fp32 or fp16; bf16 runs on the PyTorch backend).")
+force_option = click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
+conversation_option = click.option(
+    "--conversation", default=None, help="Prompt recipe of the model family: 'checkpoint' (the processor's chat_template; the default "
+    "where it has one), 'plain' (llava-hf's template; the default otherwise) or 'llava_v1' (the original LLaVA-1.5 evaluation: "
+    "vicuna_v1 system prompt, chunked tokenisation, images padded to a square). Artifacts keep the one they were exported with.")
+
+
+def max_new_tokens_option(default: int, help: str):
+    """``--max-new-tokens``, the one spelling of "how many tokens to generate" (per-command default and meaning)."""
+    return click.option("--max-new-tokens", default=default, show_default=True, type=click.IntRange(1, 4096), help=help)
+
+
+def json_option(what: str):
+    """``--json PATH|-`` on every command that has a machine-readable report (the convention is in the group's help)."""
+    return click.option("--json", "json_path", type=JsonTarget(), default=None, is_flag=False, flag_value=BARE_JSON,
+                        help=f"Write {what} as JSON to PATH; '-' prints it on stdout instead of the table.")
 
 
 def backend_options(command):
     """The options that choose the backend a command runs on (see open_backend): one spelling for all."""
     options = [
-        click.option("--model", default=None, help=MODEL_HELP + " Default: tiny."),
-        click.option("--budget", default=None, help=BUDGET_HELP),
-        click.option("--schedule", default=None, help=SCHEDULE_HELP),
-        click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device for the PyTorch backend (cpu, cuda, cuda:N)."),
+        model_option(None),
+        schedule_options,
+        device_option,
         click.option("--artifacts", type=click.Path(path_type=Path), default=None, help="Run an exported artifact folder with ONNX Runtime instead of PyTorch."),
-        click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --artifacts."),
+        provider_option,
         click.option("--engines", type=click.Path(path_type=Path), default=None, help="Run the TensorRT engine folder written by `build` (its artifacts are found through its manifest, or give --artifacts)."),
         click.option("--backend", "backend_name", default="auto", show_default=True, type=click.Choice(["auto", "torch", "ort", "trt"]), help="auto: torch for --model, ort for --artifacts, trt for --engines."),
     ]
@@ -200,13 +270,23 @@ def cli() -> None:
       python cli.py export --budget 128
       python cli.py validate --artifacts artifacts/tiny-128
       python cli.py generate --artifacts artifacts/tiny-128 --image examples/cat.png --prompt "What is this?"
+
+    \b
+    Options spelled and meant the same in every command:
+      --json PATH         write the report as JSON to PATH after the work; the table still prints
+      --json -            print that JSON on stdout instead of the table (progress stays on stderr);
+                          one option and the usual '-', for a file beside the table or for a pipe
+      --max-new-tokens N  the most tokens to generate per answer
+      --device            cpu, cuda or cuda:N (PyTorch), checked before anything loads
+      --provider          ONNX Runtime's: auto (CUDA where onnxruntime-gpu sees a GPU, else CPU), cpu, cuda
+      --dtype             fp32, fp16 or bf16 (bf16 on the PyTorch backend only)
     """
     quiet_libraries()
 
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to write the checkpoint to.")
-@click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
+@force_option
 @user_errors
 def tiny(out: Path, force: bool) -> None:
     """Write the built-in tiny LLaVA-1.5 (seeded random weights) as a Hugging Face checkpoint.
@@ -224,12 +304,13 @@ def tiny(out: Path, force: bool) -> None:
 @backend_options
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image file; repeat for a batch.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Question; one for all images, one per image, or several for one image (the image is then encoded once).")
-@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, ids) as JSON.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of the answers.")
+@max_new_tokens_option(32, "Longest answer; greedy decoding stops earlier at the end-of-sequence token.")
+@conversation_option
+@click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, the exact input ids, a sha256 of the pixels) as JSON.")
+@json_option("the answers, their token ids, the schedule and the backend")
 @user_errors
 def generate(model, artifacts, provider, backend_name, engines, images, prompts, budget, schedule, max_new_tokens, device,
-             trace_path, as_json) -> None:
+             conversation, trace_path, json_path) -> None:
     """Answer a question about an image with VisionDrop pruning (greedy decoding).
 
     Runs the PyTorch pipeline on --model, the exported graphs in --artifacts with ONNX Runtime,
@@ -242,9 +323,10 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
     if len(prompts) not in (1, len(images)) and len(images) != 1:
         raise UserError(f"got {len(prompts)} prompts for {len(images)} images: give one prompt, one per image, "
                         "or several for one image")
-    check_outputs(trace=trace_path)
+    check_outputs(trace=trace_path, json=json_path)
     pil_images = load_images(images)
-    backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device)
+    backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device,
+                                                     conversation)
     plan = backend.spec.schedule
     batch = build_prompts(
         processor.tokenizer, backend.spec.prompt_template, list(prompts) * max(1, len(images) // len(prompts)), plan.image_tokens,
@@ -265,15 +347,14 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
         result = greedy_generate(backend, pixels, batch, max_new_tokens)
         vision_stage, stages = result.vision.stage, result.stages
     answers = processor.tokenizer.batch_decode(result.tokens, skip_special_tokens=True)
-    if as_json:
-        click.echo(json.dumps({
-            "answers": answers, "generated_ids": result.tokens.tolist(), "schedule": plan.describe(),
-            "average_tokens_per_layer": plan.average_tokens(), "backend": backend.name,
-        }))
-    else:
+    if shows_table(json_path):
         for answer in answers:
             click.echo(answer)
-    if trace_path is not None:  # after the answers, so a failing write loses nothing computed
+    write_report(json_path, {  # after the answers, so a failing write loses nothing computed
+        "answers": answers, "generated_ids": result.tokens.tolist(), "schedule": plan.describe(),
+        "average_tokens_per_layer": plan.average_tokens(), "backend": backend.name,
+    })
+    if trace_path is not None:
         write_side_file(trace_path, lambda path: write_json(path, {
             "model": source,
             "backend": backend.name,
@@ -283,6 +364,10 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
             "stages": stage_records(plan, vision_stage, stages),
             "first_logits_top20": top_logits(result.step_logits[0]),
             "generated_ids": result.tokens.tolist(),
+            "conversation": backend.spec.prompt_template.name,
+            "input_ids": batch.input_ids.tolist(),  # the image block expanded; left padding where the batch needs it
+            "attention_mask": batch.attention_mask.tolist(),
+            "pixel_values_sha256": [hashlib.sha256(row.contiguous().numpy().tobytes()).hexdigest() for row in pixels],
         }))
         progress(f"wrote trace {trace_path}")
 
@@ -290,7 +375,7 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
 @cli.command()
 @backend_options
 @click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to talk about.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 4096), help="Longest answer per turn.")
+@max_new_tokens_option(64, "Longest answer per turn; greedy decoding stops earlier at the end-of-sequence token.")
 @user_errors
 def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, max_new_tokens, device) -> None:
     """Talk about one image in the terminal, one question per line (an empty line or EOF ends).
@@ -341,19 +426,19 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 @cli.command()
-@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
-@click.option("--budget", default=None, help=BUDGET_HELP)
-@click.option("--schedule", default=None, help=SCHEDULE_HELP)
+@model_option("tiny")
+@schedule_options
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Artifact folder. Default: artifacts/<model>-<budget>.")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]), help="Weight and activation precision of the graphs.")
-@click.option("--vision-dtype", default=None, type=click.Choice(["fp32", "fp16"]), help="Precision of the CLIP tower and the stage-0 prune (the projector follows --dtype). Default: the same as --dtype. '--dtype fp16 --vision-dtype fp32' is the authors' fp16 evaluation policy.")
+@dtype_option
+@click.option("--vision-dtype", default=None, type=click.Choice(PRECISIONS), help="Precision of the CLIP tower and the stage-0 prune (the projector follows --dtype). Default: the same as --dtype. '--dtype fp16 --vision-dtype fp32' is the authors' fp16 evaluation policy.")
 @click.option("--opset", default=MIN_OPSET, show_default=True, type=click.IntRange(MIN_OPSET, MAX_OPSET), help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (17 is what TensorRT 10.3 / JetPack 6 parses).")
 @click.option("--max-seq-len", default=2048, show_default=True, type=int, help="Longest prompt + generation the artifacts are meant for (recorded for engine builds).")
 @click.option("--plugins", is_flag=True, help="Emit each prune's select and merge as one TensorRT plugin node each (VisionDropSelect/VisionDropMerge, namespace visiondrop).")
-@click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest's summary as JSON.")
+@conversation_option
+@force_option
+@json_option("the summary (folder, schedule, graphs with their I/O, files)")
 @user_errors
-def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len, plugins, force, as_json) -> None:
+def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len, plugins, conversation, force, json_path) -> None:
     """Export fixed-budget ONNX graphs (vision, per-group decoder, prune) and a manifest.
 
     The folder holds one graph per pipeline unit, the text-embedding table, the tokenizer and
@@ -367,10 +452,11 @@ def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len
 
     options = ExportOptions(dtype=dtype, vision_dtype=vision_dtype, opset=opset, max_seq_len=max_seq_len, plugins=plugins)
     model_dir = None if model in PRESETS else [Path(model)]
+    check_outputs(json=json_path)
     if out is not None:  # refuse a bad --out before the model loads (checked again under the write lock)
         check_target(out, force, protect=model_dir or ())
     progress(f"loading {model} ...")
-    loaded = apply_precision(load_model(model, dtype=EXPORT_DTYPES[dtype]), options.vision_dtype)
+    loaded = apply_precision(load_model(model, dtype=EXPORT_DTYPES[dtype], conversation=conversation), options.vision_dtype)
     limit, limit_name = loaded.max_positions
     if max_seq_len > limit:
         raise UserError(f"--max-seq-len {max_seq_len} exceeds {limit_name} ({limit}): use at most {limit}")
@@ -385,12 +471,11 @@ def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len
         size = (out / entry.file).stat().st_size + ((out / entry.external_data).stat().st_size if entry.external_data else 0)
         first = entry.outputs[0]
         rows.append([entry.name, entry.role, f"{size / 2**20:.1f} MB", f"{first['name']} {first['shape']}"])
-    if as_json:
-        click.echo(json.dumps({"out": str(out), "schedule": plan.describe(), "graphs": [g.to_dict() for g in manifest.graphs],
-                               "files": manifest.files}))
-        return
-    print_table(["graph", "role", "size", "main output"], rows)
-    click.echo(f"wrote {len(manifest.files) + 1} files to {out} (manifest: {out / 'manifest.json'})")
+    if shows_table(json_path):
+        print_table(["graph", "role", "size", "main output"], rows)
+        click.echo(f"wrote {len(manifest.files) + 1} files to {out} (manifest: {out / 'manifest.json'})")
+    write_report(json_path, {"out": str(out), "schedule": plan.describe(), "graphs": [g.to_dict() for g in manifest.graphs],
+                             "files": manifest.files})
 
 
 @cli.command()
@@ -401,10 +486,10 @@ def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len
 @click.option("--opset", default=None, type=int, help="Opset of the quantized graphs. Default: the lowest that carries the precision (int8: the source's, or 19 for fp16 scales; fp8: 19; int4-weight: 21).")
 @click.option("--block-size", default=128, show_default=True, type=int, help="int4-weight: input-dimension block that shares one scale.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder to write. Default: <artifacts>-<precision>.")
-@click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
-@click.option("--json", "as_json", is_flag=True, help="Print the per-graph report as JSON.")
+@force_option
+@json_option("the per-graph report and the manifest's quantization record")
 @user_errors
-def calibrate(artifacts, precision, data, samples, opset, block_size, out, force, as_json) -> None:
+def calibrate(artifacts, precision, data, samples, opset, block_size, out, force, json_path) -> None:
     """Quantize an artifact folder: explicit, symmetric Q/DQ graphs for TensorRT, runnable on ONNX Runtime.
 
     Each graph is calibrated on the inputs it sees when the float folder runs the pipeline
@@ -417,16 +502,16 @@ def calibrate(artifacts, precision, data, samples, opset, block_size, out, force
 
     options = CalibrateOptions(precision=precision, data=data, samples=samples, opset=opset, block_size=block_size)
     out = out if out is not None else artifacts.parent / f"{artifacts.name}-{precision}"
+    check_outputs(json=json_path)
     manifest, reports = calibrate_artifacts(artifacts, out, options, force=force, progress=progress)
-    if as_json:
-        click.echo(json.dumps({"out": str(out), "quantization": manifest.export["quantization"],
-                               "graphs": [r.__dict__ for r in reports]}))
-        return
-    print_table(["graph", "role", "quantized linears", "Q/DQ nodes", "size", "worst cosine (calibration inputs)"],
-                [[r.name, r.role, r.quantized_nodes, r.qdq_nodes, f"{r.bytes_before / 2**20:.1f} -> {r.bytes_after / 2**20:.1f} MB",
-                  "float (copied)" if r.worst_cosine is None else f"{r.worst_cosine:.5f}"] for r in reports])
-    click.echo(f"wrote {out} ({precision}, opset {manifest.export['quantization']['opset']}); "
-               f"check it with: python cli.py validate --artifacts {out}")
+    if shows_table(json_path):
+        print_table(["graph", "role", "quantized linears", "Q/DQ nodes", "size", "worst cosine (calibration inputs)"],
+                    [[r.name, r.role, r.quantized_nodes, r.qdq_nodes, f"{r.bytes_before / 2**20:.1f} -> {r.bytes_after / 2**20:.1f} MB",
+                      "float (copied)" if r.worst_cosine is None else f"{r.worst_cosine:.5f}"] for r in reports])
+        click.echo(f"wrote {out} ({precision}, opset {manifest.export['quantization']['opset']}); "
+                   f"check it with: python cli.py validate --artifacts {out}")
+    write_report(json_path, {"out": str(out), "quantization": manifest.export["quantization"],
+                             "graphs": [r.__dict__ for r in reports]})
 
 
 @cli.command()
@@ -437,11 +522,11 @@ def calibrate(artifacts, precision, data, samples, opset, block_size, out, force
 @click.option("--opt-seq-len", default=None, type=click.IntRange(2), help="Typical prompt length, image tokens included, that TensorRT tunes for. Default: image tokens + 32.")
 @click.option("--plugin-lib", type=click.Path(dir_okay=False, path_type=Path), default=None, help="libvisiondrop_trt_plugins.so for plugin-mode artifacts. Default: $VISIONDROP_TRT_PLUGINS, else build/plugins_trt/.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None, help="TensorRT timing cache: read if it exists, updated after the build (faster rebuilds).")
-@click.option("--force", is_flag=True, help="Replace --out if it is not empty.")
+@force_option
 @click.option("--dry-run", is_flag=True, help="Print the plan (engines, profiles, plugin library, weight bytes) and stop; needs no TensorRT.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan (--dry-run) or the engine manifest as JSON.")
+@json_option("the plan (--dry-run) or the engine manifest")
 @user_errors
-def build(artifacts, out, max_batch, max_seq_len, opt_seq_len, plugin_lib, timing_cache, force, dry_run, as_json) -> None:
+def build(artifacts, out, max_batch, max_seq_len, opt_seq_len, plugin_lib, timing_cache, force, dry_run, json_path) -> None:
     """Build one TensorRT engine per exported graph, for this GPU and TensorRT version.
 
     Networks are strongly typed (precision comes from the graphs); qkv and decoder engines get
@@ -453,58 +538,57 @@ def build(artifacts, out, max_batch, max_seq_len, opt_seq_len, plugin_lib, timin
     from visiondrop_edge.runtime.trt_backend import current_environment
     from visiondrop_edge.loading import check_target
 
+    check_outputs(json=json_path)
     plan = plan_build(artifacts, BuildOptions(max_batch, max_seq_len, opt_seq_len, plugin_lib, timing_cache))
     out = out or default_engines_dir(artifacts)
     library = plan.plugin_library or ("NOT FOUND: build it with `python -m visiondrop_edge.plugins_trt.build`" if plan.needs_plugins else "not needed")
     if dry_run:
-        if as_json:
-            click.echo(json.dumps({"out": str(out), **plan.to_dict()}))
-            return
-        print_table(["engine", "profile", "axes (min/opt/max)", "weights", "plugins"], describe_plan(plan))
-        weights = sum(e.weight_bytes for e in plan.engines)
-        click.echo(f"plan: {len(plan.engines)} engines -> {out}, {weights / 2**20:.1f} MB of weights, plugin library: {library} "
-                   f"(dry run: nothing built)")
-        return
+        if shows_table(json_path):
+            print_table(["engine", "profile", "axes (min/opt/max)", "weights", "plugins"], describe_plan(plan))
+            weights = sum(e.weight_bytes for e in plan.engines)
+            click.echo(f"plan: {len(plan.engines)} engines -> {out}, {weights / 2**20:.1f} MB of weights, plugin library: {library} "
+                       f"(dry run: nothing built)")
+        return write_report(json_path, {"out": str(out), **plan.to_dict()})
     check_target(out, force)
     environment = current_environment(plan.plugin_library)
     progress(f"building {len(plan.engines)} engines with TensorRT {environment.tensorrt} for {environment.gpu_name} "
              f"(compute capability {environment.compute_capability}) -> {out}")
     manifest = build_engines(plan, out, environment, force=force, progress=progress)
-    if as_json:
-        click.echo(json.dumps(manifest))
-        return
-    click.echo(f"wrote {len(manifest['engines'])} engines to {out} (manifest: {out / 'manifest.json'})")
+    if shows_table(json_path):
+        click.echo(f"wrote {len(manifest['engines'])} engines to {out} (manifest: {out / 'manifest.json'})")
+    write_report(json_path, manifest)
 
 
 @cli.command()
 @click.option("--plugin-lib", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Check this plugin library instead of the default locations.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@json_option("the report (each piece: found, version or what is missing)")
 @user_errors
-def doctor(plugin_lib, as_json) -> None:
+def doctor(plugin_lib, json_path) -> None:
     """Show what this machine has for TensorRT (GPU, CUDA, TensorRT, plugins, ONNX Runtime) and what to install."""
     from visiondrop_edge.runtime import trt_backend
 
+    check_outputs(json=json_path)
     report = trt_backend.doctor(plugin_lib)
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    for line in trt_backend.doctor_lines(report):
-        click.echo(line)
+    if shows_table(json_path):
+        for line in trt_backend.doctor_lines(report):
+            click.echo(line)
+    write_report(json_path, report)
 
 
 @cli.command()
 @click.option("--artifacts", type=click.Path(path_type=Path), required=True, help="Artifact folder written by export.")
 @click.option("--reference", default="torch", show_default=True, type=click.Choice(["torch"]), help="The backend the candidate is checked against: the PyTorch pipeline of the model the manifest names.")
-@click.option("--candidate", default="ort", show_default=True, type=click.Choice(["ort", "ort-cuda", "trt"]), help="The backend under test: ONNX Runtime on CPU or CUDA over the graphs, or the TensorRT engines of --engines.")
+@click.option("--candidate", default="ort", show_default=True, type=click.Choice(["ort", "trt"]), help="The backend under test: ONNX Runtime over the graphs (on --provider), or the TensorRT engines of --engines.")
+@provider_option
 @click.option("--engines", type=click.Path(path_type=Path), default=None, help="Engine folder written by `build` (for --candidate trt).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the report as JSON.")
+@json_option("the report (every check, tie and decision, the gates)")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Also compare on this image (repeatable).")
 @click.option("--batch", default="1,2", show_default=True, help="Batch sizes of the random-image cases.")
-@click.option("--new-tokens", default=16, show_default=True, type=click.IntRange(1, 1024), help="Greedy tokens to compare.")
+@max_new_tokens_option(16, "Greedy tokens to compare end to end (both backends stop earlier at the end-of-sequence token).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random images.")
-@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device of the PyTorch reference (cpu, cuda, cuda:N).")
+@device_option
 @user_errors
-def validate(artifacts, reference, candidate, engines, json_path, images, batch, new_tokens, seed, device) -> None:
+def validate(artifacts, reference, candidate, provider, engines, json_path, images, batch, max_new_tokens, seed, device) -> None:
     """Compare a candidate backend with the PyTorch pipeline, unit by unit and end to end.
 
     Each unit gets the inputs its PyTorch twin saw (vision embeddings, kept/target indices and
@@ -519,10 +603,23 @@ def validate(artifacts, reference, candidate, engines, json_path, images, batch,
 
     check_device(device)
     check_outputs(json=json_path)
+    if candidate == "ort":  # by default the provider `generate --artifacts` runs on
+        from visiondrop_edge.runtime.ort_backend import resolve_providers
+
+        candidate = "ort-cuda" if resolve_providers(provider)[0] == "CUDAExecutionProvider" else "ort"
     report = validate_artifacts(
-        artifacts, images=images, batch_sizes=parse_int_list(batch, "--batch"), new_tokens=new_tokens,
+        artifacts, images=images, batch_sizes=parse_int_list(batch, "--batch"), new_tokens=max_new_tokens,
         seed=seed, candidate=candidate, reference=reference, engines=engines, device=device, progress=progress,
     )
+    if shows_table(json_path):
+        print_validation(report)
+    write_report(json_path, report.to_dict())
+    if not report.passed:
+        sys.exit(1)
+
+
+def print_validation(report) -> None:
+    """validate's table, tie margins, decisions and verdict line."""
     rows = []
     for c in report.checks.values():
         errors = ["-", "-", "-"] if c.kind != "tensor" else [f"{c.max_abs_err:.3g}", f"{c.max_rel_err:.3g}", f"{c.cosine:.7f}"]
@@ -541,21 +638,17 @@ def validate(artifacts, reference, candidate, engines, json_path, images, batch,
                f"gates ({report.precision}): {'rel err <= %g, ' % relative if relative is not None else ''}"
                f"cosine >= {report.gates['cosine']:g}, decisions {report.gates['decisions']}; "
                f"{report.candidate} vs {report.reference}")
-    write_report(json_path, report.to_dict())
-    if not report.passed:
-        sys.exit(1)
 
 
 @cli.command()
-@click.option("--model", default="tiny", show_default=True, help=MODEL_HELP)
+@model_option("tiny")
 @click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to inspect.")
 @click.option("--prompt", default="Describe the image.", show_default=True, help="Question (LLM-stage scores depend on the prompt).")
-@click.option("--budget", default=None, help=BUDGET_HELP)
-@click.option("--schedule", default=None, help=SCHEDULE_HELP)
+@schedule_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG to draw (one panel per stage).")
-@click.option("--json", "as_json", is_flag=True, help="Print the kept patches and contextual groups as JSON.")
+@json_option("the kept patches and contextual groups of every stage")
 @user_errors
-def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
+def inspect(model, image, prompt, budget, schedule, out, json_path) -> None:
     """Draw which image patches each VisionDrop stage keeps.
 
     One panel per stage (LLM stages mapped back to original patch positions): dominant
@@ -567,9 +660,9 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     from visiondrop_edge.loading import load_model
     from visiondrop_edge.prompt import build_prompts, check_length, load_images
 
-    if out is None and not as_json:
-        raise UserError("give --out kept.png to draw the panels, --json to print them, or both")
-    check_outputs(out=out)
+    if out is None and json_path is None:
+        raise UserError("give --out kept.png to draw the panels, --json PATH (or - to print) for them as JSON, or both")
+    check_outputs(out=out, json=json_path)
     picture = load_images([image])[0]
     progress(f"loading {model} ...")
     loaded = load_model(model)
@@ -579,33 +672,32 @@ def inspect(model, image, prompt, budget, schedule, out, as_json) -> None:
     batch = build_prompts(loaded.tokenizer, loaded.template, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     check_length(batch, 0, *loaded.max_positions)
     panels, seen = inspect_image(loaded, plan, picture, prompt)
-    if as_json:
-        click.echo(json.dumps({"schedule": plan.describe(), "patch_size": loaded.config.vision_config.patch_size,
-                               "grid": seen.shape[1] // loaded.config.vision_config.patch_size, "stages": panels_json(panels)}))
+    write_report(json_path, {"schedule": plan.describe(), "patch_size": loaded.config.vision_config.patch_size,
+                             "grid": seen.shape[1] // loaded.config.vision_config.patch_size, "stages": panels_json(panels)})
     if out is not None:
         write_side_file(out, lambda path: draw(panels, seen, loaded.config.vision_config.patch_size, path))
         progress(f"wrote {out}")
 
 
 @cli.command()
-@click.option("--model", default="small", show_default=True, help=MODEL_HELP)
+@model_option("small")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="Run the PyTorch pipeline, the exported graphs on ONNX Runtime (exported per budget into a temporary folder), or the TensorRT engine folders of --engines.")
-@click.option("--engines", "engine_dirs", multiple=True, type=click.Path(path_type=Path), help="--backend trt: an engine folder written by `build` (repeatable, one schedule each; a --budget full one is the speed-up baseline). Uses --batch, --new-tokens, --warmup, --repeats, --json.")
+@click.option("--engines", "engine_dirs", multiple=True, type=click.Path(path_type=Path), help="--backend trt: an engine folder written by `build` (repeatable, one schedule each; a --budget full one is the speed-up baseline). Uses --batch, --max-new-tokens, --warmup, --repeats, --json.")
 @click.option("--budgets", default="32,64,128,192,full", show_default=True, help="Budgets to measure; 'full' (the baseline) is always measured.")
 @click.option("--batch", default="1,4", show_default=True, help="Batch sizes.")
-@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096), help="Decode steps per request.")
+@max_new_tokens_option(32, "Decode steps per request: bench runs all of them, end-of-sequence or not, so every budget decodes as many.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0, 100))
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(1, 1000), help="Timed requests per configuration (medians reported).")
-@click.option("--device", default="cpu", show_default=True, type=DEVICE, help="Torch device (cpu, cuda, cuda:N).")
-@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "bf16"]))
-@click.option("--provider", default="cpu", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]), help="ONNX Runtime provider for --backend ort.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write every measurement as JSON.")
+@device_option
+@dtype_option
+@provider_option
+@json_option("every measurement")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
 @click.option("--cpu-load", default=0, show_default=True, type=click.IntRange(0, 64), help="Busy worker processes that bench starts for the measurements and stops after (a CPU shared with the application, as on a Jetson).")
-@click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --new-tokens, --warmup, --repeats, --json.")
-@click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --new-tokens, --warmup, --repeats, --provider, --json.")
+@click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --max-new-tokens, --warmup, --repeats, --json.")
+@click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --max-new-tokens, --warmup, --repeats, --provider, --json.")
 @user_errors
-def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path,
+def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path,
           cpu_load, questions, compare) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
@@ -625,17 +717,17 @@ def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repea
     if backend == "trt" or engine_dirs:
         if backend != "trt" or not engine_dirs:
             raise UserError("TensorRT engines are measured with --backend trt --engines DIR [--engines DIR2 ...]")
-        config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens, warmup=warmup,
+        config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=max_new_tokens, warmup=warmup,
                              repeats=repeats, backend="trt")
         return bench_engines(list(engine_dirs), config, json_path)
     if compare is not None:
-        config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens, warmup=warmup,
+        config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=max_new_tokens, warmup=warmup,
                              repeats=repeats, backend="ort", provider=provider)
         return bench_compare(compare, config, json_path)
     budget_list = tuple(b.strip() for b in budgets.split(",") if b.strip())
     if not budget_list:
         raise UserError(f"--budgets takes budgets separated by commas, e.g. 32,64,full (got '{budgets}')")
-    config = BenchConfig(budgets=budget_list, batches=tuple(parse_int_list(batch, "--batch")), new_tokens=new_tokens,
+    config = BenchConfig(budgets=budget_list, batches=tuple(parse_int_list(batch, "--batch")), new_tokens=max_new_tokens,
                          warmup=warmup, repeats=repeats, backend=backend, provider=provider, cpu_load=cpu_load)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     if backend == "ort" and dtype == "bf16":
@@ -651,8 +743,9 @@ def bench(model, backend, engine_dirs, budgets, batch, new_tokens, warmup, repea
              f"{100 * s['pruning_overhead_best']:+.1f}%", f"{s['ttft_speedup']:.2f}x",
              f"{s['decode_speedup']:.2f}x ({s['decode_speedup_best']:.2f}x)", f"{s['decode_speedup_predicted']:.2f}x",
              f"{s['flops_fraction']:.2f}"] for s in report["summary"]]
-    print_table(["budget", "batch", "prefill speed-up", "ideal speed-up", "of ideal", "overhead", "overhead (best)", "TTFT speed-up",
-                 "decode speed-up (best)", "decode predicted by bytes", "FLOPs vs full"], rows)
+    if shows_table(json_path):
+        print_table(["budget", "batch", "prefill speed-up", "ideal speed-up", "of ideal", "overhead", "overhead (best)", "TTFT speed-up",
+                     "decode speed-up (best)", "decode predicted by bytes", "FLOPs vs full"], rows)
     write_report(json_path, report)
     if plot_path is not None:
         write_side_file(plot_path, lambda path: plot_bench(report, path))
@@ -774,7 +867,7 @@ def triton_repo(engines, artifacts, out, units, instances, max_batch, batch_dela
     click.echo(f"wrote {path} ({chosen} units); serve it with: tritonserver --model-repository {path}")
 
 
-def bench_questions(loaded, config, counts: list[int], json_path: Path | None) -> None:
+def bench_questions(loaded, config, counts: list[int], json_path: Path | str | None) -> None:
     """``bench --questions-per-image``: prefix reuse against a full prefill per question, per budget."""
     import tempfile
 
@@ -792,12 +885,13 @@ def bench_questions(loaded, config, counts: list[int], json_path: Path | None) -
             rows += [[budget, r["questions_per_image"], f"{r['full_ms_per_answer']['median']:.0f}",
                       f"{r['reuse_ms_per_answer']['median']:.0f}", f"{r['reuse_answer_only_ms_per_answer']['median']:.0f}",
                       f"{r['speedup']:.2f}x ({r['speedup_best']:.2f}x)"] for r in results]
-    print_table(["budget", "questions", "full prefill ms/answer", "reuse ms/answer", "answer-only ms/answer",
-                 "speed-up (best)"], rows)
+    if shows_table(json_path):
+        print_table(["budget", "questions", "full prefill ms/answer", "reuse ms/answer", "answer-only ms/answer",
+                     "speed-up (best)"], rows)
     write_report(json_path, report)
 
 
-def bench_compare(compare: str, config, json_path: Path | None) -> None:
+def bench_compare(compare: str, config, json_path: Path | str | None) -> None:
     """``bench --artifacts-compare BASELINE,CANDIDATE``: ratios baseline / candidate, per batch size."""
     from visiondrop_edge.bench.compare import run_compare
 
@@ -809,14 +903,15 @@ def bench_compare(compare: str, config, json_path: Path | None) -> None:
              f"{s['decode_speedup']:.2f}x ({s['decode_speedup_best']:.2f}x)",
              f"{s['vision_speedup']:.2f}x", f"{s['peak_memory_delta_ratio']:.2f}", f"{s['disk_ratio']:.2f}"]
             for s in report["summary"]]
-    print_table(["batch", "prefill speed-up (best)", "TTFT speed-up (best)", "decode speed-up (best)", "vision speed-up",
-                 "peak memory (request)", "bytes on disk"], rows)
-    click.echo(f"speed-up = baseline / candidate time (median of {config.repeats}, best-of-{config.repeats} in brackets); "
-               "memory and disk = candidate / baseline")
+    if shows_table(json_path):
+        print_table(["batch", "prefill speed-up (best)", "TTFT speed-up (best)", "decode speed-up (best)", "vision speed-up",
+                     "peak memory (request)", "bytes on disk"], rows)
+        click.echo(f"speed-up = baseline / candidate time (median of {config.repeats}, best-of-{config.repeats} in brackets); "
+                   "memory and disk = candidate / baseline")
     write_report(json_path, report)
 
 
-def bench_engines(engine_dirs: list[Path], config, json_path: Path | None) -> None:
+def bench_engines(engine_dirs: list[Path], config, json_path: Path | str | None) -> None:
     """``bench --backend trt --engines DIR ...``: each engine folder's pipeline, per batch size."""
     from visiondrop_edge.bench.run import run_engines
 
@@ -825,7 +920,8 @@ def bench_engines(engine_dirs: list[Path], config, json_path: Path | None) -> No
              f"{r['ttft_ms']['median']:.2f}", f"{r['decode_ms_per_token']['median']:.2f}", f"{r['tokens_per_s']:.1f}",
              f"{r['prefill_speedup']:.2f}x" if r.get("prefill_speedup") else "-",
              f"{r['decode_speedup']:.2f}x" if r.get("decode_speedup") else "-"] for r in report["results"]]
-    print_table(["engines", "schedule", "batch", "vision ms", "prefill ms", "TTFT ms", "decode ms/token", "tokens/s",
-                 "prefill vs full", "decode vs full"], rows)
+    if shows_table(json_path):
+        print_table(["engines", "schedule", "batch", "vision ms", "prefill ms", "TTFT ms", "decode ms/token", "tokens/s",
+                     "prefill vs full", "decode vs full"], rows)
     write_report(json_path, report)
 
