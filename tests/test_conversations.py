@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visiondrop_edge.errors import CheckpointError
+from visiondrop_edge.errors import CheckpointError, SettingError
 from visiondrop_edge.families.llava import VICUNA_V1_SYSTEM, Llava15
 from visiondrop_edge.prompt import build_prompts, pad_to_square, pixel_values, split_prompt
 
@@ -71,7 +71,7 @@ def test_a_later_turn_follows_the_template(chat_processor):
 
 
 def test_unknown_or_unavailable_conversations_are_refused(tiny):
-    with pytest.raises(CheckpointError, match="no chat_template"):
+    with pytest.raises(SettingError, match="no chat_template: use conversation plain"):
         Llava15.conversation(tiny.processor, "checkpoint")
     with pytest.raises(CheckpointError, match="unknown conversation 'vicuna'"):
         Llava15.conversation(tiny.processor, "vicuna")
@@ -125,3 +125,28 @@ def test_llava_v1_chunks_where_a_tokenizer_can_tell(tiny):
     assert split.suffix_ids[0] == tokenizer.boundary  # the question's chunk starts a new word
     whole = split_prompt(tokenizer, plain, "hi", tokenizer.image)
     assert whole.suffix_ids[0] != tokenizer.boundary
+
+
+def test_generate_traces_the_exact_inputs_of_its_conversation(tiny, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from visiondrop_edge import cli
+
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.full((40, 80, 3), 90, dtype=np.uint8)).save(image)
+    trace = tmp_path / "trace.json"
+    result = CliRunner().invoke(cli.cli, ["generate", "--image", str(image), "--prompt", QUESTION, "--budget", "32",
+                                          "--max-new-tokens", "2", "--conversation", "llava_v1", "--trace", str(trace)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(trace.read_text())
+    template = Llava15.conversation(tiny.processor, "llava_v1")
+    split = split_prompt(tiny.tokenizer, template, QUESTION, tiny.config.image_token_id)
+    image_tokens = 48  # budget 32: 42+6 vision tokens
+    assert data["conversation"] == "llava_v1"
+    assert data["input_ids"][0] == list(split.prefix_ids) + [tiny.config.image_token_id] * image_tokens + list(split.suffix_ids)
+    import hashlib
+
+    pixels = pixel_values(tiny.processor.image_processor, [Image.open(image).convert("RGB")], template)
+    assert data["pixel_values_sha256"] == [hashlib.sha256(pixels[0].contiguous().numpy().tobytes()).hexdigest()]
