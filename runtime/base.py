@@ -13,14 +13,15 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop_edge.contract import QKV, STAGE_OUTPUTS, PruneOutputs, StageTrace
+from visiondrop_edge.contract import QKV, STAGE_OUTPUTS, PruneOutputs, StageTrace, decoder_outputs
 from visiondrop_edge.manifest import ModelSpec
 from visiondrop_edge.modules import positions_from_mask
 from visiondrop_edge.pruning import splice
 
-__all__ = ["Backend", "DecoderState", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
+__all__ = ["Backend", "DecoderState", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
 
 
 @dataclass
@@ -137,3 +138,33 @@ class Backend(ABC):
             new_state.caches.append(presents)
             new_state.masks.append(mask)
         return hidden, new_state
+
+
+class GraphBackend(Backend):
+    """A backend whose units are exported graphs called by name: ``_run(graph, *inputs)`` feeds
+    the contract's inputs in order and returns the graph's outputs by name; the token
+    embedding is a table lookup on the host (``embed_table``)."""
+
+    embed_table: Tensor
+
+    @abstractmethod
+    def _run(self, graph: str, *tensors: Tensor) -> dict[str, Tensor]:
+        """Run ``graph`` on ``tensors`` (its inputs in the contract's order); outputs by name."""
+
+    def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
+        return self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype))
+
+    def run_embed(self, input_ids: Tensor) -> Tensor:
+        return F.embedding(input_ids.cpu(), self.embed_table)
+
+    def run_qkv(self, group, hidden_states) -> QKV:
+        return QKV(**self._run(f"qkv_{group}", hidden_states))
+
+    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
+        return PruneOutputs(**self._run(f"prune_{stage}", hidden_states, query, key, value, attention_mask, image_offset))
+
+    def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
+        outputs = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
+        start, stop = self.spec.schedule.layer_groups()[group]
+        out, *presents = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
+        return out, presents

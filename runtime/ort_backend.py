@@ -11,14 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from visiondrop_edge.contract import QKV, PruneOutputs, bind, decoder_outputs
+from visiondrop_edge.contract import bind
 from visiondrop_edge.errors import UserError
 
-from .base import Backend, ModelSpec
+from .base import GraphBackend, ModelSpec
 
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
 
@@ -40,7 +39,7 @@ def resolve_providers(provider: str) -> list[str]:
     return PROVIDERS[provider]
 
 
-class OrtBackend(Backend):
+class OrtBackend(GraphBackend):
     """Runs the exported graphs of an artifact folder."""
 
     name = "ort"
@@ -99,21 +98,3 @@ class OrtBackend(Backend):
         session = self.sessions[graph]
         names = [output.name for output in session.get_outputs()]
         return {name: torch.from_numpy(out) for name, out in zip(names, session.run(names, feeds), strict=True)}
-
-    def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        return self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype))
-
-    def run_embed(self, input_ids: Tensor) -> Tensor:
-        return F.embedding(input_ids.cpu(), self.embed_table)
-
-    def run_qkv(self, group, hidden_states) -> QKV:
-        return QKV(**self._run(f"qkv_{group}", hidden_states))
-
-    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
-        return PruneOutputs(**self._run(f"prune_{stage}", hidden_states, query, key, value, attention_mask, image_offset))
-
-    def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
-        outputs = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
-        start, stop = self.spec.schedule.layer_groups()[group]
-        out, *presents = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
-        return out, presents

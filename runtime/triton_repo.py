@@ -29,13 +29,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop_edge.contract import QKV, PruneOutputs, bind, decoder_outputs
+from visiondrop_edge.contract import bind
 from visiondrop_edge.errors import ArtifactError, UserError
 
-from .base import Backend, ModelSpec
+from .base import GraphBackend, ModelSpec
 from .serve import MODEL, REQUEST_INPUTS, RESPONSE_OUTPUTS, ServeOptions
 
 REPO_FORMAT, REPO_FORMAT_VERSION = "visiondrop-edge/triton-repo", 1
@@ -58,7 +57,7 @@ class RepoOptions:
 UnitCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
 
-class UnitBackend(Backend):
+class UnitBackend(GraphBackend):
     """Every unit is a named call (``call(unit, inputs, output names) -> outputs``): in the
     repository's model.py, a BLS request to that unit's Triton model."""
 
@@ -72,24 +71,6 @@ class UnitBackend(Backend):
         unit = self.units[graph]
         feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in bind(unit["inputs"], tensors).items()}
         return {name: torch.from_numpy(np.array(array)) for name, array in self.call(graph, feeds, unit["outputs"]).items()}
-
-    def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        return self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype))
-
-    def run_embed(self, input_ids: Tensor) -> Tensor:
-        return F.embedding(input_ids.cpu(), self.embed_table)
-
-    def run_qkv(self, group, hidden_states) -> QKV:
-        return QKV(**self._run(f"qkv_{group}", hidden_states))
-
-    def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
-        return PruneOutputs(**self._run(f"prune_{stage}", hidden_states, query, key, value, attention_mask, image_offset))
-
-    def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
-        outputs = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
-        start, stop = self.spec.schedule.layer_groups()[group]
-        out, *presents = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
-        return out, presents
 
 
 # ------------------------------------------------------------------ writing the repository

@@ -177,9 +177,13 @@ def family_named(name: str) -> type[Family]:
         raise CheckpointError(f"model family '{name}' is not known to this version (known: {', '.join(FAMILIES)})") from None
 
 
+def _accepting(config: dict[str, Any]) -> list[type[Family]]:
+    return [family for family in FAMILIES.values() if family.accepts(config)]
+
+
 def family_for_config(config: dict[str, Any], where: str) -> type[Family]:
     """The one registered family that accepts ``config.json``, checked; else one line saying why not."""
-    matches = [family for family in FAMILIES.values() if family.accepts(config)]
+    matches = _accepting(config)
     if len(matches) > 1:
         raise CheckpointError(f"{where}: more than one model family accepts this config ({', '.join(f.name for f in matches)})")
     if not matches:
@@ -196,8 +200,7 @@ def family_for_config(config: dict[str, Any], where: str) -> type[Family]:
 
 def family_of(model: nn.Module) -> type[Family]:
     """The family of a loaded model (its config's), without re-checking it."""
-    config = model.config.to_dict()
-    matches = [family for family in FAMILIES.values() if family.accepts(config)]
+    matches = _accepting(model.config.to_dict())
     if len(matches) != 1:
         raise CheckpointError(f"{type(model).__name__} belongs to {len(matches)} registered model families, not one")
     return matches[0]
