@@ -112,9 +112,10 @@ def cpu_load(workers: int) -> Iterator[None]:
     finally:
         stop.set()
         for process in processes:
-            process.join(timeout=10)
+            process.join(timeout=10)  # a worker still starting up (spawn re-imports) may not have seen stop yet
             if process.is_alive():
                 process.kill()
+                process.join()
 
 
 def decode_bytes(loaded: LoadedModel) -> int:
