@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -33,6 +33,34 @@ def greedy_generate(backend: Backend, pixel_values: Tensor, prompts: PromptBatch
     return GenerationResult(tokens, vision, prefill.stages, step_logits)
 
 
+@dataclass
+class Step:
+    """One greedy step: what a stream hands on as soon as the token exists."""
+
+    tokens: Tensor  # [B] this step's ids (pad for a row past its EOS)
+    logits: Tensor  # [B, vocab] they were chosen from
+    state: DecoderState  # the caches so far: every earlier token, not this one (fed back by the next step)
+    last: bool  # no step follows (max_new_tokens reached, or every row has emitted EOS)
+
+
+def greedy_steps(backend: Backend, logits: Tensor, state: DecoderState, max_new_tokens: int) -> Iterator[Step]:
+    """Greedy decoding from the first logits, one :class:`Step` per generated token, as produced.
+
+    A consumer that stops early (a client gone mid-stream) costs no further decode step.
+    """
+    spec = backend.spec
+    unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        token = torch.where(unfinished, logits.argmax(-1), torch.full_like(unfinished, spec.pad_token_id, dtype=torch.int64))
+        if spec.eos_token_id is not None:
+            unfinished &= token != spec.eos_token_id
+        last = step == max_new_tokens - 1 or not bool(unfinished.any())  # one sync per token: loop control
+        yield Step(token, logits, state, last)
+        if last:
+            return
+        logits, state = backend.decode_step(token, state)
+
+
 def greedy_decode(
     backend: Backend, logits: Tensor, state: DecoderState, max_new_tokens: int,
     on_token: Callable[[Tensor], None] | None = None,
@@ -42,19 +70,12 @@ def greedy_decode(
     The final state holds every generated token but the last one (it was never fed back).
     ``on_token`` sees each step's tokens as they are produced (streaming).
     """
-    spec = backend.spec
-    unfinished = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens, step_logits = [], []
-    for step in range(max_new_tokens):
-        step_logits.append(logits)
-        token = torch.where(unfinished, logits.argmax(-1), torch.full_like(unfinished, spec.pad_token_id, dtype=torch.int64))
-        tokens.append(token)
+    for step in greedy_steps(backend, logits, state, max_new_tokens):
+        tokens.append(step.tokens)
+        step_logits.append(step.logits)
+        state = step.state
         if on_token is not None:
-            on_token(token)
-        if spec.eos_token_id is not None:
-            unfinished &= token != spec.eos_token_id
-        if step == max_new_tokens - 1 or not bool(unfinished.any()):  # one sync per token: loop control
-            break
-        logits, state = backend.decode_step(token, state)
+            on_token(step.tokens)
     generated = torch.stack(tokens, dim=1) if tokens else torch.zeros((logits.shape[0], 0), dtype=torch.int64)
     return generated, step_logits, state

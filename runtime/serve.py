@@ -11,6 +11,10 @@ One Triton server (the binary the ``nvidia-pytriton`` wheel ships), three models
   image of the batch that is not in the prefix cache in one vision + prefill batch (a cached
   image skips both), then prefills every question at once on top of its image's prefix and
   decodes the rows together.
+- ``visiondrop_stream``, what clients call to get tokens as they are produced: a decoupled
+  model (gRPC streaming) with the inputs of ``visiondrop``, one request at a time, that checks
+  it as ``visiondrop_prepare`` does and sends one response per generated token. Its greedy
+  steps interleave with other streams' and with the generate batches (one lock on the session).
 - ``visiondrop_stats`` answers the prefix cache's and the batcher's counters as JSON.
 
 PyTriton answers or fails a whole batch at once, hence the split: everything that can refuse
@@ -32,7 +36,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -41,11 +45,12 @@ from visiondrop_edge.errors import InputError, UserError
 from visiondrop_edge.prompt import SIXTEEN_BIT_MODES, pixel_values, split_prompt
 
 from .base import Backend, ModelSpec
-from .session import Session
+from .session import PrefixState, Session
 
 LOGGER = logging.getLogger("visiondrop")
 
-MODEL, PREPARE, GENERATE, STATS = "visiondrop", "visiondrop_prepare", "visiondrop_generate", "visiondrop_stats"
+MODEL, PREPARE, GENERATE, STREAM, STATS = ("visiondrop", "visiondrop_prepare", "visiondrop_generate", "visiondrop_stream",
+                                           "visiondrop_stats")
 # What a client sends and gets back (names and Triton types; shapes are per request, batch dimension first).
 REQUEST_INPUTS = {"image": ("TYPE_STRING", [1]), "prompt": ("TYPE_STRING", [1]), "max_new_tokens": ("TYPE_INT32", [1])}
 RESPONSE_OUTPUTS = {"text": ("TYPE_STRING", [1]), "tokens": ("TYPE_INT64", [-1]), "kept_tokens": ("TYPE_INT32", [-1]),
@@ -151,12 +156,15 @@ class Counters:
     batches: int = 0  # generate executions
     largest_batch: int = 0
     in_flight: int = 0  # rows inside a generate execution now
+    streams: int = 0  # streams that sent their last token
+    streaming: int = 0  # streams open now (each holds its answer's caches)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> dict[str, int]:
         with self.lock:
             return {"requests": self.requests, "refused": self.refused, "batches": self.batches,
-                    "largest_batch": self.largest_batch, "in_flight": self.in_flight}
+                    "largest_batch": self.largest_batch, "in_flight": self.in_flight, "streams": self.streams,
+                    "streaming": self.streaming}
 
 
 def kept_counts(prefix) -> list[int]:
@@ -164,26 +172,62 @@ def kept_counts(prefix) -> list[int]:
     return [prefix.vision.image_embeds.shape[1]] + [s.kept_index.shape[1] + s.target_index.shape[1] for s in prefix.stages]
 
 
-def answer_batch(session: Session, rows: Sequence[Prepared]) -> list[Reply]:
-    """Answer every row in one batch: each distinct image is encoded once (or found in the
-    cache), the questions are prefilled together on their images' prefixes and decoded together."""
-    digests = [hashlib.sha256(row.pixels.tobytes()).digest() for row in rows]
+def encode_images(session: Session, images: Sequence[np.ndarray]) -> list[tuple[PrefixState, bool]]:
+    """Each image's prefix and whether it came from the prefix cache: the distinct images that
+    are not cached are encoded once each, in one vision + prefill batch."""
+    digests = [hashlib.sha256(image.tobytes()).digest() for image in images]
     distinct = list(dict.fromkeys(digests))
     cached = {id(entry) for entry in session.cache.entries.values()}
     first = {digest: digests.index(digest) for digest in distinct}
-    prefixes = session.encode_prefix(torch.from_numpy(np.stack([rows[first[d]].pixels for d in distinct])))
-    by_digest = dict(zip(distinct, prefixes))
-    row_prefixes = [by_digest[d] for d in digests]
-    answer = session.answer(row_prefixes, [row.prompt for row in rows], max(row.max_new_tokens for row in rows))
+    prefixes = dict(zip(distinct, session.encode_prefix(torch.from_numpy(np.stack([images[first[d]] for d in distinct])))))
+    return [(prefixes[d], id(prefixes[d]) in cached) for d in digests]
+
+
+def answer_batch(session: Session, rows: Sequence[Prepared]) -> list[Reply]:
+    """Answer every row in one batch: each distinct image is encoded once (or found in the
+    cache), the questions are prefilled together on their images' prefixes and decoded together."""
+    encoded = encode_images(session, [row.pixels for row in rows])
+    answer = session.answer([prefix for prefix, _ in encoded], [row.prompt for row in rows], max(row.max_new_tokens for row in rows))
     eos = session.backend.spec.eos_token_id
     replies = []
-    for index, (row, prefix) in enumerate(zip(rows, row_prefixes)):
+    for index, (row, (prefix, hit)) in enumerate(zip(rows, encoded)):
         tokens = answer.tokens[index, :row.max_new_tokens].tolist()
         if eos is not None and eos in tokens:  # after a row's EOS come pads (the batch went on)
             tokens = tokens[:tokens.index(eos) + 1]
         text = session.tokenizer.decode(tokens, skip_special_tokens=True)
-        replies.append(Reply(text, tokens, kept_counts(prefix), id(prefix) in cached))
+        replies.append(Reply(text, tokens, kept_counts(prefix), hit))
     return replies
+
+
+class TextPieces:
+    """The text each streamed token adds, so that the pieces add up to the answer's text.
+
+    A piece is the decoded answer so far less what was already sent (a token's text depends
+    on its neighbours: SentencePiece's leading spaces, bytes of one character split over
+    tokens); it is held back while the text ends in an incomplete character, and the last
+    token sends the rest.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.sent = tokenizer, [], ""
+
+    def add(self, token: int, last: bool) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.startswith(self.sent) or (text.endswith("\ufffd") and not last):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+
+def locked(lock: threading.Lock, iterator: Iterator) -> Iterator:
+    """``iterator``'s items, each computed while holding ``lock`` (released between items)."""
+    while True:
+        with lock:
+            item = next(iterator, None)
+        if item is None:
+            return
+        yield item
 
 
 def reply_arrays(replies: Sequence[Reply], pad_token_id: int) -> dict[str, np.ndarray]:
@@ -247,8 +291,8 @@ class PrepareModel:
 class GenerateModel:
     """``visiondrop_generate``: a dynamic batch of prepared requests, answered in one :func:`answer_batch`."""
 
-    def __init__(self, session: Session, counters: Counters):
-        self.session, self.counters = session, counters
+    def __init__(self, session: Session, compute: threading.Lock, counters: Counters):
+        self.session, self.compute, self.counters = session, compute, counters
 
     def __call__(self, requests) -> list[dict[str, np.ndarray]]:
         rows, owners = [], []
@@ -260,7 +304,8 @@ class GenerateModel:
         with self.counters.lock:
             self.counters.in_flight += len(rows)
         try:
-            replies = answer_batch(self.session, rows)
+            with self.compute:
+                replies = answer_batch(self.session, rows)
         except Exception:
             LOGGER.exception("a batch of %d request(s) failed", len(requests))
             raise
@@ -276,14 +321,55 @@ class GenerateModel:
                 for number in range(len(requests))]
 
 
+class StreamModel:
+    """``visiondrop_stream`` (decoupled): one request, checked alone, then one response per token.
+
+    Each response holds that token (``tokens``), the text it adds (``text``; the pieces add up
+    to the answer) and the request's ``kept_tokens`` and ``prefix_cache_hit``. The answer's
+    caches live in this generator only: when it ends, or is closed, they are gone.
+    """
+
+    def __init__(self, session: Session, checker: RequestChecker, compute: threading.Lock, counters: Counters):
+        self.session, self.checker, self.compute, self.counters = session, checker, compute, counters
+
+    def __call__(self, requests) -> Iterator[list[dict[str, np.ndarray]]]:
+        [request] = requests  # max_batch_size 1 and no batcher: Triton hands over one request of one row
+        try:
+            [row] = request_rows(self.checker, _column(request, "image"), _column(request, "prompt"),
+                                 _column(request, "max_new_tokens"))
+        except UserError as exc:
+            with self.counters.lock:
+                self.counters.refused += 1
+            LOGGER.info("refused a stream: %s", exc)
+            raise
+        with self.counters.lock:
+            self.counters.streaming += 1
+        try:
+            with self.compute:
+                [(prefix, hit)] = encode_images(self.session, [row.pixels])
+            pieces, kept = TextPieces(self.checker.processor.tokenizer), kept_counts(prefix)
+            pad = self.session.backend.spec.pad_token_id
+            for step in locked(self.compute, self.session.stream(prefix, row.prompt, row.max_new_tokens)):
+                token = int(step.tokens[0])
+                yield [reply_arrays([Reply(pieces.add(token, step.last), [token], kept, hit)], pad)]
+                if step.last:
+                    with self.counters.lock:
+                        self.counters.streams += 1
+        finally:
+            with self.counters.lock:
+                self.counters.streaming -= 1
+
+
 class StatsModel:
     """``visiondrop_stats``: the prefix cache's and the batcher's counters as one JSON string."""
 
-    def __init__(self, session: Session, counters: Counters):
-        self.session, self.counters = session, counters
+    def __init__(self, session: Session, compute: threading.Lock, counters: Counters):
+        self.session, self.compute, self.counters = session, compute, counters
 
     def report(self) -> dict[str, Any]:
-        return {"prefix_cache": self.session.cache.stats(), "server": self.counters.snapshot()}
+        with self.compute:  # the cache changes only under this lock
+            cache = self.session.cache.stats()
+        return {"prefix_cache": cache, "server": self.counters.snapshot()}
 
     def __call__(self, requests) -> list[dict[str, np.ndarray]]:
         text = json.dumps(self.report()).encode()
@@ -368,11 +454,14 @@ class VisionDropServer:
         self.options = options
         self.session = Session(backend, processor, model_id, options.prefix_cache_bytes)
         self.counters = Counters()
-        self.stats = StatsModel(self.session, self.counters)
+        self.compute = threading.Lock()  # one thread at a time runs the session: batches and stream steps interleave
+        self.stats = StatsModel(self.session, self.compute, self.counters)
         spec = backend.spec
         # One prepare instance: PyTriton's later instances fetch their setup from the first one's
-        # socket, which Triton's parallel instance loading can try before it listens.
+        # socket, which Triton's parallel instance loading can try before it listens. Each model
+        # runs in its own thread, so the stream model checks requests with a checker of its own.
         self.checker = RequestChecker(processor, spec, limit, options)
+        self.stream_checker = RequestChecker(processor, spec, limit, options)
         self.image_size = spec.image_size
         self.triton = None
 
@@ -407,9 +496,12 @@ class VisionDropServer:
             self.triton.bind(model_name=PREPARE, infer_func=PrepareModel(self.checker, self.counters),
                              inputs=pytriton_tensors(REQUEST_INPUTS, optional=True), outputs=prepared,
                              config=ModelConfig(max_batch_size=o.max_batch, batcher=None))
-            self.triton.bind(model_name=GENERATE, infer_func=GenerateModel(self.session, self.counters), inputs=prepared,
-                             outputs=pytriton_tensors(RESPONSE_OUTPUTS), config=ModelConfig(
+            self.triton.bind(model_name=GENERATE, infer_func=GenerateModel(self.session, self.compute, self.counters),
+                             inputs=prepared, outputs=pytriton_tensors(RESPONSE_OUTPUTS), config=ModelConfig(
                                  max_batch_size=o.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=o.batch_delay_us)))
+            self.triton.bind(model_name=STREAM, infer_func=StreamModel(self.session, self.stream_checker, self.compute, self.counters),
+                             inputs=pytriton_tensors(REQUEST_INPUTS, optional=True), outputs=pytriton_tensors(RESPONSE_OUTPUTS),
+                             config=ModelConfig(max_batch_size=1, batcher=None, decoupled=True))
             self.triton.bind(model_name=STATS, infer_func=self.stats, inputs=pytriton_tensors({"query": ("TYPE_STRING", [1])}),
                              outputs=pytriton_tensors({"stats": ("TYPE_STRING", [1])}), config=ModelConfig(max_batch_size=1, batcher=None))
             ensemble = self.triton._workspace.model_store_path / MODEL  # PyTriton names no public accessor for it

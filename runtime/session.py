@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from visiondrop_edge.errors import UserError
 from visiondrop_edge.prompt import follow_up_ids, left_pad, split_prompt
 
 from .base import Backend, DecoderState, StageTrace, VisionOutput
-from .generate import greedy_decode
+from .generate import Step, greedy_decode, greedy_steps
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,20 @@ class Session:
     def answer(self, prefixes: Sequence[PrefixState], questions: Sequence[str], max_new_tokens: int,
                on_token: Callable[[Tensor], None] | None = None) -> Answer:
         """Row i answers ``questions[i]`` about ``prefixes[i]`` (repeat a prefix for several questions)."""
+        return self.continue_with(*self._questions_on(prefixes, questions), max_new_tokens, on_token)
+
+    def stream(self, prefix: PrefixState, question: str, max_new_tokens: int) -> Iterator[Step]:
+        """:meth:`answer` for one question, one greedy step at a time as each token is produced.
+
+        Nothing of the answer outlives the iterator: a caller that stops early (a client gone
+        mid-stream) drops its caches, and the prefix is untouched.
+        """
+        state, ids, mask = self._questions_on([prefix], [question])
+        logits, state = self.backend.extend(ids, mask, state)
+        yield from greedy_steps(self.backend, logits, state, max_new_tokens)
+
+    def _questions_on(self, prefixes: Sequence[PrefixState], questions: Sequence[str]) -> tuple[DecoderState, Tensor, Tensor]:
+        """The prefixes' caches as one batch and the questions' ids, left padded, to prefill on them."""
         if len(prefixes) != len(questions):
             raise ValueError(f"{len(prefixes)} prefixes for {len(questions)} questions")
         spec = self.backend.spec
@@ -160,7 +174,7 @@ class Session:
         if any(split.prefix_ids != prefix.prefix_ids for split, prefix in zip(splits, prefixes)):
             raise UserError("the text before the image differs from the cached prefix's: it cannot be reused")
         ids, mask = left_pad([split.suffix_ids for split in splits], spec.pad_token_id)
-        return self.continue_with(stack_states([p.state for p in prefixes]), ids, mask, max_new_tokens, on_token)
+        return stack_states([p.state for p in prefixes]), ids, mask
 
     def continue_with(self, state: DecoderState, ids: Tensor, mask: Tensor, max_new_tokens: int,
                       on_token: Callable[[Tensor], None] | None = None) -> Answer:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -52,6 +53,23 @@ CACHED_PREFIXES = 5  # the server's --prefix-cache-bytes holds this many prefixe
 # compared up to the first such step (measured here: the smallest gap is above it).
 LOGIT_RELATIVE = 1e-4
 STARTUP_S, REQUEST_S = 180, 120
+KEPT = [96, 70, 52, 38]  # budget 64 on 8 layers: 84+12 into the LLM, then 60+10, 44+8, 32+6
+# A client process that opens a stream, prints a line per response as it arrives, and waits to be killed.
+STREAM_CLIENT = """
+import sys, time
+import numpy as np
+import tritonclient.grpc as grpc
+url, image, prompt, new_tokens = sys.argv[1], open(sys.argv[2], "rb").read(), sys.argv[3].encode(), int(sys.argv[4])
+inputs = [grpc.InferInput("image", [1, 1], "BYTES"), grpc.InferInput("prompt", [1, 1], "BYTES"),
+          grpc.InferInput("max_new_tokens", [1, 1], "INT32")]
+for tensor, value in zip(inputs, ([[image]], [[prompt]])):
+    tensor.set_data_from_numpy(np.array(value, dtype=np.object_))
+inputs[2].set_data_from_numpy(np.array([[new_tokens]], dtype=np.int32))
+client = grpc.InferenceServerClient(url)
+client.start_stream(callback=lambda result, error: print("error" if error else "response", flush=True))
+client.async_stream_infer("visiondrop_stream", inputs, enable_empty_final_response=True)
+time.sleep(600)
+"""
 
 
 def free_ports(count: int) -> list[int]:
@@ -193,6 +211,36 @@ def ask(client, image: bytes, question: str, request_id: str = "", max_new_token
             "text": result.as_numpy("text")[0, 0]}
 
 
+def stream(server, requests: list[tuple[str, list]]) -> tuple[dict[str, list[dict]], list[str]]:
+    """Send (request id, inputs) pairs on one gRPC stream to visiondrop_stream; each request's
+    responses in arrival order, until its final one, and the error messages (they carry no id)."""
+    arrived = queue.Queue()
+    client = tritonclient_grpc.InferenceServerClient(server["grpc"])
+    responses, errors = {number: [] for number, _ in requests}, []
+    try:
+        client.start_stream(callback=lambda result, error: arrived.put((result, error)))
+        for number, inputs in requests:
+            client.async_stream_infer("visiondrop_stream", inputs, request_id=number, enable_empty_final_response=True)
+        deadline, remaining = time.monotonic() + REQUEST_S, len(requests)
+        while remaining:
+            result, error = arrived.get(timeout=max(0.0, deadline - time.monotonic()))
+            if error is not None:  # an error response is a request's last
+                errors.append(error.message())
+                remaining -= 1
+                continue
+            response = result.get_response()
+            if response.parameters["triton_final_response"].bool_param:
+                remaining -= 1
+            if response.outputs:
+                responses[response.id].append({
+                    "tokens": result.as_numpy("tokens")[0].tolist(), "text": result.as_numpy("text")[0, 0].decode(),
+                    "kept": result.as_numpy("kept_tokens")[0].tolist(), "hit": bool(result.as_numpy("prefix_cache_hit")[0, 0])})
+    finally:
+        client.stop_stream()
+        client.close()
+    return responses, errors
+
+
 def assert_answers(reply, expected) -> None:
     tokens, length = expected
     assert reply["tokens"][:length] == tokens[:length]
@@ -235,7 +283,7 @@ def test_load_every_answer_is_the_direct_one_nothing_lost_or_duplicated(server, 
     for number, [(image, question, reply)] in replies.items():
         assert reply["id"] == str(number)
         assert_answers(reply, answers[image, question])
-        assert reply["kept"] == [96, 70, 52, 38]  # budget 64 on 8 layers: 84+12, then 60+10, 44+8, 32+6
+        assert reply["kept"] == KEPT
     after = stats(server)
     served = after["server"]["requests"] - before["server"]["requests"]
     hits = sum(reply["hit"] for [(_, _, reply)] in replies.values())
@@ -312,24 +360,73 @@ def test_a_malformed_request_fails_alone_and_the_server_keeps_serving(server, im
     assert stats(server)["server"]["refused"] - before["server"]["refused"] == 1
 
 
-def test_a_client_that_disconnects_leaks_no_cache_entry(server, images, reference):
+def test_streamed_tokens_are_the_answer_token_by_token(server, images, reference, tiny):
+    pairs = [(0, QUESTIONS[0]), (2, QUESTIONS[3]), (3, QUESTIONS[1])]  # three streams at once on one connection
     before = stats(server)
+    responses, errors = stream(server, [(f"s{n}", request_inputs(images["bytes"][i], q.encode())) for n, (i, q) in enumerate(pairs)])
+    assert not errors
     client = tritonclient_grpc.InferenceServerClient(server["grpc"])
-    done = threading.Event()
-    context = client.async_infer("visiondrop", request_inputs(images["bytes"][4], b"Describe the scene.", 100),
-                                 callback=lambda result, error: done.set())
-    time.sleep(0.3)  # the request is queued or running
-    context.cancel()
-    client.close()
-    # A request after it, on the same single generate instance: once answered, the cancelled one is gone too.
+    try:
+        for number, (image, question) in enumerate(pairs):
+            streamed = responses[f"s{number}"]
+            assert all(len(r["tokens"]) == 1 and r["kept"] == KEPT for r in streamed)  # one response per token
+            tokens = [r["tokens"][0] for r in streamed]
+            assert_answers({"tokens": tokens}, reference["answers"][image, question])  # the direct generate answer
+            whole = ask(client, images["bytes"][image], question)  # the same request, not streamed
+            assert tokens == whole["tokens"]
+            pieces = [r["text"] for r in streamed]
+            text = tiny.tokenizer.decode(tokens, skip_special_tokens=True)
+            assert "".join(pieces) == whole["text"].decode() == text and sum(map(bool, pieces)) > 1  # text as it comes
+    finally:
+        client.close()
+    after = stats(server)["server"]
+    assert after["streams"] - before["server"]["streams"] == len(pairs) and after["streaming"] == 0
+
+
+@pytest.mark.parametrize("case", ["missing image", "undecodable bytes", "empty prompt", "oversize prompt"])
+def test_a_malformed_stream_request_fails_alone(server, images, reference, case):
+    good = images["bytes"][1]
+    bad = {"missing image": (None, b"What is this?"), "undecodable bytes": (b"\x89PNG not really", b"What is this?"),
+           "empty prompt": (good, b"   "), "oversize prompt": (good, b"x" * 5000)}[case]
+    expected = {"missing image": "the request has no 'image' input", "undecodable bytes": "cannot be decoded",
+                "empty prompt": "the prompt is empty", "oversize prompt": "shorten the prompt"}[case]
+    before = stats(server)
+    # On one stream: a good request, the bad one, another good one; only the bad one fails.
+    responses, errors = stream(server, [("good", request_inputs(good, QUESTIONS[2].encode())), ("bad", request_inputs(*bad)),
+                                        ("after", request_inputs(good, QUESTIONS[0].encode()))])
+    assert len(errors) == 1 and expected in errors[0] and responses["bad"] == []
+    for number, question in (("good", QUESTIONS[2]), ("after", QUESTIONS[0])):
+        assert_answers({"tokens": [r["tokens"][0] for r in responses[number]]}, reference["answers"][1, question])
+    after = stats(server)["server"]
+    assert after["refused"] - before["server"]["refused"] == 1 and after["streams"] - before["server"]["streams"] == 2
+
+
+def test_a_client_that_disconnects_mid_stream_leaks_no_cache_entry(server, images, reference):
+    """A client process killed after its first tokens (the connection drops, no goodbye)."""
+    before = stats(server)
+    new_tokens, received = 200, 3
+    client = subprocess.Popen([sys.executable, "-c", STREAM_CLIENT, server["grpc"], str(images["paths"][4]), "Describe the scene.",
+                               str(new_tokens)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.strip()) for line in client.stdout], daemon=True).start()
+    try:
+        seen = [lines.get(timeout=REQUEST_S) for _ in range(received)]
+    finally:
+        client.kill()
+        client.wait(30)
+    assert seen == ["response"] * received  # killed mid-stream: 3 of 200 tokens in, no final response yet
+    deadline = time.monotonic() + REQUEST_S
+    while (after := stats(server))["server"]["streaming"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cache = after["prefix_cache"]
+    assert after["server"]["streaming"] == 0 and after["server"]["in_flight"] == 0  # the stream's caches are gone
+    # The cache holds whole prefixes only (nothing of the stream's answer), within its budget: its image is an
+    # ordinary entry, and the server goes on answering.
+    assert cache["bytes"] == cache["entries"] * reference["prefix_bytes"] <= cache["budget_bytes"]
+    assert cache["entries"] == min(before["prefix_cache"]["entries"] + 1, CACHED_PREFIXES)
     other = tritonclient_grpc.InferenceServerClient(server["grpc"])
     try:
         assert_answers(ask(other, images["bytes"][0], QUESTIONS[0]), reference["answers"][0, QUESTIONS[0]])
-        after = stats(server)
-        cache = after["prefix_cache"]
-        assert after["server"]["in_flight"] == 0
-        assert cache["bytes"] == cache["entries"] * reference["prefix_bytes"] <= cache["budget_bytes"]
-        assert cache["entries"] - before["prefix_cache"]["entries"] in (0, 1)  # its image, if it ran, is an ordinary entry
         for number in (5, 6):  # two more new images: the least recently used entries go, within the budget
             ask(other, images["bytes"][number], QUESTIONS[0])
         full = stats(server)["prefix_cache"]
