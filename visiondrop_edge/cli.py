@@ -762,7 +762,7 @@ def serving_options(command):
     options = [
         click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Most requests one batched prefill/decode holds (Triton's dynamic batcher)."),
         click.option("--batch-delay-us", default=2000, show_default=True, type=click.IntRange(0, 10_000_000), help="How long the batcher may hold a request to fill a batch, in microseconds."),
-        click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(1, 4096), help="Answer length for a request that sends no max_new_tokens."),
+        max_new_tokens_option(32, "Answer length for a request that sends no max_new_tokens."),
         click.option("--max-new-tokens-limit", default=256, show_default=True, type=click.IntRange(1, 4096), help="The most tokens a request may ask for."),
         click.option("--prefix-cache-bytes", default=1 << 30, show_default=True, type=click.IntRange(0, None), help="Memory budget of the prefix cache (encoded images; the least recently used go first)."),
     ]
@@ -796,6 +796,8 @@ def serve(model, budget, schedule, device, artifacts, provider, engines, backend
       max_new_tokens  INT32 [1]  optional (default --max-new-tokens)
     and get text (BYTES), tokens (INT64, up to EOS), kept_tokens (INT32: the visual tokens the
     LLM received, then those left after each LLM stage) and prefix_cache_hit (BOOL).
+    'visiondrop_stream' (gRPC streaming; decoupled) takes the same inputs and sends one
+    response per token as it is produced: that token and the text it adds.
 
     Triton's dynamic batcher groups concurrent requests: their new images are encoded in one
     batch (an image in the prefix cache skips the vision encoder and its prefill), their
