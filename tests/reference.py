@@ -80,6 +80,34 @@ def naive_vision(llava, pixel_values: torch.Tensor, stage) -> tuple[torch.Tensor
     return llava.model.multi_modal_projector(tokens), NaiveStage(kept, targets, [float("inf")] + patch_scores)
 
 
+@torch.no_grad()
+def naive_next_vision(model, views: torch.Tensor, rows: int, cols: int, stage) -> tuple[torch.Tensor, NaiveStage]:
+    """A LLaVA-NeXT image's views [1 + rows * cols, 3, H, W] (base first, crops row-major) ->
+    its visual block, per VISIONDROP_NEXT_REFERENCE.md: every view pruned alone (its own CLS),
+    then [base (k+c) | crop patches by global raster index over the stitched padded grid |
+    crop CLS | crop contextual]. The trace numbers view v's token t as v * (patches + 1) + t."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    per_view = [naive_vision(model, view, stage) for view in views]
+    k = stage.dominant
+    base = list(per_view[0][0])
+    patches, crop_cls, contextual = [], [], []
+    for m, (tokens, traced) in enumerate(per_view[1:]):
+        r, q = divmod(m, cols)
+        for row, token in zip(tokens[1:k], traced.kept[1:]):
+            i, j = divmod(token - 1, side)
+            patches.append(((side * r + i) * (side * cols) + side * q + j, row))
+        crop_cls.append(tokens[0])
+        contextual.extend(tokens[k:])
+    block = base + [row for _, row in sorted(patches, key=lambda item: item[0])] + crop_cls + contextual
+    width = side * side + 1
+    trace = NaiveStage(
+        [v * width + t for v, (_, traced) in enumerate(per_view) for t in traced.kept],
+        [v * width + t for v, (_, traced) in enumerate(per_view) for t in traced.targets],
+        [score for _, traced in per_view for score in traced.scores],
+    )
+    return torch.stack(block), trace
+
+
 def _llm_stage(layer, rotary, hidden, offset: int, num_visual: int, stage):
     """Score the visual block with ``layer``'s norm/q/k/RoPE and prune it."""
     attn = layer.self_attn
@@ -116,15 +144,23 @@ def _float_mask(query_len: int, total: int) -> torch.Tensor:
 
 @torch.no_grad()
 def naive_generate(llava, pixel_values: torch.Tensor, input_ids: list[int], image_token_id: int, schedule, max_new_tokens: int, eos: int | None) -> NaiveResult:
-    """One sample, no padding: ``input_ids`` holds a single ``<image>`` placeholder."""
-    image_embeds, vision_stage = naive_vision(llava, pixel_values, schedule.vision)
+    """One sample, no padding: ``input_ids`` holds a single ``<image>`` placeholder.
+
+    A schedule with a crop grid takes a LLaVA-NeXT image's views [1 + rows * cols, 3, H, W];
+    its first LLM stage prunes the whole visual block, or in ``base`` scope the base view's
+    ``k+c`` tokens only (the crops' tokens then follow it like text)."""
+    if schedule.grid is None:
+        image_embeds, vision_stage = naive_vision(llava, pixel_values, schedule.vision)
+        num_visual = image_embeds.shape[0]
+    else:
+        image_embeds, vision_stage = naive_next_vision(llava, pixel_values, schedule.grid.rows, schedule.grid.cols, schedule.vision)
+        num_visual = schedule.vision.total if schedule.scope == "base" else image_embeds.shape[0]
     text = llava.model.language_model
     at = input_ids.index(image_token_id)
     embed = text.embed_tokens
     hidden = torch.cat([embed(torch.tensor(input_ids[:at])), image_embeds, embed(torch.tensor(input_ids[at + 1:]))])
     result = NaiveResult(image_embeds, [vision_stage] if vision_stage else [])
     prune_before = {s.after_layer: s for s in schedule.llm_stages}  # 1-based "after l" == 0-based layer l
-    num_visual = image_embeds.shape[0]
     cache = DynamicCache(config=text.config)
     for index, layer in enumerate(text.layers):
         if index in prune_before:

@@ -1,11 +1,60 @@
-"""LLaVA-NeXT (multi-crop "anyres" images): the budget rule (issue 15, decision 3)."""
+"""LLaVA-NeXT (multi-crop "anyres" images): the budget rule, the built-in ``tiny-next``, the
+family's crop grids against HF's processor, ``budget=full`` against HF ``generate`` and the
+batched pipeline against the naive per-sample reference, for every grid class.
+
+Tolerances are test_pipeline's and for the same reason (fp32 on CPU, different kernels on the
+two sides: rounding only, ~10x the 1e-5 relative noise floor of the tiny model); kept indices,
+targets and generated tokens must be identical.
+"""
 
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import LlavaNextForConditionalGeneration
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
-from visiondrop_edge.errors import UserError
+from tests.reference import naive_generate
+from visiondrop_edge.errors import CheckpointError, InputError, UserError
+from visiondrop_edge.families import family_for_config
+from visiondrop_edge.families.llava_next import LlavaNext
+from visiondrop_edge.loading import builtin_dir, load_model
+from visiondrop_edge.prompt import build_prompts, pad_token_id, random_images
+from visiondrop_edge.runtime.generate import greedy_generate
+from visiondrop_edge.runtime.torch_backend import TorchBackend
 from visiondrop_edge.schedule import CropGrid, Schedule
+
+NEW_TOKENS = 8
+TOL = {"rtol": 1e-4, "atol": 1e-4}
+PROMPTS = ["What is in this picture?", "Describe the image in one long sentence, please."]  # unequal: left padding
+# (height, width) of an image of each grid class under HF's (height, width) pinpoints, rows x cols.
+SIZES = {(1, 2): (300, 500), (2, 1): (500, 300), (2, 2): (700, 700), (1, 3): (200, 700), (3, 1): (700, 200)}
+
+
+@pytest.fixture(scope="module")
+def tiny_next():
+    return load_model("tiny-next")
+
+
+@pytest.fixture(scope="module")
+def tiny_next_eager(tiny_next):
+    """An independent copy with HF's eager attention, for the naive reference."""
+    return LlavaNextForConditionalGeneration.from_pretrained(builtin_dir("tiny-next"), attn_implementation="eager").eval()
+
+
+def images_of(size: tuple[int, int], count: int, seed: int):
+    height, width = size
+    return [image.resize((width, height)) for image in random_images(count, seed=seed, size=max(size))]
+
+
+def processed(loaded, size, count=2, seed=0):
+    out = loaded.processor.image_processor(images_of(size, count, seed), return_tensors="pt")
+    return out["pixel_values"], out["image_sizes"]
+
+
+def prompt_batch(loaded, schedule, prompts=PROMPTS):
+    return build_prompts(loaded.tokenizer, loaded.template, prompts, schedule.image_tokens, loaded.config.image_token_id,
+                         pad_token_id(loaded.tokenizer))
 
 
 # ------------------------------------------------------------------ the budget rule (issue 15, decision 3)
@@ -61,3 +110,103 @@ def test_bad_multi_crop_schedules_are_refused(text, scope, fragment):
         Schedule.parse(text, 32, 576, grid=CropGrid(2, 2), scope=scope)
     with pytest.raises(UserError, match="needs its unpadded patch grid"):
         Schedule.full(32, 576, grid=CropGrid(2, 2))
+
+
+# ------------------------------------------------------------------ the preset and the family's grids
+def test_tiny_next_is_a_real_llava_next_checkpoint(tiny_next):
+    assert isinstance(tiny_next.model, LlavaNextForConditionalGeneration) and tiny_next.family is LlavaNext
+    assert type(tiny_next.processor).__name__ == "LlavaNextProcessor"
+    pinpoints = {tuple(p) for p in tiny_next.config.image_grid_pinpoints}
+    assert pinpoints == {(336 * r, 336 * c) for r, c in SIZES}  # every grid class of LLaVA-NeXT's defaults
+    again = load_model("tiny-next")  # deterministic: the same weights on every build
+    assert all(torch.equal(a, b) for a, b in zip(tiny_next.model.state_dict().values(), again.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("size", [*SIZES.values(), (200, 200), (336, 336), (1000, 800), (333, 1001)])
+def test_crop_grid_and_full_count_follow_hf(tiny_next, size):
+    """The grid is HF's (ties included: a small image is 1x2 under HF's (height, width) reading),
+    the views are the processor's and the full budget's token count is what the processor expands."""
+    grid = LlavaNext.crop_grid(tiny_next.config, size)
+    assert (grid.rows, grid.cols) == get_anyres_image_grid_shape(list(size), tiny_next.config.image_grid_pinpoints, 336)
+    pixels, _ = processed(tiny_next, size, count=1)
+    assert pixels.shape[1] == grid.views
+    image = images_of(size, 1, seed=0)
+    text = tiny_next.processor(images=image, text=[tiny_next.template.first_turn.format(prompt="hi")], return_tensors="pt")
+    expanded = int((text["input_ids"] == tiny_next.config.image_token_id).sum())
+    assert tiny_next.schedule("full", grid=grid).image_tokens == expanded
+
+
+def test_the_pipeline_refuses_another_grids_views(tiny_next):
+    backend = TorchBackend(tiny_next, tiny_next.schedule(320, grid=CropGrid(2, 2)))
+    pixels, _ = processed(tiny_next, SIZES[(1, 2)], count=1)
+    with pytest.raises(InputError, match="do not hold the 5 views of a 2x2 crop grid"):
+        backend.encode_image(pixels)
+
+
+# ------------------------------------------------------------------ full budget == HF generate
+@pytest.mark.parametrize("size", [*SIZES.values(), (200, 200)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_full_budget_reproduces_hf_generate(tiny_next, size):
+    """No pruning is HF's LLaVA-NeXT: unpad and one newline per row included."""
+    pixels, image_sizes = processed(tiny_next, size, seed=sum(size))
+    schedule = tiny_next.schedule("full", grid=LlavaNext.crop_grid(tiny_next.config, size))
+    batch = prompt_batch(tiny_next, schedule)
+    ours = greedy_generate(TorchBackend(tiny_next, schedule), pixels, batch, NEW_TOKENS)
+    hf = tiny_next.model.generate(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels, image_sizes=image_sizes,
+        max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True,
+    )
+    assert ours.tokens.tolist() == hf.sequences[:, batch.input_ids.shape[1]:].tolist()
+    for step, (mine, theirs) in enumerate(zip(ours.step_logits, hf.logits)):
+        torch.testing.assert_close(mine, theirs, **TOL, msg=lambda m: f"step {step}: {m}")
+
+
+# ------------------------------------------------------------------ pruned: batched == naive reference
+CASES = [(grid, 320, "block") for grid in SIZES] + [((2, 2), 160, "block"), ((1, 3), 640, "block"),
+                                                    ((2, 2), 320, "base"), ((2, 1), 160, "base"), ((3, 1), 640, "base")]
+
+
+@pytest.mark.parametrize("grid, budget, scope", CASES, ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
+def test_batched_pipeline_matches_naive_reference(tiny_next, tiny_next_eager, grid, budget, scope):
+    size = SIZES[grid]
+    pixels, _ = processed(tiny_next, size, seed=budget + grid[0] * 10 + grid[1])
+    schedule = tiny_next.schedule(budget, grid=LlavaNext.crop_grid(tiny_next.config, size), scope=scope)
+    assert (schedule.grid.rows, schedule.grid.cols) == grid
+    result = greedy_generate(TorchBackend(tiny_next, schedule), pixels, prompt_batch(tiny_next, schedule), NEW_TOKENS)
+    batched_stages = [result.vision.stage, *result.stages]
+    for b, prompt in enumerate(PROMPTS):
+        ids = tiny_next.tokenizer(tiny_next.template.first_turn.format(prompt=prompt)).input_ids
+        naive = naive_generate(tiny_next_eager, pixels[b], ids, tiny_next.config.image_token_id, schedule, NEW_TOKENS,
+                               tiny_next.config.text_config.eos_token_id)
+        assert len(naive.stages) == len(batched_stages) == 4
+        for number, (ours, ref) in enumerate(zip(batched_stages, naive.stages)):
+            assert ours.kept_index[b].tolist() == ref.kept, f"sample {b} stage {number}: kept differ"
+            assert ours.target_index[b].tolist() == ref.targets, f"sample {b} stage {number}: targets differ"
+        torch.testing.assert_close(result.vision.image_embeds[b], naive.image_embeds, **TOL)
+        for step, (ours, ref) in enumerate(zip(result.step_logits, naive.step_logits)):
+            torch.testing.assert_close(ours[b], ref, **TOL, msg=lambda m: f"step {step}: {m}")
+        assert result.tokens[b].tolist()[: len(naive.tokens)] == naive.tokens
+
+
+def test_forced_choices_map_back_to_their_views(tiny_next):
+    """validate replays a candidate's choices in the image's numbering: replaying the pipeline's
+    own must give the same block, and a choice moved to another token must change it."""
+    schedule = tiny_next.schedule(160, grid=CropGrid(2, 1))
+    backend = TorchBackend(tiny_next, schedule)
+    pixels, _ = processed(tiny_next, SIZES[(2, 1)], seed=5)
+    first = backend.encode_image(pixels)
+    backend.forced[0] = first.stage.choice
+    assert torch.equal(backend.encode_image(pixels).image_embeds, first.image_embeds)
+    moved = first.stage.kept_index.clone()
+    view_tokens = 577
+    last_crop = moved[:, -schedule.vision.dominant:]  # the last view's kept tokens, in the image's numbering
+    free = sorted(set(range(2 * view_tokens + 1, 3 * view_tokens)) - set(last_crop[0].tolist()))[0]
+    last_crop[0, -1] = free
+    backend.forced[0] = type(first.stage.choice)(moved, first.stage.assignment)
+    assert not torch.equal(backend.encode_image(pixels).image_embeds[0], first.image_embeds[0])
+
+
+def test_a_next_config_finds_its_family_and_bad_pinpoints_are_refused(tiny_next):
+    config = tiny_next.config.to_dict()
+    assert family_for_config(config, "ckpt") is LlavaNext
+    with pytest.raises(CheckpointError, match="image_grid_pinpoints must be \\[height, width\\] pairs of whole multiples"):
+        family_for_config(config | {"image_grid_pinpoints": [[336, 500]]}, "ckpt")

@@ -4,7 +4,8 @@
 mean something; ``llava-1.5-7b-shape`` has the real 7B shapes for GPU timing. Each is a real
 ``LlavaForConditionalGeneration`` with a real offline tokenizer (byte-level BPE with
 ``<image>``) and a CLIP image processor, written with ``save_pretrained`` and read back with
-``from_pretrained`` exactly like a downloaded checkpoint.
+``from_pretrained`` exactly like a downloaded checkpoint. ``tiny-next`` is the tiny model as a
+``LlavaNextForConditionalGeneration`` (multi-crop "anyres" images) with a LLaVA-NeXT processor.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 # Bump when the weights or tokenizer of a preset change, so stale caches are rebuilt.
 BUILTIN_VERSION = 1
@@ -37,6 +42,8 @@ BUILTIN_FORMAT = "visiondrop-edge/builtin"
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+# LLaVA-NeXT's default (height, width) resolutions: every grid class, 1x2, 2x1, 2x2, 3x1 and 1x3 crops.
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,7 @@ class Preset:
     text_heads: int
     text_kv_heads: int
     vocab_size: int | None = None  # None: the byte-level tokenizer's size
+    pinpoints: tuple[tuple[int, int], ...] | None = None  # LLaVA-NeXT's (height, width) grid pinpoints; None: LLaVA-1.5
 
 
 PRESETS: dict[str, Preset] = {
@@ -62,12 +70,17 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(256, 1024, 4, 4, 1024, 2816, 12, 16, 16),
     # LLaVA-1.5-7B's shapes with random weights, for GPU timing.
     "llava-1.5-7b-shape": Preset(1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, vocab_size=32064),
+    # CI model for multi-crop images: the tiny sizes as a LLaVA-NeXT with the default pinpoints.
+    "tiny-next": Preset(64, 128, 3, 4, 64, 128, 8, 4, 2, pinpoints=NEXT_PINPOINTS),
 }
 
 
 def recipe_hash(name: str) -> str:
     """sha256 of everything a preset's files are made from (sizes, seed, version, geometry)."""
-    recipe = {"preset": name, "sizes": asdict(PRESETS[name]), "seed": SEED, "version": BUILTIN_VERSION,
+    sizes = asdict(PRESETS[name])
+    if sizes["pinpoints"] is None:
+        del sizes["pinpoints"]  # LLaVA-1.5 presets hash as before the field existed: their caches stay valid
+    recipe = {"preset": name, "sizes": sizes, "seed": SEED, "version": BUILTIN_VERSION,
               "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "special_tokens": SPECIAL_TOKENS}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
@@ -109,7 +122,22 @@ def build_processor() -> LlavaProcessor:
     )
 
 
-def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+def build_next_processor(pinpoints: tuple[tuple[int, int], ...]) -> LlavaNextProcessor:
+    """LLaVA-NeXT's processor: 336 px crops of the image resized and padded to the best pinpoint."""
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=[list(p) for p in pinpoints],
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig | LlavaNextConfig:
     vocab_size = preset.vocab_size or len(tokenizer)
     vision = CLIPVisionConfig(
         hidden_size=preset.vision_hidden,
@@ -136,7 +164,7 @@ def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaCon
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LlavaConfig(
+    common = dict(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -145,6 +173,9 @@ def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaCon
         projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
+    if preset.pinpoints is not None:
+        return LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in preset.pinpoints])
+    return LlavaConfig(**common)
 
 
 def _param_std(name: str, param: torch.Tensor) -> tuple[float, float]:
@@ -160,7 +191,7 @@ def _param_std(name: str, param: torch.Tensor) -> tuple[float, float]:
     if param.dim() == 1:
         if "norm" in name and name.endswith("weight"):
             return 1.0, 0.1
-        if name.endswith("class_embedding"):
+        if name.endswith(("class_embedding", "image_newline")):  # embeddings, like the tokens beside them
             return 0.0, 1.0
         return 0.0, 0.02  # biases
     if "embed_tokens" in name or "position_embedding" in name:
@@ -183,13 +214,14 @@ def init_seeded(model: nn.Module, seed: int = SEED) -> None:
         param.copy_(values * std + mean)
 
 
-def build_model(name: str, device: str | torch.device = "cpu") -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_model(name: str, device: str | torch.device = "cpu") -> tuple[nn.Module, LlavaProcessor | LlavaNextProcessor]:
     """A preset's model (fp32, seeded weights) and processor, built in memory."""
     preset = PRESETS[name]
-    processor = build_processor()
+    processor = build_processor() if preset.pinpoints is None else build_next_processor(preset.pinpoints)
     config = build_config(preset, processor.tokenizer)
+    model_class = LlavaForConditionalGeneration if preset.pinpoints is None else LlavaNextForConditionalGeneration
     with torch.device(device):
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     init_seeded(model)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     return model.eval(), processor

@@ -830,7 +830,7 @@ def serve(model, budget, schedule, device, artifacts, provider, engines, backend
         report = server.stats.report()
     cache, counts = report["prefix_cache"], report["server"]
     click.echo(f"stopped: {counts['requests']} answered in {counts['batches']} batches (largest {counts['largest_batch']}), "
-               f"{counts['refused']} refused; prefix cache {cache['hits']} hits, {cache['misses']} misses, "
+               f"{counts['streams']} streamed, {counts['refused']} refused; prefix cache {cache['hits']} hits, {cache['misses']} misses, "
                f"{cache['evictions']} evictions", err=True)
 
 

@@ -27,14 +27,14 @@ from transformers import AutoProcessor, PreTrainedConfig
 from .builtin import BUILTIN_FORMAT, BUILTIN_MARKER, BUILTIN_VERSION, PRESETS, build_model, recipe_hash
 from .errors import CheckpointError, ConcurrentWriteError, OutputError, UserError
 from .families import Family, PromptTemplate, family_for_config, family_of
-from .schedule import Schedule, resolve_schedule
+from .schedule import CropGrid, Schedule, resolve_schedule
 from .jsonio import read_json_object
 
 LOG = logging.getLogger("visiondrop")
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 # Presets that live on disk like a downloaded checkpoint; the larger ones are built in memory.
-SAVED_PRESETS = ("tiny",)
+SAVED_PRESETS = ("tiny", "tiny-next")
 
 
 @dataclass
@@ -70,11 +70,13 @@ class LoadedModel:
         """(longest sequence this pipeline computes exactly, what sets it): the family's rule."""
         return self.family.max_positions(self.config)
 
-    def schedule(self, budget: str | int | None = None, schedule: str | None = None) -> Schedule:
-        """The schedule ``--budget``/``--schedule`` ask for, sized to this model."""
+    def schedule(self, budget: str | int | None = None, schedule: str | None = None, grid: CropGrid | None = None,
+                 scope: str = "block") -> Schedule:
+        """The schedule ``--budget``/``--schedule`` ask for, sized to this model (and for a
+        multi-crop family, to one image ``grid``: ``family.crop_grid``; ``scope``: see SCOPES)."""
         geometry = self.family.geometry(self.config)
         return resolve_schedule(budget, schedule, self.config.text_config.num_hidden_layers, geometry.num_patches,
-                                cls_tokens=geometry.cls_tokens)
+                                cls_tokens=geometry.cls_tokens, grid=grid, scope=scope)
 
 
 EXPORT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16}

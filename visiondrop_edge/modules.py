@@ -237,11 +237,11 @@ class VisionDropPipeline(nn.Module):
         self.schedule = schedule
         self.config = model.config
         self.embed_tokens = text.embed_tokens
-        self.vision = family.vision_unit(model, schedule.vision, ops)
+        self.vision = family.pipeline_vision(model, schedule, ops)
         groups = schedule.layer_groups()
         self.qkv = nn.ModuleList(QKVProjection(text.layers[start]) for start, _ in groups)
         scale = text.layers[0].self_attn.scaling
-        visual_counts = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+        visual_counts = schedule.stage_inputs()
         self.prunes = nn.ModuleList(
             LLMPrune(stage, visual_counts[i], scale, text.rotary_emb,
                      text.layers[stage.after_layer].input_layernorm.variance_epsilon, ops)

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from visiondrop_edge.errors import CheckpointError
-from visiondrop_edge.schedule import Stage
+from visiondrop_edge.schedule import CropGrid, Schedule, Stage
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,18 @@ class Family(ABC):
     @abstractmethod
     def vision_unit(model: nn.Module, stage: Stage | None, ops: tuple) -> VisionUnit:
         """The family's vision unit over ``model``'s own sub-modules (weights shared)."""
+
+    @classmethod
+    def pipeline_vision(cls, model: nn.Module, schedule: Schedule, ops: tuple) -> VisionUnit:
+        """The vision unit a pipeline for ``schedule`` runs: :meth:`vision_unit` on its vision
+        stage; a multi-crop family also lays out the views of the schedule's grid."""
+        return cls.vision_unit(model, schedule.vision, ops)
+
+    @staticmethod
+    def crop_grid(config: Any, image_size: tuple[int, int]) -> CropGrid | None:
+        """How an image of ``image_size`` (height, width) is cut into views: None for one view
+        (the default); a multi-crop family's grid, the pipeline's static shapes, otherwise."""
+        return None
 
     @staticmethod
     @abstractmethod

@@ -1,0 +1,225 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): multi-crop "anyres" images, CLIP tower with CLS.
+
+The processor cuts an image into a base view (the whole image, squashed to one crop) and
+``rows x cols`` crops of the image resized and padded to its best pinpoint (HF's rule, ties
+included). Stage 0 is LLaVA-1.5's, run on every view alone with the same ``k+c``, each view
+keeping its own CLS (the authors' code); the views' outputs are then laid out as
+
+    [base (k+c) | the crops' kept patches in raster order over the stitched, padded grid | crop CLS (M) | contextual (M*c)]
+
+with no unpad and no newline, so ``(M+1)(k+c)`` tokens whatever the aspect ratio. Without
+pruning the unit is HF's ``pack_image_features`` (unpad, one newline per row), so the full
+budget is HF's behaviour. See ``../shared/VISIONDROP_NEXT_REFERENCE.md`` and the NeXT issue.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import CLIPVisionConfig, LlavaNextForConditionalGeneration
+from transformers.image_processing_utils import select_best_resolution
+
+from visiondrop_edge import pruning
+from visiondrop_edge.errors import CheckpointError, InputError, SettingError
+from visiondrop_edge.schedule import CropGrid, Schedule, Stage
+
+from .base import DecoderParts, Family, PromptTemplate, VisionGeometry, VisionUnit, register_family
+from .llava import (CHECKPOINT, PLAIN, ClipVisionUnit, _integer, check_crop_size, check_llava_config, llava_decoder,
+                    rendered_template, sliding_window_limit)
+
+
+def unpadded_grid(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
+    """HF's unpadding of a stitched ``grid`` (height, width in patches) for an image of
+    ``image_size`` (height, width): the same centred margin is cut from both sides."""
+    height, width = image_size
+    grid_height, grid_width = grid
+    if width / height > grid_width / grid_height:
+        margin = (grid_height - int(round(height * (grid_width / width), 7))) // 2
+        return grid_height - 2 * margin, grid_width
+    margin = (grid_width - int(round(width * (grid_height / height), 7))) // 2
+    return grid_height, grid_width - 2 * margin
+
+
+def raster_keys(kept_patches: Tensor, grid: CropGrid, side: int) -> Tensor:
+    """Global raster index [B, M, K] of each crop's kept patches over the stitched padded grid.
+
+    ``kept_patches`` [B, M, K] are patch ids (row-major in a ``side x side`` crop) of the crops
+    in row-major crop order: crop ``m = r * cols + q``, patch ``p = i * side + j`` sits at
+    ``(side * r + i) * side * cols + side * q + j``.
+    """
+    crop = torch.arange(grid.crops, device=kept_patches.device).view(1, -1, 1)
+    row = (crop // grid.cols) * side + kept_patches // side
+    column = (crop % grid.cols) * side + kept_patches % side
+    return row * (side * grid.cols) + column
+
+
+class AnyresVisionUnit(VisionUnit):
+    """A multi-crop image's vision unit for one grid class: ``pixel_values`` [B, views, 3, H, W]
+    (base view first, then the crops row-major, as the processor emits them).
+
+    Every view goes through the per-view :class:`ClipVisionUnit` (its stage-0 prune); the
+    stage outputs are the views' concatenated: view ``v``'s token ``t`` is ``v * N + t`` for
+    ``N`` tokens per view, and a contextual slot ``s`` of view ``v`` is ``v * c + s``.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule, ops: tuple = pruning.REFERENCE_OPS):
+        super().__init__()
+        if schedule.grid is None:
+            raise SettingError("a LLaVA-NeXT schedule is made for one crop grid: build it with the image's grid "
+                               "(LlavaNext.crop_grid)")
+        self.per_view = ClipVisionUnit(model, schedule.vision, ops)
+        self.stage = schedule.vision
+        self.grid = schedule.grid
+        vision = model.config.vision_config
+        self.side = vision.image_size // vision.patch_size
+        self.view_tokens = self.side**2 + 1
+        self.image_newline = model.model.image_newline
+
+    def project(self, tokens: Tensor) -> Tensor:
+        return self.per_view.project(tokens)
+
+    def tower_tokens(self, pixel_values: Tensor) -> Tensor:
+        """Every view's tower tokens, views concatenated: [B, views * N, D]."""
+        tokens = self.per_view.tower_tokens(self._views(pixel_values))
+        return tokens.reshape(pixel_values.shape[0], -1, tokens.shape[-1])
+
+    def _views(self, pixel_values: Tensor) -> Tensor:
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != self.grid.views:
+            raise InputError(
+                f"pixel_values of shape {list(pixel_values.shape)} do not hold the {self.grid.views} views of a "
+                f"{self.grid.describe()} crop grid: use the schedule of the image's own grid"
+            )
+        return pixel_values.flatten(0, 1)
+
+    def forward(self, pixel_values: Tensor, forced: pruning.Choice | None = None) -> tuple[Tensor, ...]:
+        batch, views = pixel_values.shape[:2]
+        pixels = self._views(pixel_values)
+        if self.stage is None:
+            return (self.pack_unpruned(self.per_view(pixels)[0].view(batch, views, self.side**2, -1)),)
+        k, c = self.stage.dominant, self.stage.contextual
+        embeds, kept, target, scores, assignment, metric = self.per_view(pixels, self._per_view(forced, batch, views))
+        kept, target, assignment = (t.view(batch, views, -1) for t in (kept, target, assignment))
+        layout = self.lay_out(embeds.view(batch, views, k + c, -1), kept)
+        view = torch.arange(views, device=kept.device).view(1, -1, 1)
+        return (
+            layout,
+            (kept + view * self.view_tokens).flatten(1),
+            (target + view * self.view_tokens).flatten(1),
+            scores.reshape(batch, -1),
+            (assignment + view * c).flatten(1),
+            metric.reshape(batch, views * self.view_tokens, -1),
+        )
+
+    def _per_view(self, forced: pruning.Choice | None, batch: int, views: int) -> pruning.Choice | None:
+        """A forced choice in the image's numbering -> each view's own."""
+        if forced is None:
+            return None
+        view = torch.arange(views, device=forced.kept_index.device).view(1, -1, 1)
+        kept = forced.kept_index.view(batch, views, -1) - view * self.view_tokens
+        assignment = forced.assignment.view(batch, views, -1) - view * self.stage.contextual
+        return pruning.Choice(kept.flatten(0, 1), assignment.flatten(0, 1))
+
+    def lay_out(self, embeds: Tensor, kept: Tensor) -> Tensor:
+        """Per-view stage outputs [B, views, k+c, D] (``[CLS, k-1 patches ascending, c contextual]``)
+        and their kept indices [B, views, k] -> the visual block [B, views * (k+c), D]."""
+        k = self.stage.dominant
+        crops, crop_kept = embeds[:, 1:], kept[:, 1:, 1:]  # the crops; their kept patches' token ids (CLS = 0)
+        keys = raster_keys(crop_kept - 1, self.grid, self.side).flatten(1)
+        order = keys.argsort(dim=1)  # distinct keys: a permutation, the same on every backend
+        patches = pruning.gather_rows(crops[:, :, 1:k].flatten(1, 2), order)
+        return torch.cat([embeds[:, 0], patches, crops[:, :, 0], crops[:, :, k:].flatten(1, 2)], dim=1)
+
+    def pack_unpruned(self, features: Tensor) -> Tensor:
+        """HF's packing without pruning: [B, views, side^2, D] -> the base view, then the crops
+        stitched, unpadded, each row followed by the newline embedding."""
+        batch, _, _, width = features.shape
+        rows, cols, side = self.grid.rows, self.grid.cols, self.side
+        stitched = features[:, 1:].reshape(batch, rows, cols, side, side, width).permute(0, 1, 3, 2, 4, 5)
+        stitched = stitched.reshape(batch, rows * side, cols * side, width)
+        height, kept_width = self.grid.unpadded
+        top, left = (rows * side - height) // 2, (cols * side - kept_width) // 2
+        kept = stitched[:, top:top + height, left:left + kept_width]
+        newline = self.image_newline.to(kept.dtype).expand(batch, height, 1, width)
+        return torch.cat([features[:, 0], torch.cat([kept, newline], dim=2).flatten(1, 2)], dim=1)
+
+
+@register_family
+class LlavaNext(Family):
+    name = "llava-next"
+    architecture = "LlavaNextForConditionalGeneration"
+    model_class = LlavaNextForConditionalGeneration
+    template = PLAIN
+
+    @classmethod
+    def accepts(cls, config: dict[str, Any]) -> bool:
+        vision = config.get("vision_config")
+        vision_type = vision.get("model_type", "clip_vision_model") if isinstance(vision, dict) else "clip_vision_model"
+        return config.get("model_type") == "llava_next" and vision_type == "clip_vision_model"
+
+    @classmethod
+    def check_config(cls, config: dict[str, Any], where: str) -> None:
+        check_llava_config(config, where, strategies=("default",))
+        image_size = _integer(config, "vision_config", "image_size", CLIPVisionConfig().image_size, where)
+        pinpoints = config.get("image_grid_pinpoints")
+        if pinpoints is None:
+            return  # transformers fills LLaVA-NeXT's default pinpoints
+        valid = isinstance(pinpoints, list) and pinpoints and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) and x > 0 and x % image_size == 0 for x in p)
+            for p in pinpoints)
+        if not valid:
+            raise CheckpointError(
+                f"{where}: config.json's image_grid_pinpoints must be [height, width] pairs of whole multiples of the "
+                f"{image_size}-pixel crop (got {pinpoints!r})"
+            )
+
+    @classmethod
+    def check_processor(cls, processor_files: dict[str, Any], config: dict[str, Any], where: str) -> None:
+        check_crop_size(processor_files, config["vision_config"].get("image_size", CLIPVisionConfig().image_size), where)
+
+    @classmethod
+    def conversation(cls, processor: Any, name: str | None = None) -> PromptTemplate:
+        """``checkpoint`` (the processor's chat_template; the default where there is one) or ``plain``."""
+        own = bool(getattr(processor, "chat_template", None))
+        name = name or (CHECKPOINT if own else PLAIN.name)
+        if name == CHECKPOINT:
+            if not own:
+                raise SettingError("the checkpoint's processor has no chat_template: use {conversation} plain")
+            return rendered_template(processor, getattr(processor, "image_token", "<image>"))
+        if name != PLAIN.name:
+            raise CheckpointError(f"unknown conversation '{name}' for {cls.name}: use {CHECKPOINT} or {PLAIN.name}")
+        return PLAIN
+
+    @staticmethod
+    def geometry(config: Any) -> VisionGeometry:
+        vision = config.vision_config
+        return VisionGeometry(vision.image_size, vision.patch_size, has_cls=True)
+
+    @staticmethod
+    def crop_grid(config: Any, image_size: tuple[int, int]) -> CropGrid:
+        """The grid HF's processor cuts an image of ``image_size`` (height, width) into: its best
+        pinpoint, read as (height, width) with ties to the first (the authors read (width,
+        height), which differs for images with both sides at most one crop: same count, the
+        crops transposed). ``unpadded`` is what the full budget keeps."""
+        crop, side = config.vision_config.image_size, config.vision_config.image_size // config.vision_config.patch_size
+        best_height, best_width = select_best_resolution(tuple(image_size), config.image_grid_pinpoints)
+        rows, cols = best_height // crop, best_width // crop
+        return CropGrid(rows, cols, unpadded_grid(tuple(image_size), (rows * side, cols * side)))
+
+    @staticmethod
+    def vision_unit(model: nn.Module, stage: Stage | None, ops: tuple) -> VisionUnit:
+        """One view's unit (the per-crop stage 0); :meth:`pipeline_vision` lays the views out."""
+        return ClipVisionUnit(model, stage, ops)
+
+    @classmethod
+    def pipeline_vision(cls, model: nn.Module, schedule: Schedule, ops: tuple) -> VisionUnit:
+        return AnyresVisionUnit(model, schedule, ops)
+
+    @staticmethod
+    def decoder(model: nn.Module) -> DecoderParts:
+        return llava_decoder(model)
+
+    @staticmethod
+    def max_positions(config: Any) -> tuple[int, str]:
+        return sliding_window_limit(config)
