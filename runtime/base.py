@@ -21,7 +21,9 @@ from visiondrop_edge.manifest import ModelSpec
 from visiondrop_edge.modules import positions_from_mask
 from visiondrop_edge.pruning import splice
 
-__all__ = ["Backend", "DecoderState", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
+__all__ = ["Backend", "CacheFill", "DecoderState", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
+
+CACHE_BLOCK = 256  # cache buffers grow by whole blocks of this many tokens
 
 
 @dataclass
@@ -31,11 +33,26 @@ class VisionOutput:
 
 
 @dataclass
+class CacheFill:
+    """How many slots of a group's cache buffers some state has filled: shared by every state
+    that uses those buffers, so only the state that filled them last writes on in place."""
+
+    length: int
+
+
+@dataclass
 class DecoderState:
-    """Per-group KV caches (``[k0, v0, k1, v1, ...]``) and attention masks; lengths differ by group."""
+    """Per-group KV caches (``[k0, v0, k1, v1, ...]``) and attention masks; lengths differ by group.
+
+    ``masks[g]`` [B, L] covers the group's L filled positions; ``caches[g]`` are [B, H_kv, C, hd]
+    buffers with C >= L (their first L slots are this state's, the rest is room to grow).
+    ``fills`` (None for a state built elsewhere, e.g. by prefill or by stacking rows) says
+    whether this state may write into that room (see :meth:`Backend.extend`).
+    """
 
     caches: list[list[Tensor]] = field(default_factory=list)
     masks: list[Tensor] = field(default_factory=list)
+    fills: list[CacheFill] | None = None
 
 
 @dataclass
@@ -77,7 +94,13 @@ class Backend(ABC):
         self, group: int, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
         attention_mask: Tensor, position_ids: Tensor, past: list[Tensor],
     ) -> tuple[Tensor, list[Tensor]]:
-        """-> hidden states (logits for the last group) and the presents."""
+        """-> hidden states (logits for the last group) and the new tokens' keys and values."""
+
+    def cache_capacity(self, group: int, length: int) -> int:
+        """Slots to allocate for a cache that must hold ``length`` tokens: whole blocks of
+        :data:`CACHE_BLOCK`, so a buffer is copied once per block of decoding, not per step,
+        and decode shapes change once per block (a CUDA graph per size)."""
+        return -(-length // CACHE_BLOCK) * CACHE_BLOCK
 
     # ---------------------------------------------------------- orchestration
     @property
@@ -125,19 +148,53 @@ class Backend(ABC):
         """Append text ``input_ids`` [B, S] (``attention_mask`` 0 on their left padding) to every
         group's cache; returns the last position's logits and the new state (``state`` is left
         as it was). Positions continue from each group's real cache length: pruning is a
-        prefill matter, so this is a decode step of S tokens (prefix reuse, chat turns)."""
+        prefill matter, so this is a decode step of S tokens (prefix reuse, chat turns).
+
+        The graphs read each cache buffer whole (its unfilled slots masked out) and return only
+        the new tokens' keys and values, which are written into the buffer's room in place: a
+        step copies S tokens per layer, not the cache.
+        """
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         hidden = self.run_embed(input_ids)
-        new_state = DecoderState()
+        new_state = DecoderState(fills=[])
+        batch, length = attention_mask.shape
         for group in range(self.num_groups):
             past_mask = state.masks[group]
+            filled = past_mask.shape[1]
+            buffers, fill = self._room(state, group, length)
             position_ids = past_mask.sum(-1, keepdim=True) + positions_from_mask(attention_mask)
-            mask = torch.cat([past_mask, attention_mask.to(past_mask.dtype)], dim=1)
+            new_mask = attention_mask.to(past_mask.dtype)
+            room = past_mask.new_zeros(batch, buffers[0].shape[2] - filled)
             query, key, value = self.run_qkv(group, hidden)
-            hidden, presents = self.run_group(group, hidden, query, key, value, mask, position_ids, state.caches[group])
-            new_state.caches.append(presents)
-            new_state.masks.append(mask)
+            hidden, new_key_values = self.run_group(group, hidden, query, key, value, torch.cat([past_mask, room, new_mask], dim=1),
+                                                    position_ids, buffers)
+            for buffer, new in zip(buffers, new_key_values, strict=True):
+                buffer[:, :, filled:filled + length] = new
+            fill.length = filled + length
+            new_state.caches.append(buffers)
+            new_state.masks.append(torch.cat([past_mask, new_mask], dim=1))
+            new_state.fills.append(fill)
         return hidden, new_state
+
+    def _room(self, state: DecoderState, group: int, length: int) -> tuple[list[Tensor], CacheFill]:
+        """``group``'s cache buffers with room for ``length`` more tokens after ``state``'s, and their fill.
+
+        ``state`` writes in place only where no other state has written: when its buffers'
+        fill is its own length (it is the newest state on them). Otherwise (a prefix answered
+        again, an older state extended twice, a state from prefill or from stacked rows, or no
+        room left) its filled part is copied once into new buffers of whole blocks.
+        """
+        past, filled = state.caches[group], state.masks[group].shape[1]
+        fill = state.fills[group] if state.fills is not None else None
+        if fill is not None and fill.length == filled and past[0].shape[2] >= filled + length:
+            return past, fill
+        capacity = self.cache_capacity(group, filled + length)
+        buffers = []
+        for cache in past:
+            buffer = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])  # zeros: masked slots stay finite
+            buffer[:, :, :filled] = cache[:, :, :filled]
+            buffers.append(buffer)
+        return buffers, CacheFill(filled)
 
 
 class GraphBackend(Backend):
@@ -166,5 +223,5 @@ class GraphBackend(Backend):
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
         outputs = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
         start, stop = self.spec.schedule.layer_groups()[group]
-        out, *presents = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
-        return out, presents
+        out, *new_key_values = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
+        return out, new_key_values

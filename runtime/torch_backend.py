@@ -57,8 +57,8 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
-        out, *presents = self.pipeline.groups[group](
+        out, *new_key_values = self.pipeline.groups[group](
             hidden_states, query, key, value, attention_mask, position_ids, *past
         )
-        return out, presents
+        return out, new_key_values
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from visiondrop_edge.errors import UserError
 
-from visiondrop_edge.contract import QKV, PruneOutputs, bind, decoder_outputs
+from visiondrop_edge.contract import PAST_KV, QKV, PruneOutputs, bind, decoder_outputs
 
 from .base import Backend, ModelSpec
 
@@ -169,9 +169,10 @@ class TrtBackend(Backend):
     def _check_shape(self, unit: _Unit, graph: str, profile: str, name: str, shape: tuple[int, ...]) -> None:
         low, _, high = unit.limits[profile][name]
         if any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
-            raise UserError(f"{graph} {profile}: {name} has shape {list(shape)}, outside the engine's profile "
-                            f"{low}..{high} (built with --max-batch {self.build['max_batch']} --max-seq-len "
-                            f"{self.build['max_seq_len']}): rebuild with `python cli.py build` and larger limits")
+            raise UserError.naming("{where}: {name} has shape {shape}, outside the engine's profile {low}..{high} (built with "
+                                   "{max_batch} {batch} {max_seq_len} {length}): rebuild with `build` and larger limits",
+                                   where=f"{graph} {profile}", name=name, shape=list(shape), low=low, high=high,
+                                   batch=self.build["max_batch"], length=self.build["max_seq_len"])
 
     def _run(self, graph: str, profile: str, *tensors: Tensor) -> dict[str, Tensor]:
         """Bind ``tensors`` to the engine's inputs (the contract's order) and return its outputs by name."""
@@ -219,8 +220,14 @@ class TrtBackend(Backend):
         profile = "decode" if past and past[0].shape[2] > 0 else "prefill"
         outputs = self._run(f"decoder_{group}", profile, hidden_states, query, key, value, attention_mask, position_ids, *past)
         start, stop = self.spec.schedule.layer_groups()[group]
-        out, *presents = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
-        return out, presents
+        out, *new_key_values = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
+        return out, new_key_values
+
+    def cache_capacity(self, group: int, length: int) -> int:
+        """Whole blocks, but never past the decode profile's longest cache (a longer one is refused there)."""
+        start, _ = self.spec.schedule.layer_groups()[group]
+        longest = self.units[f"decoder_{group}"].limits["decode"][f"{PAST_KV}.{start}.key"][2][2]
+        return min(super().cache_capacity(group, length), max(longest, length))
 
 
 # ------------------------------------------------------------------ doctor

@@ -80,6 +80,7 @@ def test_graphs_are_static_opset17_ir10(exported, budget):
 
 
 def test_kv_cache_io_follows_optimum_names(exported):
+    """The cache goes in under Optimum's names; only the new tokens' keys/values come out."""
     manifest = read_manifest(exported[64])
     for group, (start, stop) in enumerate(Schedule.from_budget(64, 8, 576).layer_groups()):
         entry = manifest.graph("decoder", group)
@@ -87,7 +88,7 @@ def test_kv_cache_io_follows_optimum_names(exported):
         outputs = {o["name"]: o["shape"] for o in entry.outputs}
         for layer in range(start, stop):
             assert inputs[f"past_key_values.{layer}.key"] == ["batch_size", 2, "past_sequence_length", 16]
-            assert outputs[f"present.{layer}.value"] == ["batch_size", 2, "total_sequence_length", 16]
+            assert outputs[f"new_key_values.{layer}.value"] == ["batch_size", 2, "sequence_length", 16]
         assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
 
 

@@ -3,9 +3,12 @@
 The exporter names graph inputs and outputs from here, the manifest records them, and every
 backend binds tensors by these names (ONNX Runtime feeds and fetches, TensorRT binds
 addresses, PyTorch builds the same typed results), so no unit's I/O is spelled twice and
-nothing is bound by position. Names follow Optimum (``past_key_values.{i}.key``,
-``present.{i}.key``). Shapes are ``[batch_size, ...]``; every visual-token count is a
-constant of the schedule, so only batch and sequence lengths are dynamic.
+nothing is bound by position. The cache inputs follow Optimum (``past_key_values.{i}.key``);
+a decoder graph outputs only the new tokens' keys and values (``new_key_values.{i}.key``,
+not Optimum's ``present`` = past + new, whose concatenation copies the whole cache every
+step): the runtime writes them into its own cache buffers. Shapes are ``[batch_size, ...]``;
+every visual-token count is a constant of the schedule, so only batch and sequence lengths
+are dynamic.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ QKV_OUTPUTS = QKV._fields
 PRUNE_INPUTS = ("hidden_states", "query", "key", "value", "attention_mask", "image_offset")
 PRUNE_OUTPUTS = PruneOutputs._fields
 DECODER_INPUTS = ("hidden_states", "query", "key", "value", "attention_mask", "position_ids")  # then past_key_values.*
+PAST_KV, NEW_KV = "past_key_values", "new_key_values"  # the cache in; the new tokens' keys/values out
 
 
 def vision_outputs(prunes: bool) -> tuple[str, ...]:
@@ -91,12 +95,13 @@ def kv_names(prefix: str, layers: range) -> list[str]:
 
 
 def decoder_inputs(layers: range) -> tuple[str, ...]:
-    return (*DECODER_INPUTS, *kv_names("past_key_values", layers))
+    return (*DECODER_INPUTS, *kv_names(PAST_KV, layers))
 
 
 def decoder_outputs(layers: range, last: bool) -> tuple[str, ...]:
-    """The group's hidden states (the last group: the LM head's logits at the last position), then the presents."""
-    return ("logits" if last else "hidden_states_out", *kv_names("present", layers))
+    """The group's hidden states (the last group: the LM head's logits at the last position),
+    then each layer's key (after RoPE) and value of the new tokens only."""
+    return ("logits" if last else "hidden_states_out", *kv_names(NEW_KV, layers))
 
 
 def dynamic_axes(unit: str, names: tuple[str, ...] | list[str]) -> dict[str, dict[int, str]]:
@@ -107,11 +112,9 @@ def dynamic_axes(unit: str, names: tuple[str, ...] | list[str]) -> dict[str, dic
             axes[name] = {0: BATCH}
         elif name.startswith("pruned_"):
             axes[name] = {0: BATCH, 2 if name in ("pruned_query", "pruned_key", "pruned_value") else 1: PRUNED}
-        elif name.startswith("past_key_values."):
+        elif name.startswith(f"{PAST_KV}."):
             axes[name] = {0: BATCH, 2: PAST}
-        elif name.startswith("present."):
-            axes[name] = {0: BATCH, 2: TOTAL}
-        elif name in ("query", "key", "value"):
+        elif name in ("query", "key", "value") or name.startswith(f"{NEW_KV}."):
             axes[name] = {0: BATCH, 2: SEQ}
         elif name == "attention_mask":
             axes[name] = {0: BATCH, 1: TOTAL if unit == "decoder" else SEQ}

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
+from visiondrop_edge.contract import NEW_KV
 from visiondrop_edge.errors import ArtifactError, UserError
 from visiondrop_edge.families import PromptTemplate
 from visiondrop_edge.loading import sha256_file
@@ -25,7 +26,7 @@ from visiondrop_edge.jsonio import read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "visiondrop-edge/artifacts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: decoder graphs output the new tokens' keys/values only (new_key_values.*), not past + new
 
 
 def tool_versions() -> dict[str, str]:
@@ -194,7 +195,7 @@ class ModelSchema(_Schema):
 
 class ManifestSchema(_Schema):
     format: Literal["visiondrop-edge/artifacts"]
-    format_version: Literal[1]
+    format_version: Literal[2]
     model: ModelSchema
     schedule: ScheduleSchema
     spec: SpecSchema
@@ -247,9 +248,9 @@ def check_consistent(manifest: Manifest) -> Schedule:
                         scores=schedule.stages[entry.index].total)
         elif entry.role == "decoder":
             start, stop = groups[entry.index]
-            presents = [name for name in outputs if name.startswith("present.")]
-            if len(presents) != 2 * (stop - start):
-                raise ValueError(f"graph {entry.name} has {len(presents) // 2} layers' caches but the schedule "
+            new_key_values = [name for name in outputs if name.startswith(f"{NEW_KV}.")]
+            if len(new_key_values) != 2 * (stop - start):
+                raise ValueError(f"graph {entry.name} has {len(new_key_values) // 2} layers' caches but the schedule "
                                  f"gives its group layers {start + 1}..{stop}")
         for name, count in want.items():
             shape = outputs.get(name)

@@ -20,9 +20,8 @@ math is the Llama family's, written over the HF modules' weights.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from . import pruning
 from .contract import QKV, PruneOutputs
@@ -91,22 +90,26 @@ def splice_visual(hidden: Tensor, attention_mask: Tensor, image_offset: Tensor, 
 def attend(
     layer: nn.Module, hidden: Tensor, query: Tensor, key: Tensor, value: Tensor,
     past_key: Tensor, past_value: Tensor, mask: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The rest of a Llama layer after its RoPE-applied q/k/v: SDPA over the cache, o_proj, MLP.
+) -> Tensor:
+    """The rest of a Llama layer after its RoPE-applied q/k/v: attention over the cache and the
+    new tokens, o_proj, MLP -> the new hidden states.
 
-    Returns the new hidden states and the layer's present key/value (past + new).
+    The cache is read where it lies, never copied into a concatenation with the new keys:
+    the queries score the cached keys and the new ones separately, one softmax runs over both
+    score blocks side by side (``mask`` [B, 1, S, P + S] covers the cache then the new
+    tokens), and the two value products are summed. GQA query heads are folded onto their KV
+    head ([B, H_kv, groups * S, hd]), so no KV head is repeated either.
     """
     attn = layer.self_attn
-    batch, length, _ = hidden.shape
-    key = torch.cat([past_key, key], dim=2)
-    value = torch.cat([past_value, value], dim=2)
-    groups = attn.num_key_value_groups
-    out = F.scaled_dot_product_attention(
-        query, repeat_kv(key, groups), repeat_kv(value, groups), attn_mask=mask, scale=attn.scaling
-    )
+    batch, heads, length, dim = query.shape
+    kv_heads, past = key.shape[1], past_key.shape[2]
+    query = query.reshape(batch, kv_heads, heads // kv_heads * length, dim) * attn.scaling
+    scores = torch.cat([query @ past_key.transpose(2, 3), query @ key.transpose(2, 3)], dim=-1)
+    scores = scores.view(batch, kv_heads, heads // kv_heads, length, -1) + mask.unsqueeze(2)
+    probs = scores.softmax(-1).view(batch, kv_heads, heads // kv_heads * length, -1)
+    out = (probs[..., :past] @ past_value + probs[..., past:] @ value).view(batch, heads, length, dim)
     hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return hidden, key, value
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 def _heads_to_rows(x: Tensor) -> Tensor:
@@ -190,8 +193,11 @@ class DecoderGroup(nn.Module):
 
     ``query``/``key``/``value`` are the first layer's projections before RoPE (applied here
     at ``position_ids``). ``past`` is ``(key_0, value_0, key_1, value_1, ...)`` for the
-    group's layers, each [B, H_kv, past_len, hd]; the outputs are the hidden states (or, for
-    the last group, the final-norm LM-head logits of the last position) then the presents.
+    group's layers, each [B, H_kv, P, hd]: the cache as the runtime holds it, whose unfilled
+    slots ``attention_mask`` masks out. The outputs are the hidden states (or, for the last
+    group, the final-norm LM-head logits of the last position) then the new tokens' keys
+    (after RoPE) and values, [B, H_kv, S, hd] each, which the runtime writes into its cache:
+    the graph never copies the cache.
     """
 
     def __init__(self, layers: list[nn.Module], rotary: nn.Module, norm: nn.Module | None = None, lm_head: nn.Module | None = None):
@@ -206,18 +212,16 @@ class DecoderGroup(nn.Module):
         attention_mask: Tensor, position_ids: Tensor, *past: Tensor,
     ) -> tuple[Tensor, ...]:
         mask = causal_mask(attention_mask, hidden_states.shape[1], hidden_states.dtype)
-        presents: list[Tensor] = []
+        new_key_values: list[Tensor] = []
         for index, layer in enumerate(self.layers):
             if index > 0:
                 query, key, value = project_qkv(layer, hidden_states)
             query, key = rotate(self.rotary, query, key, position_ids)
-            hidden_states, key, value = attend(
-                layer, hidden_states, query, key, value, past[2 * index], past[2 * index + 1], mask
-            )
-            presents += [key, value]
+            hidden_states = attend(layer, hidden_states, query, key, value, past[2 * index], past[2 * index + 1], mask)
+            new_key_values += [key, value]
         if self.lm_head is not None:
             hidden_states = self.lm_head(self.norm(hidden_states[:, -1])).float()
-        return (hidden_states, *presents)
+        return (hidden_states, *new_key_values)
 
 
 class VisionDropPipeline(nn.Module):
