@@ -36,7 +36,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -520,11 +520,19 @@ class VisionDropServer:
             os.environ.update(saved)
         return self
 
-    def wait(self) -> None:
-        """Serve until SIGINT or SIGTERM (both stop cleanly: in-flight requests finish first) or Triton dies."""
+    def serve(self, on_ready: Callable[[], None]) -> None:
+        """Start, call ``on_ready``, serve until SIGINT or SIGTERM or Triton dies, and stop.
+
+        Both signals stop cleanly (in-flight requests finish first), also while Triton is still
+        starting: a supervisor may stop a server that has not finished loading.
+        """
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            self.triton.serve()  # returns on KeyboardInterrupt (SIGINT, and SIGTERM above), after stopping Triton
+            with self:
+                on_ready()
+                self.triton.serve()  # returns on KeyboardInterrupt (SIGINT, and SIGTERM above), after stopping Triton
+        except KeyboardInterrupt:  # a signal before serving began: leaving the block stopped Triton
+            pass
         finally:
             signal.signal(signal.SIGTERM, previous)
 

@@ -822,12 +822,11 @@ def serve(model, budget, schedule, device, artifacts, provider, engines, backend
         log_file = Path(name)
     options = dataclasses.replace(options, log_file=log_file)
     progress(f"starting Triton Inference Server ({backend.name}, schedule {backend.spec.schedule.describe()}; Triton's log: {log_file}) ...")
-    with VisionDropServer(backend, processor, source, limit, options) as server:
-        urls = server.urls
-        click.echo(f"serving '{MODEL}' on HTTP {urls['http']}, gRPC {urls['grpc']}, metrics {urls['metrics']}; "
-                   "SIGTERM or Ctrl-C stops", err=True)
-        server.wait()
-        report = server.stats.report()
+    server = VisionDropServer(backend, processor, source, limit, options)
+    urls = server.urls
+    server.serve(on_ready=lambda: click.echo(f"serving '{MODEL}' on HTTP {urls['http']}, gRPC {urls['grpc']}, "
+                                             f"metrics {urls['metrics']}; SIGTERM or Ctrl-C stops", err=True))
+    report = server.stats.report()
     cache, counts = report["prefix_cache"], report["server"]
     click.echo(f"stopped: {counts['requests']} answered in {counts['batches']} batches (largest {counts['largest_batch']}), "
                f"{counts['streams']} streamed, {counts['refused']} refused; prefix cache {cache['hits']} hits, {cache['misses']} misses, "
