@@ -92,6 +92,36 @@ def test_three_turn_chat_equals_a_full_prefill_of_the_conversation(backends, tin
         assert_logits_close(ours, ref)
 
 
+@pytest.mark.parametrize("kind", ["torch", "ort"])
+def test_a_stream_is_the_full_prefill_answer_step_by_step(backends, tiny, kind):
+    backend = backends[64][kind]
+    pixels = pixel_values(tiny.processor.image_processor, random_images(1, seed=12))
+    session = Session(backend, tiny.processor, "tiny")
+    [prefix] = session.encode_prefix(pixels)
+    steps = list(session.stream(prefix, QUESTIONS[2], NEW_TOKENS))
+    full = full_prefill(backend, tiny, pixels, [QUESTIONS[2]])
+    assert torch.equal(torch.stack([step.tokens for step in steps], dim=1), full.tokens)
+    assert [step.last for step in steps] == [False] * (NEW_TOKENS - 1) + [True]  # no EOS on this model within 6 tokens
+    for step, ref in zip(steps, full.step_logits):
+        assert_logits_close(step.logits, ref)
+
+
+def test_a_stream_closed_early_costs_no_more_steps_and_leaves_the_prefix(backends, tiny, monkeypatch):
+    backend = backends[64]["torch"]
+    session = Session(backend, tiny.processor, "tiny")
+    [prefix] = session.encode_prefix(pixel_values(tiny.processor.image_processor, random_images(1, seed=13)))
+    snapshot, cached = [t.clone() for cache in prefix.state.caches for t in cache], session.cache.stats()
+    calls = []
+    decode_step = backend.decode_step
+    monkeypatch.setattr(backend, "decode_step", lambda *args: calls.append(1) or decode_step(*args))
+    steps = session.stream(prefix, QUESTIONS[0], 100)
+    next(steps), next(steps)
+    steps.close()  # a client gone after two tokens
+    assert len(calls) == 1  # the second token's step only
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, [t for cache in prefix.state.caches for t in cache]))
+    assert session.cache.stats() == cached
+
+
 def test_prefix_is_immutable_and_cached(backends, tiny):
     backend = backends[128]["torch"]
     session = Session(backend, tiny.processor, "tiny")
