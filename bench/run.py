@@ -47,6 +47,7 @@ class BenchConfig:
     provider: str = "cpu"
     seed: int = 0
     cpu_load: int = 0  # busy worker processes running during the measurements (a contended Jetson CPU)
+    contexts: tuple[int, ...] = ()  # decode ms/token on caches of these many (unpruned) tokens
 
 
 class PeakMemory:
@@ -152,11 +153,71 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
         logits, state = backend.decode_step(logits.argmax(-1), state)
         _sync(device)
         steps.append(time.perf_counter() - tick)
-    kv_bytes = sum(t.numel() * t.element_size() for cache in state.caches for t in cache)
+    # the filled slots (a cache buffer also holds up to a block of room for the next tokens)
+    kv_bytes = sum(t[:, :, :mask.shape[1]].numel() * t.element_size() for cache, mask in zip(state.caches, state.masks) for t in cache)
     return {
         "vision": (after_vision - start) * 1e3, "prefill": (after_prefill - after_vision) * 1e3,
         "ttft": (after_prefill - start) * 1e3, "decode": [s * 1e3 for s in steps], "kv_bytes": kv_bytes,
     }
+
+
+def context_state(backend: Backend, pixels, prompts, context: int):
+    """The first logits and caches after the prompt and then filler text up to ``context`` tokens
+    (the unpruned count; a pruned group holds fewer): a long conversation's decode cost."""
+    vision = backend.encode_image(pixels)
+    prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset)
+    filler = context - prompts.input_ids.shape[1]
+    if filler <= 0:
+        return prefill.logits, prefill.state
+    text = prompts.input_ids[:, -8:]  # the prompt's last tokens, repeated
+    ids = text.repeat(1, -(-filler // text.shape[1]))[:, :filler]
+    return backend.extend(ids, torch.ones_like(ids), prefill.state)
+
+
+def time_decode(backend: Backend, logits, state, steps: int) -> float:
+    """Median ms per greedy step over ``steps`` steps from ``state`` (which is left as it was)."""
+    times = []
+    for _ in range(steps):
+        tick = time.perf_counter()
+        logits, state = backend.decode_step(logits.argmax(-1), state)
+        _sync(backend.device)
+        times.append(time.perf_counter() - tick)
+    return statistics.median(times) * 1e3
+
+
+def context_rows(backends: dict[str, Backend], pixels, prompts, config: BenchConfig, budget: str, batch: int) -> list[dict]:
+    """Decode ms/token against cache length, the variants interleaved repeat by repeat. A state
+    is decoded from again in every repeat: its first step copies the cache into new buffers
+    (it is no longer the newest state on them), so the median over steps is reported."""
+    rows = []
+    for context in config.contexts:
+        starts = {v: context_state(b, pixels, prompts, context) for v, b in backends.items()}
+        runs = {v: [] for v in backends}
+        for _ in range(config.repeats):
+            for v, b in backends.items():
+                runs[v].append(time_decode(b, *starts[v], max(config.new_tokens, 3)))
+        for v, (_, state) in starts.items():
+            rows.append({"budget": budget, "batch": batch, "variant": v, "context": context,
+                         "cache_tokens": [m.shape[1] for m in state.masks], "decode_ms_per_token": _stats(runs[v])})
+        del starts
+    return rows
+
+
+def context_slopes(rows: list[dict]) -> list[dict]:
+    """Per (budget, batch, variant): the least-squares growth of best decode ms/token per 1000
+    tokens of context (the cost a longer cache adds to every step)."""
+    series: dict[tuple, list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault((r["budget"], r["batch"], r["variant"]), []).append((r["context"], r["decode_ms_per_token"]["min"]))
+    out = []
+    for (budget, batch, variant), points in series.items():
+        if len(points) < 2:
+            continue
+        mean_x = statistics.fmean(x for x, _ in points)
+        mean_y = statistics.fmean(y for _, y in points)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+        out.append({"budget": budget, "batch": batch, "variant": variant, "ms_per_1000_tokens": slope * 1e3})
+    return out
 
 
 def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provider: str) -> Backend:
@@ -216,7 +277,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
     budgets = list(dict.fromkeys([*config.budgets, "full"]))  # full is always measured: it is the baseline
     schedules = {b: loaded.schedule(b) for b in budgets}
     total = sum(len(config.batches) * (1 if schedules[b].is_full else 2) for b in budgets)
-    rows, done = [], 0
+    rows, contexts, done = [], [], 0
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch, cpu_load(config.cpu_load):
         for budget in budgets:
             schedule = schedules[budget]
@@ -262,8 +323,14 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                     rows.append(row)
                     progress(f"[{done}/{total}] budget {budget} batch {batch} {v}: prefill {row['prefill_ms']['median']:.1f} ms, "
                              f"TTFT {row['ttft_ms']['median']:.1f} ms, decode {row['decode_ms_per_token']['median']:.2f} ms/token")
-    return {"config": asdict(config), "machine": _machine(loaded), "results": rows,
-            "summary": summarize(rows, decode_bytes(loaded))}
+                if config.contexts:
+                    progress(f"budget {budget} batch {batch}: decode at {', '.join(map(str, config.contexts))} tokens of context ...")
+                    measured = {v: b for v, b in backends.items() if v != "ideal"}  # pruned or full
+                    contexts += context_rows(measured, pixels, prompts, config, budget, batch)
+    report = {"config": asdict(config), "machine": _machine(loaded), "results": rows, "summary": summarize(rows, decode_bytes(loaded))}
+    if contexts:
+        report["context"] = {"results": contexts, "slopes": context_slopes(contexts)}
+    return report
 
 
 def run_engines(engine_dirs: list[Path], config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:

@@ -23,7 +23,8 @@ from visiondrop_edge.pruning import splice
 
 __all__ = ["Backend", "CacheFill", "DecoderState", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
 
-CACHE_BLOCK = 256  # cache buffers grow by whole blocks of this many tokens
+CACHE_BLOCK = 64  # cache buffers grow by whole blocks of this many tokens: a step reads at most a block of
+# empty slots, and a cache is copied once per block of decoding
 
 
 @dataclass

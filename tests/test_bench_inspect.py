@@ -88,6 +88,23 @@ def test_bench_under_cpu_load_predicts_decode_from_bytes(tmp_path, tiny):
         (weights + rows["full"]["kv_cache_bytes"]) / (weights + rows["pruned"]["kv_cache_bytes"]), rel=1e-12)
 
 
+def test_bench_contexts_decode_on_caches_of_the_asked_lengths(tmp_path):
+    """--contexts: every group's cache holds the asked context less the visual tokens dropped before it."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--budgets", "64", "--batch", "1", "--max-new-tokens", "2",
+                                          "--repeats", "1", "--warmup", "0", "--contexts", "700,760", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    context = json.loads(out.read_text())["context"]
+    rows = {(r["budget"], r["variant"], r["context"]): r for r in context["results"]}
+    assert set(rows) == {(b, v, c) for b, v in (("64", "pruned"), ("full", "full")) for c in (700, 760)}
+    for (budget, _, length), row in rows.items():
+        schedule = Schedule.from_budget(budget, 8, 576)
+        visual = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+        assert row["cache_tokens"] == [length - schedule.image_tokens + count for count in visual]
+        assert 0 < row["decode_ms_per_token"]["min"] <= row["decode_ms_per_token"]["median"]
+    assert {(s["budget"], s["variant"]) for s in context["slopes"]} == {("64", "pruned"), ("full", "full")}
+
+
 def test_flops_scale_with_sequence_length(tiny):
     full = stage_flops(tiny.config, Schedule.from_budget("full", 8, 576), text_tokens=20, batch=1)
     pruned = stage_flops(tiny.config, Schedule.from_budget(64, 8, 576), text_tokens=20, batch=1)

@@ -694,11 +694,12 @@ def inspect(model, image, prompt, budget, schedule, out, json_path) -> None:
 @json_option("every measurement")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
 @click.option("--cpu-load", default=0, show_default=True, type=click.IntRange(0, 64), help="Busy worker processes that bench starts for the measurements and stops after (a CPU shared with the application, as on a Jetson).")
+@click.option("--contexts", default=None, metavar="N,N,...", help="Also: decode ms/token after the prompt and filler text up to N tokens (e.g. 600,1200,2000), pruned and full, and its growth per 1000 tokens.")
 @click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --max-new-tokens, --warmup, --repeats, --json.")
 @click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --max-new-tokens, --warmup, --repeats, --provider, --json.")
 @user_errors
 def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path,
-          cpu_load, questions, compare) -> None:
+          cpu_load, contexts, questions, compare) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
     Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
@@ -728,7 +729,8 @@ def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, r
     if not budget_list:
         raise UserError(f"--budgets takes budgets separated by commas, e.g. 32,64,full (got '{budgets}')")
     config = BenchConfig(budgets=budget_list, batches=tuple(parse_int_list(batch, "--batch")), new_tokens=max_new_tokens,
-                         warmup=warmup, repeats=repeats, backend=backend, provider=provider, cpu_load=cpu_load)
+                         warmup=warmup, repeats=repeats, backend=backend, provider=provider, cpu_load=cpu_load,
+                         contexts=tuple(parse_int_list(contexts, "--contexts")) if contexts else ())
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     if backend == "ort" and dtype == "bf16":
         raise UserError("--backend ort exports fp32 or fp16 graphs: use --dtype fp32 or fp16")
@@ -746,6 +748,13 @@ def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, r
     if shows_table(json_path):
         print_table(["budget", "batch", "prefill speed-up", "ideal speed-up", "of ideal", "overhead", "overhead (best)", "TTFT speed-up",
                      "decode speed-up (best)", "decode predicted by bytes", "FLOPs vs full"], rows)
+    if shows_table(json_path) and "context" in report:
+        slopes = {(s["budget"], s["batch"], s["variant"]): s["ms_per_1000_tokens"] for s in report["context"]["slopes"]}
+        print_table(["budget", "batch", "variant", "context", "cache tokens per group", "decode ms/token (best)",
+                     "growth ms per 1000 tokens"],
+                    [[r["budget"], r["batch"], r["variant"], r["context"], ",".join(map(str, r["cache_tokens"])),
+                      f"{r['decode_ms_per_token']['median']:.2f} ({r['decode_ms_per_token']['min']:.2f})",
+                      f"{slopes.get((r['budget'], r['batch'], r['variant']), float('nan')):.2f}"] for r in report["context"]["results"]])
     write_report(json_path, report)
     if plot_path is not None:
         write_side_file(plot_path, lambda path: plot_bench(report, path))
