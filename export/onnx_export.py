@@ -83,15 +83,16 @@ def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec
     heads, kv_heads, head_dim, hidden = pipeline.config.text_config.num_attention_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     batch = 2
     size = spec.image_size
+    views = (schedule.views,) if schedule.grid else ()  # a multi-crop image: [B, views, 3, H, W]
     outputs = vision_outputs(not schedule.is_full)
     graphs = [
         GraphSpec(
             "vision_encoder", "vision", 0, pipeline.vision,
-            bind(VISION_INPUTS, [torch.randn(batch, 3, size, size, dtype=spec.vision_torch_dtype)]),
+            bind(VISION_INPUTS, [torch.randn(batch, *views, 3, size, size, dtype=spec.vision_torch_dtype)]),
             list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs),
         )
     ]
-    visual_counts = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
+    visual_counts = schedule.stage_inputs()
     for g, (start, stop) in enumerate(schedule.layer_groups()):
         seq = 7
         graphs.append(GraphSpec(

@@ -9,20 +9,25 @@ targets and generated tokens must be identical.
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 from transformers import LlavaNextForConditionalGeneration
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from tests.reference import naive_generate
+from visiondrop_edge.export.graph_checks import data_dependent_shapes
+from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
 from visiondrop_edge.errors import CheckpointError, InputError, UserError
 from visiondrop_edge.families import family_for_config
 from visiondrop_edge.families.llava_next import LlavaNext
 from visiondrop_edge.loading import builtin_dir, load_model
+from visiondrop_edge.manifest import read_manifest
 from visiondrop_edge.prompt import build_prompts, pad_token_id, random_images
 from visiondrop_edge.runtime.generate import greedy_generate
+from visiondrop_edge.runtime.ort_backend import OrtBackend
 from visiondrop_edge.runtime.torch_backend import TorchBackend
-from visiondrop_edge.schedule import CropGrid, Schedule
+from visiondrop_edge.schedule import SCOPES, CropGrid, Schedule
 
 NEW_TOKENS = 8
 TOL = {"rtol": 1e-4, "atol": 1e-4}
@@ -210,3 +215,27 @@ def test_a_next_config_finds_its_family_and_bad_pinpoints_are_refused(tiny_next)
     assert family_for_config(config, "ckpt") is LlavaNext
     with pytest.raises(CheckpointError, match="image_grid_pinpoints must be \\[height, width\\] pairs of whole multiples"):
         family_for_config(config | {"image_grid_pinpoints": [[336, 500]]}, "ckpt")
+
+
+# ------------------------------------------------------------------ export: one grid class's artifacts
+@pytest.mark.parametrize("scope", SCOPES)
+def test_a_grid_class_exports_and_onnx_runtime_matches_torch(tiny_next, tmp_path, scope):
+    """The graphs of a 2x2 schedule are static-shaped, their manifest's counts are the grid's,
+    and ONNX Runtime generates what PyTorch does: the same choices at every stage, the same
+    tokens, logits to rounding (test_pipeline's tolerance, fp32 on both sides)."""
+    schedule = tiny_next.schedule(320, grid=CropGrid(2, 2), scope=scope)
+    out = tmp_path / f"next-{scope}"
+    export_artifacts(tiny_next, schedule, out, ExportOptions(max_seq_len=1024))
+    manifest = read_manifest(out)
+    vision = {o["name"]: o["shape"] for o in manifest.graph("vision").outputs}
+    assert vision["image_embeds"][1] == 480 and vision["kept_index"] == ["batch_size", 5 * 84]
+    assert all(data_dependent_shapes(onnx.load(str(path))) == [] for path in out.glob("*.onnx"))
+    pixels, _ = processed(tiny_next, SIZES[(2, 2)], seed=77)
+    batch = prompt_batch(tiny_next, schedule)
+    ours = greedy_generate(TorchBackend(tiny_next, schedule), pixels, batch, NEW_TOKENS)
+    ort = greedy_generate(OrtBackend(out, provider="cpu"), pixels, batch, NEW_TOKENS)
+    for number, (a, b) in enumerate(zip([ours.vision.stage, *ours.stages], [ort.vision.stage, *ort.stages])):
+        assert torch.equal(a.kept_index, b.kept_index) and torch.equal(a.target_index, b.target_index), f"stage {number}"
+    assert ours.tokens.tolist() == ort.tokens.tolist()
+    for step, (a, b) in enumerate(zip(ours.step_logits, ort.step_logits)):
+        torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"step {step}: {m}")

@@ -240,12 +240,13 @@ def check_consistent(manifest: Manifest) -> Schedule:
         if entry.role == "vision":
             want["image_embeds"] = schedule.image_tokens
             if schedule.vision is not None:
-                want.update(kept_index=schedule.vision.dominant, target_index=schedule.vision.contextual,
-                            scores=schedule.vision_inputs)
+                views = schedule.views  # a multi-crop image's stage outputs are its views', concatenated
+                want.update(kept_index=views * schedule.vision.dominant, target_index=views * schedule.vision.contextual,
+                            scores=views * schedule.vision_inputs)
         elif entry.role == "prune":
             stage = schedule.llm_stages[entry.index]
             want.update(kept_index=stage.dominant, target_index=stage.contextual,
-                        scores=schedule.stages[entry.index].total)
+                        scores=schedule.stage_inputs()[entry.index])
         elif entry.role == "decoder":
             start, stop = groups[entry.index]
             new_key_values = [name for name in outputs if name.startswith(f"{NEW_KV}.")]

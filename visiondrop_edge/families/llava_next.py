@@ -86,7 +86,8 @@ class AnyresVisionUnit(VisionUnit):
         return tokens.reshape(pixel_values.shape[0], -1, tokens.shape[-1])
 
     def _views(self, pixel_values: Tensor) -> Tensor:
-        if pixel_values.dim() != 5 or pixel_values.shape[1] != self.grid.views:
+        # Eager callers get a clear error; a traced graph declares its input's shape instead.
+        if not torch.jit.is_tracing() and (pixel_values.dim() != 5 or pixel_values.shape[1] != self.grid.views):
             raise InputError(
                 f"pixel_values of shape {list(pixel_values.shape)} do not hold the {self.grid.views} views of a "
                 f"{self.grid.describe()} crop grid: use the schedule of the image's own grid"
