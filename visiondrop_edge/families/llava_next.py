@@ -67,8 +67,9 @@ class AnyresVisionUnit(VisionUnit):
     def __init__(self, model: nn.Module, schedule: Schedule, ops: tuple = pruning.REFERENCE_OPS):
         super().__init__()
         if schedule.grid is None:
-            raise SettingError("a LLaVA-NeXT schedule is made for one crop grid: build it with the image's grid "
-                               "(LlavaNext.crop_grid)")
+            raise SettingError("a LLaVA-NeXT pipeline runs the schedule of one crop grid, made with the image's grid "
+                               "(LoadedModel.schedule(..., grid=LlavaNext.crop_grid(config, (height, width)))); "
+                               "the commands do not choose it from the image yet")
         self.per_view = ClipVisionUnit(model, schedule.vision, ops)
         self.stage = schedule.vision
         self.grid = schedule.grid
