@@ -72,6 +72,9 @@ PRESETS: dict[str, Preset] = {
     "llava-1.5-7b-shape": Preset(1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, vocab_size=32064),
     # CI model for multi-crop images: the tiny sizes as a LLaVA-NeXT with the default pinpoints.
     "tiny-next": Preset(64, 128, 3, 4, 64, 128, 8, 4, 2, pinpoints=NEXT_PINPOINTS),
+    # The CPU timing and GPU timing models as LLaVA-NeXT (llava-v1.6-vicuna-7b's shapes).
+    "small-next": Preset(256, 1024, 4, 4, 1024, 2816, 12, 16, 16, pinpoints=NEXT_PINPOINTS),
+    "llava-next-7b-shape": Preset(1024, 4096, 24, 16, 4096, 11008, 32, 32, 32, vocab_size=32064, pinpoints=NEXT_PINPOINTS),
 }
 
 
