@@ -12,7 +12,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from transformers import LlavaNextForConditionalGeneration
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, MistralConfig
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from tests.reference import naive_generate
@@ -239,3 +239,12 @@ def test_a_grid_class_exports_and_onnx_runtime_matches_torch(tiny_next, tmp_path
     assert ours.tokens.tolist() == ort.tokens.tolist()
     for step, (a, b) in enumerate(zip(ours.step_logits, ort.step_logits)):
         torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"step {step}: {m}")
+
+
+def test_a_mistral_next_is_exact_only_within_its_sliding_window(tiny_next):
+    """Decision 5: a Mistral decoder (GQA, sliding window) is the family layer's rule, unchanged."""
+    text = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=32768, sliding_window=4096)
+    config = LlavaNextConfig(vision_config=tiny_next.config.vision_config, text_config=text)
+    assert family_for_config(config.to_dict(), "ckpt") is LlavaNext
+    assert LlavaNext.max_positions(config) == (4096, "the decoder's sliding_window (VisionDrop's attention has no window)")
