@@ -14,9 +14,11 @@ use external data once a graph's weights pass 2 GB.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import onnx
 import torch
@@ -37,6 +39,7 @@ from visiondrop_edge.pruning import REFERENCE_OPS
 from visiondrop_edge.schedule import Schedule
 
 from .graph_checks import data_dependent_shapes, undocumented_types
+from .shapes import derived_graph
 
 EMBED_FILE = "embed_tokens.safetensors"
 EXTERNAL_DATA_BYTES = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB limit, with headroom for the graph itself
@@ -73,6 +76,7 @@ class GraphSpec:
     inputs: dict[str, Tensor]
     outputs: list[str]
     dynamic: dict[str, dict[int, str]]
+    prunes: bool = False  # holds select/merge ops (plugin nodes in plugin mode)
 
 
 def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec]:
@@ -89,7 +93,7 @@ def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec
         GraphSpec(
             "vision_encoder", "vision", 0, pipeline.vision,
             bind(VISION_INPUTS, [torch.randn(batch, *views, 3, size, size, dtype=spec.vision_torch_dtype)]),
-            list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs),
+            list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs), prunes=not schedule.is_full,
         )
     ]
     visual_counts = schedule.stage_inputs()
@@ -111,7 +115,7 @@ def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec
                                         torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
                                         torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
                                         mask, torch.tensor([4, 3])]),
-                list(PRUNE_OUTPUTS), dynamic_axes("prune", PRUNE_INPUTS + PRUNE_OUTPUTS),
+                list(PRUNE_OUTPUTS), dynamic_axes("prune", PRUNE_INPUTS + PRUNE_OUTPUTS), prunes=True,
             ))
         seq, past = 5, 3
         layers = range(start, stop)
@@ -130,31 +134,47 @@ def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec
     return graphs
 
 
-def _set_shape(value: onnx.ValueInfoProto, shape: list[int | str]) -> None:
-    dims = value.type.tensor_type.shape.dim
-    for dim, size in zip(dims, shape):
-        dim.Clear()
-        if isinstance(size, str):
-            dim.dim_param = size
-        else:
-            dim.dim_value = size
-
-
 def _finalize(model: onnx.ModelProto, graph: GraphSpec, reference: tuple[Tensor, ...], options: ExportOptions, metadata: dict[str, str]) -> onnx.ModelProto:
-    """Name every axis: dynamic ones by the contract, all others fixed to their traced size."""
+    """Declare the inputs by the contract, fold the graph and derive its output shapes (checked
+    against the traced outputs and the contract, see :mod:`.shapes`)."""
     model.ir_version = options.ir_version
     model.producer_name, model.producer_version = "visiondrop-edge", "0.1.0"
-    for values, tensors in ((model.graph.input, [graph.inputs[v.name] for v in model.graph.input]), (model.graph.output, reference)):
-        for value, tensor in zip(values, tensors):
-            axes = graph.dynamic.get(value.name, {})
-            _set_shape(value, [axes.get(i, size) for i, size in enumerate(tensor.shape)])
-    # Keep only the traced types of plugin-node outputs: ONNX shape inference cannot know them.
+    for value in model.graph.input:
+        axes = graph.dynamic.get(value.name, {})
+        dims = value.type.tensor_type.shape.dim
+        for axis, (dim, size) in enumerate(zip(dims, graph.inputs[value.name].shape, strict=True)):
+            dim.Clear()
+            if axis in axes:
+                dim.dim_param = axes[axis]
+            else:
+                dim.dim_value = size
+    declared = {value.name: (list(tensor.shape), graph.dynamic.get(value.name, {}))
+                for value, tensor in zip(model.graph.output, reference, strict=True)}
+    model = derived_graph(model, declared)
+    # Keep only the plugin-node outputs' types and shapes: ONNX's own shape inference cannot know them.
     plugin_outputs = {o for n in model.graph.node if is_plugin_node(n) for o in n.output}
     kept = [v for v in model.graph.value_info if v.name in plugin_outputs]
     del model.graph.value_info[:]
     model.graph.value_info.extend(kept)
     onnx.helper.set_model_props(model, metadata)
     return model
+
+
+@contextmanager
+def understood_warnings() -> Iterator[None]:
+    """Hide the tracer's warnings that are known to be harmless here, and only those."""
+    with warnings.catch_warnings():
+        # Python branches on traced sizes that the budget fixes (the contextual targets' stride, a
+        # stage without members), CLIP's check of its fixed image size, and HF's SDPA choosing
+        # is_causal from CLIP's fixed query length: specialising the trace on them is the intended
+        # static graph. A TracerWarning from anywhere else still shows.
+        for module in (r"visiondrop_edge\.pruning", r"transformers\.models\.clip\.modeling_clip", r"transformers\.integrations\.sdpa_attention"):
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=module)
+        # The TorchScript exporter on purpose (dynamo=False): plugin nodes are autograd-Function
+        # symbolics, which the torch.export-based exporter does not take.
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning, module=r"torch\.onnx")
+        yield
 
 
 def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: ExportOptions, metadata: dict[str, str]) -> GraphEntry:
@@ -165,11 +185,12 @@ def export_graph(graph: GraphSpec, directory: Path, scratch: Path, options: Expo
     reference = (reference,) if isinstance(reference, Tensor) else tuple(reference)
     traced = scratch / graph.name / f"{graph.name}.onnx"
     traced.parent.mkdir(parents=True)
-    torch.onnx.export(
-        graph.module, args, str(traced), dynamo=False, opset_version=options.opset,
-        input_names=list(graph.inputs), output_names=graph.outputs, dynamic_axes=graph.dynamic,
-        do_constant_folding=True, custom_opsets={PLUGIN_DOMAIN: 1} if options.plugins else None,
-    )
+    with understood_warnings():
+        torch.onnx.export(
+            graph.module, args, str(traced), dynamo=False, opset_version=options.opset,
+            input_names=list(graph.inputs), output_names=graph.outputs, dynamic_axes=graph.dynamic,
+            do_constant_folding=True, custom_opsets={PLUGIN_DOMAIN: 1} if options.plugins and graph.prunes else None,
+        )
     model = _finalize(onnx.load(str(traced)), graph, reference, options, metadata)
     problems = data_dependent_shapes(model)
     if problems:

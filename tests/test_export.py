@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from visiondrop_edge import cli
 from visiondrop_edge.export import onnx_export
 from visiondrop_edge.export.graph_checks import data_dependent_shapes, undocumented_types
+from visiondrop_edge.export.shapes import ShapeDerivationError, derived_graph, infer_shapes
 from visiondrop_edge.manifest import read_manifest
 from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
 from visiondrop_edge.runtime.validate import validate_artifacts
@@ -116,6 +117,64 @@ def test_static_shape_lint_catches_data_dependent_shapes():
     shape_reshape = helper.make_model(helper.make_graph(
         [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Reshape", ["x", "s"], ["y"])], "g", [x], [y]))
     assert data_dependent_shapes(shape_reshape) == []
+
+
+def test_export_checks_derived_shapes_against_the_trace_and_the_contract(exported):
+    """The exporter derives output shapes and compares; it does not write them. A traced size or a
+    dynamic axis that the graph does not compute is refused, naming the output and the axis."""
+    stage = Schedule.from_budget(64, 8, 576).llm_stages[0]
+    model = onnx.load(str(exported[64] / "prune_0.onnx"))
+    declared = {o["name"]: ([2 if d == "batch_size" else 9 if isinstance(d, str) else d for d in o["shape"]],
+                            {i: d for i, d in enumerate(o["shape"]) if isinstance(d, str)})
+                for o in read_manifest(exported[64]).graph("prune", 0).outputs}
+    assert declared["kept_index"] == ([2, stage.dominant], {0: "batch_size"})
+    derived = derived_graph(onnx.load(str(exported[64] / "prune_0.onnx")), declared)
+    assert [o.SerializeToString() for o in derived.graph.output] == [o.SerializeToString() for o in model.graph.output]
+    wrong_size = dict(declared, kept_index=([2, stage.dominant + 1], {0: "batch_size"}))
+    with pytest.raises(ShapeDerivationError, match=f"kept_index axis 1: derived {stage.dominant}, traced {stage.dominant + 1}"):
+        derived_graph(onnx.load(str(exported[64] / "prune_0.onnx")), wrong_size)
+    wrong_axis = dict(declared, kept_index=([2, stage.dominant], {0: "batch_size", 1: "pruned_sequence_length"}))
+    with pytest.raises(ShapeDerivationError, match="kept_index axis 1: derived .*contract says dynamic"):
+        derived_graph(onnx.load(str(exported[64] / "prune_0.onnx")), wrong_axis)
+
+
+def test_derivation_refuses_a_size_that_depends_on_values():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, None)
+    nonzero = helper.make_model(helper.make_graph([helper.make_node("NonZero", ["x"], ["y"])], "g", [x], [y]),
+                                opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ShapeDerivationError, match="y axis 1: derived .*, traced 3"):
+        derived_graph(nonzero, {"y": ([1, 3], {})})
+
+
+@pytest.mark.parametrize("budget", [64, "full"])
+def test_graphs_are_folded(exported, budget):
+    """No Constant node is left, and every Shape node that remains reads a tensor with a dynamic
+    axis (ONNX Runtime's symbolic inference on the exported graph says which)."""
+    for path in graph_files(exported[budget]):
+        model = infer_shapes(onnx.load(str(path)))
+        dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+        assert not [n.name for n in model.graph.node if n.op_type == "Constant"], path.name
+        static = [n.name for n in model.graph.node if n.op_type == "Shape" and all(isinstance(d, int) for d in dims[n.input[0]])]
+        assert static == [], path.name
+
+
+def test_export_hides_only_the_warnings_it_understands(tiny, tmp_path, capfd):
+    """A plugin-mode export under warnings-as-errors raises nothing and prints no library warning;
+    a TracerWarning from elsewhere still shows inside the exporter's filter."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_artifacts(tiny, Schedule.from_budget(64, 8, 576), tmp_path / "out", ExportOptions(plugins=True))
+    printed = capfd.readouterr()
+    assert "Warning" not in printed.err and "[W:onnxruntime" not in printed.err, printed.err[:2000]
+    with pytest.warns(torch.jit.TracerWarning, match="not one we understand"):
+        with onnx_export.understood_warnings():
+            warnings.warn("not one we understand", torch.jit.TracerWarning)
 
 
 def test_reexport_is_byte_identical(tiny, exported, tmp_path):

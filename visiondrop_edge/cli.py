@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import click
@@ -21,9 +20,9 @@ SCHEDULE_HELP = "Explicit schedule instead of --budget, e.g. '42+6,8:30+5,16:22+
 
 
 def quiet_libraries() -> None:
-    """Silence library progress bars and warnings that say nothing to a CLI user."""
+    """Silence library progress bars and log chatter that say nothing to a CLI user (warnings
+    are filtered where they are understood, e.g. the exporter's)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

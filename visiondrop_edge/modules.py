@@ -32,11 +32,12 @@ from .schedule import Schedule, Stage
 def positions_from_mask(attention_mask: Tensor) -> Tensor:
     """Contiguous positions of the real tokens (padding gets 0): renumbering after a prune.
 
-    The running count is an fp32 CumSum (exact below 2^24 tokens) and padding is zeroed by
-    the mask, not clipped: onnx-tensorrt documents CumSum and Clip for float types only.
+    The running count is an fp32 CumSum (exact below 2^24 tokens) and padding is zeroed by a
+    Where, not clipped: onnx-tensorrt documents CumSum and Clip for float types only. (Not a
+    multiply by the mask either: ONNX-GraphSurgeon's cast elision rewrites int->float->Mul->int
+    into an integer Mul while leaving the CumSum operand float, a type error.)
     """
-    mask = attention_mask.float()
-    return ((mask.cumsum(-1) - 1) * mask).long()
+    return torch.where(attention_mask.bool(), attention_mask.float().cumsum(-1) - 1, 0.0).long()
 
 
 def causal_mask(attention_mask: Tensor, query_len: int, dtype: torch.dtype) -> Tensor:
