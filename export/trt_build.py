@@ -93,8 +93,9 @@ class BuildPlan:
 
     def require_plugin_library(self) -> None:
         if self.needs_plugins and self.plugin_library is None:
-            raise UserError(f"{self.artifacts} uses the VisionDrop plugins: build {PLUGIN_LIBRARY} with "
-                            "`python -m visiondrop_edge.plugins_trt.build` (or pass --plugin-lib PATH)")
+            raise UserError.naming("{artifacts} uses the VisionDrop plugins: build {library} with "
+                                   "`python -m visiondrop_edge.plugins_trt.build` (or pass {plugin_lib} PATH)",
+                                   artifacts=self.artifacts, library=PLUGIN_LIBRARY)
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as JSON, with the trtexec / polygraphy cross-check command of every engine profile."""

@@ -32,9 +32,9 @@ def resolve_providers(provider: str) -> list[str]:
     if provider not in PROVIDERS:
         raise UserError(f"unknown ONNX Runtime provider '{provider}': use auto, cpu or cuda")
     if PROVIDERS[provider][0] not in available:
-        raise UserError(
-            f"ONNX Runtime here has no {PROVIDERS[provider][0]} (available: {', '.join(available)}): "
-            "install onnxruntime-gpu on a CUDA machine, or use --provider cpu"
+        raise UserError.naming(
+            "ONNX Runtime here has no {wanted} (available: {available}): install onnxruntime-gpu on a CUDA machine, "
+            "or use {provider} cpu", wanted=PROVIDERS[provider][0], available=", ".join(available),
         )
     return PROVIDERS[provider]
 

@@ -169,9 +169,10 @@ class TrtBackend(Backend):
     def _check_shape(self, unit: _Unit, graph: str, profile: str, name: str, shape: tuple[int, ...]) -> None:
         low, _, high = unit.limits[profile][name]
         if any(not lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
-            raise UserError(f"{graph} {profile}: {name} has shape {list(shape)}, outside the engine's profile "
-                            f"{low}..{high} (built with --max-batch {self.build['max_batch']} --max-seq-len "
-                            f"{self.build['max_seq_len']}): rebuild with `python cli.py build` and larger limits")
+            raise UserError.naming("{where}: {name} has shape {shape}, outside the engine's profile {low}..{high} (built with "
+                                   "{max_batch} {batch} {max_seq_len} {length}): rebuild with `build` and larger limits",
+                                   where=f"{graph} {profile}", name=name, shape=list(shape), low=low, high=high,
+                                   batch=self.build["max_batch"], length=self.build["max_seq_len"])
 
     def _run(self, graph: str, profile: str, *tensors: Tensor) -> dict[str, Tensor]:
         """Bind ``tensors`` to the engine's inputs (the contract's order) and return its outputs by name."""

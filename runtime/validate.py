@@ -377,7 +377,7 @@ def open_candidate(name: str, directory: Path, manifest: Manifest, engines: Path
         return OrtBackend(directory, provider="cpu" if name == "ort" else "cuda", manifest=manifest)
     if name == "trt":
         if engines is None:
-            raise UserError("--candidate trt needs --engines DIR (the folder `python cli.py build` wrote)")
+            raise UserError.naming("{candidate} trt needs {engines} (the engine folder `build` wrote)")
         from visiondrop_edge.runtime.trt_backend import TrtBackend
 
         return TrtBackend(engines, directory)

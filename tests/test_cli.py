@@ -57,7 +57,7 @@ def test_tiny_checkpoint_round_trips_through_from_pretrained(tmp_path, image):
     out = tmp_path / "tiny"
     assert invoke("tiny", "--out", out).exit_code == 0
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
-    assert invoke("tiny", "--out", out).exit_code == 2  # refuses a non-empty folder without --force
+    assert one_line_error(invoke("tiny", "--out", out), "exists and is not empty: pass --force to replace it")  # the CLI's spelling
     from_dir = invoke("generate", "--model", out, "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json", "-")
     from_cache = invoke("generate", "--model", "tiny", "--image", image, "--prompt", "hi", "--budget", "32", "--max-new-tokens", "4", "--json", "-")
     assert from_dir.exit_code == 0 and json.loads(from_dir.stdout)["generated_ids"] == json.loads(from_cache.stdout)["generated_ids"]

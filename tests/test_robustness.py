@@ -135,7 +135,7 @@ def test_force_replaces_our_folder_atomically(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_atomically(target, crash, force=True)
     assert (target / "extra").exists() and leftovers(tmp_path) == []
-    with pytest.raises(UserError, match="pass --force"):
+    with pytest.raises(UserError, match="pass force to replace it"):
         write_atomically(target, our_fill)
     write_atomically(target, lambda f, s: our_fill(f, s, "second"), force=True)
     assert sorted(p.name for p in target.iterdir()) == ["data.bin", "manifest.json"]
@@ -198,6 +198,18 @@ def test_a_second_concurrent_writer_is_refused(tmp_path):
     assert seen and (target / "data.bin").read_text() == "first" and leftovers(tmp_path) == []
 
 
+def test_an_error_names_settings_in_each_callers_spelling():
+    """Library code names a setting by its parameter; the CLI spells it as its option. Values are
+    filled in as they are, braces included."""
+    from visiondrop_edge.cli import option_spelling
+    from visiondrop_edge.errors import OutputError
+
+    error = OutputError.naming("{target} exists: pass {force} or change {max_seq_len}", target="/tmp/{odd}")
+    assert str(error) == "/tmp/{odd} exists: pass force or change max_seq_len"
+    assert error.spelled(option_spelling) == "/tmp/{odd} exists: pass --force or change --max-seq-len"
+    assert UserError("plain {not a field}").spelled(option_spelling) == "plain {not a field}"
+
+
 def test_leftovers_of_dead_writers_are_cleaned_and_an_aside_folder_restored(tmp_path, caplog):
     target = tmp_path / "out"
     write_atomically(target, lambda f, s: our_fill(f, s, "old"))
@@ -206,7 +218,7 @@ def test_leftovers_of_dead_writers_are_cleaned_and_an_aside_folder_restored(tmp_
     (stale / "scratch").mkdir(parents=True)
     target.rename(tmp_path / f".out.visiondrop-replaced-{pid}")  # a crash between the two renames
     (tmp_path / "unrelated.visiondrop-staging-1").mkdir()  # not this target's: left alone
-    with caplog.at_level("WARNING", logger="visiondrop"), pytest.raises(UserError, match="pass --force"):
+    with caplog.at_level("WARNING", logger="visiondrop"), pytest.raises(UserError, match="pass force to replace it"):
         write_atomically(target, our_fill)  # restores the old folder, which then is not replaced without --force
     assert (target / "data.bin").read_text() == "old"
     assert leftovers(tmp_path) == ["unrelated.visiondrop-staging-1"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from visiondrop_edge.errors import SettingError, UserError
+from visiondrop_edge.errors import UserError
 
 MODEL_HELP = "Built-in preset (tiny, small, llava-1.5-7b-shape) or a local Hugging Face LLaVA checkpoint folder."
 BUDGET_HELP = "Average visual tokens per LLM layer (e.g. 32, 64, 128, 192), or 'full' for no pruning. Default 128."
@@ -52,7 +52,7 @@ def user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            message = exc.spelled(option_spelling) if isinstance(exc, SettingError) else str(exc)
+            message = exc.spelled(option_spelling)
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
 

@@ -181,11 +181,12 @@ def check_target(target: Path, force: bool, protect: Sequence[Path] = (), owned:
     check_writable(resolved, "folder", folder=True)
     if resolved.is_dir() and any(resolved.iterdir()):
         if not force:
-            raise OutputError(f"{target} exists and is not empty: pass --force to replace it, or choose another output folder")
+            raise OutputError.naming("{target} exists and is not empty: pass {force} to replace it, or choose another output folder",
+                                     target=target)
         if not owned and not written_by_us(resolved):
-            raise OutputError(
-                f"{target} was not written by visiondrop (no visiondrop manifest in it): --force only replaces "
-                "folders this tool wrote; move it away yourself or choose another --out"
+            raise OutputError.naming(
+                "{target} was not written by visiondrop (no visiondrop manifest in it): {force} only replaces "
+                "folders this tool wrote; move it away yourself or choose another output folder", target=target,
             )
     return resolved
 
