@@ -54,7 +54,7 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
     spec = backends["baseline"].spec
     rows = []
     for batch in config.batches:
-        pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed))
+        pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed), spec.prompt_template)
         prompts = build_prompts(processor.tokenizer, spec.prompt_template, [PROMPT] * batch, spec.schedule.image_tokens,
                                 spec.image_token_id, spec.pad_token_id)
         for backend in backends.values():

@@ -27,7 +27,7 @@ def run_questions_bench(
 ) -> list[dict]:
     """Rows per count: medians and minima (ms) of the time per answer, and the speed-up."""
     spec = backend.spec
-    pixels = pixel_values(processor.image_processor, random_images(1, seed=0))
+    pixels = pixel_values(processor.image_processor, random_images(1, seed=0), spec.prompt_template)
     rows = []
     for count in counts:
         questions = [QUESTION.format(i=i) for i in range(count)]

@@ -286,7 +286,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
             backends = _variants(loaded, schedule, Path(scratch), config)
             backend = next(iter(backends.values()))
             for batch in config.batches:
-                pixels = pixel_values(loaded.processor.image_processor, random_images(batch, seed=config.seed))
+                pixels = pixel_values(loaded.processor.image_processor, random_images(batch, seed=config.seed), backend.spec.prompt_template)
                 prompts = build_prompts(loaded.tokenizer, backend.spec.prompt_template, [PROMPT] * batch, schedule.image_tokens,
                                         backend.spec.image_token_id, backend.spec.pad_token_id)
                 text_tokens = prompts.input_ids.shape[1] - schedule.image_tokens
@@ -348,7 +348,7 @@ def run_engines(engine_dirs: list[Path], config: BenchConfig, progress: Callable
         processor = AutoProcessor.from_pretrained(backend.artifacts)
         schedule = backend.spec.schedule
         for batch in config.batches:
-            pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed))
+            pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed), backend.spec.prompt_template)
             prompts = build_prompts(processor.tokenizer, backend.spec.prompt_template, [PROMPT] * batch, schedule.image_tokens,
                                     backend.spec.image_token_id, backend.spec.pad_token_id)
             for _ in range(config.warmup):

@@ -150,3 +150,65 @@ def test_generate_traces_the_exact_inputs_of_its_conversation(tiny, tmp_path):
 
     pixels = pixel_values(tiny.processor.image_processor, [Image.open(image).convert("RGB")], template)
     assert data["pixel_values_sha256"] == [hashlib.sha256(pixels[0].contiguous().numpy().tobytes()).hexdigest()]
+
+
+def test_inspect_and_chat_take_the_conversation(tiny, tmp_path):
+    """`inspect --conversation llava_v1` pads a wide image to a square in the mean colour before
+    the vision stage: its stage-0 picks equal those of the same image padded here by hand (with
+    the plain recipe, which does not pad), and differ from the unpadded image's. `chat` takes the
+    option too, and refuses it on an artifact folder, whose manifest fixed the recipe."""
+    import json
+
+    from click.testing import CliRunner
+
+    from visiondrop_edge import cli
+
+    rng = np.random.default_rng(7)
+    wide = rng.integers(0, 256, size=(48, 112, 3), dtype=np.uint8)
+    colour = np.array([int(x * 255) for x in tiny.processor.image_processor.image_mean], dtype=np.uint8)
+    square = np.empty((112, 112, 3), dtype=np.uint8)
+    square[:] = colour
+    square[32:80] = wide  # centred vertically: (112 - 48) / 2 rows above
+    paths = {}
+    for name, pixels in (("wide", wide), ("square", square)):
+        paths[name] = tmp_path / f"{name}.png"
+        Image.fromarray(pixels).save(paths[name])
+
+    def vision_stage(image, conversation):
+        out = tmp_path / f"{image}-{conversation}.json"
+        result = CliRunner().invoke(cli.cli, ["inspect", "--image", str(paths[image]), "--budget", "64",
+                                              "--conversation", conversation, "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        return json.loads(out.read_text())["stages"][0]
+
+    padded = vision_stage("wide", "llava_v1")
+    assert padded == vision_stage("square", "plain")
+    assert padded["dominant"] != vision_stage("wide", "plain")["dominant"]
+    chat = CliRunner().invoke(cli.cli, ["chat", "--image", str(paths["wide"]), "--budget", "64", "--conversation", "llava_v1",
+                                        "--max-new-tokens", "2"], input="what is it?\n\n")
+    assert chat.exit_code == 0 and "ask away" in chat.output, chat.output
+    refused = CliRunner().invoke(cli.cli, ["chat", "--artifacts", str(tmp_path), "--image", str(paths["wide"]),
+                                           "--conversation", "llava_v1"], input="\n")
+    assert refused.exit_code == 2 and "--conversation is fixed at export time" in refused.output
+
+
+def test_bench_measures_the_prompt_of_its_conversation(tiny, tmp_path):
+    """`bench --conversation llava_v1` times the original evaluation's prompt: as many text tokens
+    as LLaVA's own tokenisation of it gives, and it records the recipe."""
+    import json
+
+    from click.testing import CliRunner
+
+    from visiondrop_edge import cli
+    from visiondrop_edge.bench.run import PROMPT
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--backend", "torch", "--budgets", "64", "--batch", "1",
+                                          "--max-new-tokens", "1", "--warmup", "0", "--repeats", "1",
+                                          "--conversation", "llava_v1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    image_id = tiny.config.image_token_id
+    expected = llava_tokenizer_image_token(tiny.tokenizer, f"{VICUNA_V1_SYSTEM} USER: <image>\n{PROMPT} ASSISTANT:", image_id)
+    assert report["config"]["conversation"] == "llava_v1"
+    assert {row["text_tokens"] for row in report["results"]} == {len(expected) - 1}

@@ -375,8 +375,9 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
 @backend_options
 @click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to talk about.")
 @max_new_tokens_option(64, "Longest answer per turn; greedy decoding stops earlier at the end-of-sequence token.")
+@conversation_option
 @user_errors
-def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, max_new_tokens, device) -> None:
+def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, max_new_tokens, device, conversation) -> None:
     """Talk about one image in the terminal, one question per line (an empty line or EOF ends).
 
     The image is pruned and prefilled once; every turn only prefills its own words on top of
@@ -389,7 +390,7 @@ def chat(model, artifacts, provider, backend_name, engines, image, budget, sched
 
     picture = load_images([image])
     backend, processor, source, (limit, limit_name) = open_backend(
-        backend_name, model, artifacts, engines, provider, budget, schedule, device)
+        backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation)
     conversation = Session(backend, processor, source).chat(pixel_values(processor.image_processor, picture, backend.spec.prompt_template))
     progress(f"image encoded ({backend.spec.schedule.describe()}); ask away, an empty line ends")
     interactive = sys.stdin.isatty()
@@ -646,8 +647,9 @@ def print_validation(report) -> None:
 @schedule_options
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG to draw (one panel per stage).")
 @json_option("the kept patches and contextual groups of every stage")
+@conversation_option
 @user_errors
-def inspect(model, image, prompt, budget, schedule, out, json_path) -> None:
+def inspect(model, image, prompt, budget, schedule, out, json_path, conversation) -> None:
     """Draw which image patches each VisionDrop stage keeps.
 
     One panel per stage (LLM stages mapped back to original patch positions): dominant
@@ -664,7 +666,7 @@ def inspect(model, image, prompt, budget, schedule, out, json_path) -> None:
     check_outputs(out=out, json=json_path)
     picture = load_images([image])[0]
     progress(f"loading {model} ...")
-    loaded = load_model(model)
+    loaded = load_model(model, conversation=conversation)
     plan = loaded.schedule(budget, schedule)
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
@@ -696,9 +698,10 @@ def inspect(model, image, prompt, budget, schedule, out, json_path) -> None:
 @click.option("--contexts", default=None, metavar="N,N,...", help="Also: decode ms/token after the prompt and filler text up to N tokens (e.g. 600,1200,2000), pruned and full, and its growth per 1000 tokens.")
 @click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --max-new-tokens, --warmup, --repeats, --json.")
 @click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --max-new-tokens, --warmup, --repeats, --provider, --json.")
+@conversation_option
 @user_errors
 def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path,
-          cpu_load, contexts, questions, compare) -> None:
+          cpu_load, contexts, questions, compare, conversation) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
     Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
@@ -714,6 +717,8 @@ def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, r
 
     check_device(device)
     check_outputs(json=json_path, plot=plot_path)
+    if conversation is not None and (backend == "trt" or engine_dirs or compare is not None):
+        raise UserError("--conversation is fixed at export time (the manifests record it): drop it for --engines and --artifacts-compare")
     if backend == "trt" or engine_dirs:
         if backend != "trt" or not engine_dirs:
             raise UserError("TensorRT engines are measured with --backend trt --engines DIR [--engines DIR2 ...]")
@@ -735,10 +740,11 @@ def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, r
         raise UserError("--backend ort exports fp32 or fp16 graphs: use --dtype fp32 or fp16")
     counts = parse_int_list(questions, "--questions-per-image") if questions is not None else None
     progress(f"loading {model} ({dtype}, {device}) ...")
-    loaded = load_model(model, dtype=torch_dtype, device=device)
+    loaded = load_model(model, dtype=torch_dtype, device=device, conversation=conversation)
     if counts is not None:
         return bench_questions(loaded, config, counts, json_path)
     report = run_bench(loaded, config, progress=progress)
+    report["config"]["conversation"] = loaded.template.name
     rows = [[s["budget"], s["batch"], f"{s['prefill_speedup']:.2f}x", f"{s['ideal_prefill_speedup']:.2f}x",
              f"{s['fraction_of_ideal_speedup']:.2f}", f"{100 * s['pruning_overhead']:+.1f}%",
              f"{100 * s['pruning_overhead_best']:+.1f}%", f"{s['ttft_speedup']:.2f}x",
