@@ -240,6 +240,7 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
     from visiondrop_edge.contract import VISION_INPUTS, dynamic_axes, vision_outputs
     from visiondrop_edge.loading import EXPORT_DTYPES
     from visiondrop_edge.pruning import REFERENCE_OPS
+    from visiondrop_edge.runtime.ort_backend import session_options
 
     dtype = backend.spec.vision_torch_dtype
     size = backend.spec.image_size
@@ -249,9 +250,7 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
                       list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs))
     folder = Path(tempfile.mkdtemp(prefix="ideal-", dir=scratch))
     entry = export_graph(graph, folder, Path(tempfile.mkdtemp(dir=scratch)), ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[backend.spec.torch_dtype]), {})
-    options = onnxruntime.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(str(folder / entry.file), options, providers=backend.providers)
+    session = onnxruntime.InferenceSession(str(folder / entry.file), session_options(), providers=backend.providers)
     return lambda pixels: torch.from_numpy(session.run(None, {"pixel_values": pixels.to(dtype).numpy()})[0])
 
 

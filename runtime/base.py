@@ -159,12 +159,12 @@ class Backend(ABC):
         hidden = self.run_embed(input_ids)
         new_state = DecoderState(fills=[])
         batch, length = attention_mask.shape
+        new_positions, new_mask = positions_from_mask(attention_mask), attention_mask.to(state.masks[0].dtype)
         for group in range(self.num_groups):
             past_mask = state.masks[group]
             filled = past_mask.shape[1]
             buffers, fill = self._room(state, group, length)
-            position_ids = past_mask.sum(-1, keepdim=True) + positions_from_mask(attention_mask)
-            new_mask = attention_mask.to(past_mask.dtype)
+            position_ids = past_mask.sum(-1, keepdim=True) + new_positions
             room = past_mask.new_zeros(batch, buffers[0].shape[2] - filled)
             query, key, value = self.run_qkv(group, hidden)
             hidden, new_key_values = self.run_group(group, hidden, query, key, value, torch.cat([past_mask, room, new_mask], dim=1),

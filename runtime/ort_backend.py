@@ -39,6 +39,23 @@ def resolve_providers(provider: str) -> list[str]:
     return PROVIDERS[provider]
 
 
+def session_options():
+    """The options every ONNX Runtime session of this tool starts from.
+
+    One request runs a dozen sessions back to back, on a CPU that the application may share
+    (a Jetson): idle threads must not spin, or they steal the cores from the next session and
+    from the application (spinning decoded 3-4x slower under ``bench --cpu-load 1`` in one
+    interleaved run on 2 cores). Per-session pools, not ONNX Runtime's global one: that one
+    binds every session of the process to ``use_per_session_threads = False``.
+    """
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class OrtBackend(GraphBackend):
     """Runs the exported graphs of an artifact folder."""
 
@@ -54,11 +71,7 @@ class OrtBackend(GraphBackend):
         self.spec = ModelSpec.from_dict(self.manifest.spec)
         self.device = torch.device("cpu")
         self.providers = resolve_providers(provider)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        # One request runs a dozen sessions back to back: idle threads must not spin and
-        # steal the cores from the next session.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options()
         # A calibrated folder records the settings its Q/DQ graphs need on this runtime (see
         # calibration/quantize.py): e.g. int8 keeps one Q/DQ pair per consumer, fp8 skips the QDQ transforms.
         settings = (self.manifest.export.get("quantization") or {}).get("onnxruntime") or {}
