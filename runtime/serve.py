@@ -401,16 +401,17 @@ def check_ports(options: ServeOptions) -> None:
     """Refuse a port another program holds before anything loads (Triton would fail late and obscurely)."""
     import socket
 
-    for option, port in (("--http-port", options.http_port), ("--grpc-port", options.grpc_port),
-                         ("--metrics-port", options.metrics_port)):
+    for option, port in (("http_port", options.http_port), ("grpc_port", options.grpc_port),
+                         ("metrics_port", options.metrics_port)):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((options.host, port))
             except OSError as exc:
-                raise UserError(f"cannot listen on {options.host}:{port} ({exc.strerror}): choose another {option}") from None
+                raise UserError.naming("cannot listen on {address} ({reason}): choose another {" + option + "}",
+                                       address=f"{options.host}:{port}", reason=exc.strerror) from None
     if len({options.http_port, options.grpc_port, options.metrics_port}) < 3:
-        raise UserError("--http-port, --grpc-port and --metrics-port must differ")
+        raise UserError.naming("{http_port}, {grpc_port} and {metrics_port} must differ")
 
 
 def ensemble_config(max_batch: int) -> dict[str, Any]:

@@ -130,8 +130,8 @@ class Source:
     @property
     def limit(self) -> tuple[int, str]:
         if self.engine_data is not None:
-            return self.engine_data["build"]["max_seq_len"], "the engines' --max-seq-len"
-        return self.manifest.export["max_seq_len"], "the artifacts' --max-seq-len"
+            return self.engine_data["build"]["max_seq_len"], "the engines' maximum sequence length"
+        return self.manifest.export["max_seq_len"], "the artifacts' maximum sequence length"
 
 
 def open_source(artifacts: Path | None, engines: Path | None) -> Source:
@@ -140,7 +140,7 @@ def open_source(artifacts: Path | None, engines: Path | None) -> Source:
 
     if engines is None:
         if artifacts is None:
-            raise UserError("give --engines DIR (TensorRT engines from `build`) or --artifacts DIR (ONNX graphs from `export`)")
+            raise UserError.naming("give {engines} DIR (TensorRT engines from `build`) or {artifacts} DIR (ONNX graphs from `export`)")
         return Source(Path(artifacts), read_manifest(artifacts))
     from visiondrop_edge.engines import ENGINES_FORMAT, ENGINES_FORMAT_VERSION, read_engine_manifest, verify_engine_files
 
@@ -154,23 +154,24 @@ def open_source(artifacts: Path | None, engines: Path | None) -> Source:
     from visiondrop_edge.manifest import MANIFEST, sha256_file
 
     if sha256_file(folder / MANIFEST) != data["artifacts"]["manifest_sha256"]:
-        raise UserError(f"{folder} is not the artifact folder the engines were built from (its manifest differs): "
-                        "give the right one with --artifacts, or rebuild the engines")
+        raise UserError.naming("{folder} is not the artifact folder the engines were built from (its manifest differs): "
+                               "give the right one with {artifacts}, or rebuild the engines", folder=folder)
     return Source(folder, manifest, Path(engines), data)
 
 
 def check_units(source: Source, units: str) -> None:
     manifest = source.manifest
     if units == "tensorrt" and source.engines is None:
-        raise UserError("--units tensorrt packs TensorRT engines: give --engines DIR (written by `python cli.py build`)")
+        raise UserError.naming("{units} tensorrt packs TensorRT engines: give {engines} DIR (written by `build`)")
     if units != "tensorrt" and source.engines is not None:
-        raise UserError(f"--units {units} runs the ONNX graphs: give --artifacts DIR without --engines, or use --units tensorrt")
+        raise UserError.naming("{units} {chosen} runs the ONNX graphs: give {artifacts} DIR without {engines}, or use {units} tensorrt",
+                               chosen=units)
     if units != "tensorrt" and manifest.export.get("mode") == "plugins":
-        raise UserError("plugin-mode artifacts need the TensorRT plugins: build engines and give --engines, "
-                        "or export portable graphs (without --plugins)")
+        raise UserError.naming("plugin-mode artifacts need the TensorRT plugins: build engines and give {engines}, "
+                               "or export portable graphs (without {plugins})")
     if units == "onnxruntime" and manifest.export.get("quantization"):
-        raise UserError("calibrated graphs need the ONNX Runtime settings recorded in their manifest, which Triton's ONNX "
-                        "Runtime backend cannot take: use --units python, or build TensorRT engines")
+        raise UserError.naming("calibrated graphs need the ONNX Runtime settings recorded in their manifest, which Triton's ONNX "
+                               "Runtime backend cannot take: use {units} python, or build TensorRT engines")
 
 
 def write_repository(source: Source, out: Path, options: RepoOptions, force: bool = False, progress=print) -> Path:

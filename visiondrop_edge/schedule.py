@@ -394,9 +394,7 @@ def resolve_schedule(
     if schedule is not None:
         return Schedule.parse(schedule, num_layers, num_patches, cls_tokens, grid, scope)
     if num_layers < 4 and str(budget).lower() != FULL:
-        raise UserError(
-            f"a {num_layers}-layer decoder is too shallow for the budget schedules (need 4+ layers): "
-            "pass an explicit --schedule"
-        )
+        raise SettingError(f"a {num_layers}-layer decoder is too shallow for the budget schedules (need 4+ layers): "
+                           "pass an explicit {{schedule}}")
     return Schedule.from_budget(DEFAULT_BUDGET if budget is None else budget, num_layers, num_patches, cls_tokens,
                                 grid, scope)

@@ -47,8 +47,8 @@ def rendered_template(processor: Any, placeholder: str = "<image>") -> PromptTem
     eos = getattr(processor.tokenizer, "eos_token", None)
     later = later[len(eos):] if eos and later.startswith(eos) else later
     if first.count(placeholder) != 1 or question not in first or follow not in later:
-        raise CheckpointError(f"the checkpoint's chat_template does not render one {placeholder} and the question: "
-                              "use --conversation plain or llava_v1")
+        raise CheckpointError.naming("the checkpoint's chat_template does not render one {placeholder} and the question: "
+                                     "use {conversation} plain or llava_v1", placeholder=placeholder)
     return PromptTemplate(first.replace(question, "{prompt}"), later.replace(follow, "{prompt}"), name=CHECKPOINT,
                           image_placeholder=placeholder)
 
