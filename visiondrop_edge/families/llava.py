@@ -208,13 +208,15 @@ class Llava15(Family):
     name = "llava-1.5"
     architecture = "LlavaForConditionalGeneration"
     model_class = LlavaForConditionalGeneration
+    model_type = "llava"  # config.json's, with a CLIP tower
     template = PLAIN
+    conversations = CONVERSATIONS  # the recipes besides the checkpoint's own chat_template
 
     @classmethod
     def accepts(cls, config: dict[str, Any]) -> bool:
         vision = config.get("vision_config")
         vision_type = vision.get("model_type", "clip_vision_model") if isinstance(vision, dict) else "clip_vision_model"
-        return config.get("model_type") == "llava" and vision_type == "clip_vision_model"
+        return config.get("model_type") == cls.model_type and vision_type == "clip_vision_model"
 
     @classmethod
     def check_config(cls, config: dict[str, Any], where: str) -> None:
@@ -227,16 +229,17 @@ class Llava15(Family):
     @classmethod
     def conversation(cls, processor: Any, name: str | None = None) -> PromptTemplate:
         """``checkpoint`` (the processor's chat_template; the default where there is one), ``plain``
-        (llava-hf's template, the default otherwise) or ``llava_v1`` (the original evaluation)."""
+        (llava-hf's template, the default otherwise) or another of :attr:`conversations`
+        (LLaVA-1.5: ``llava_v1``, the original evaluation)."""
         own = bool(getattr(processor, "chat_template", None))
         name = name or (CHECKPOINT if own else PLAIN.name)
         if name == CHECKPOINT:
             if not own:
-                raise SettingError("the checkpoint's processor has no chat_template: use {conversation} plain or llava_v1")
+                raise SettingError("the checkpoint's processor has no chat_template: use {conversation} " + " or ".join(cls.conversations))
             return rendered_template(processor, getattr(processor, "image_token", "<image>"))
-        if name not in CONVERSATIONS:
-            raise CheckpointError(f"unknown conversation '{name}': use {', '.join([CHECKPOINT, *CONVERSATIONS])}")
-        return CONVERSATIONS[name]
+        if name not in cls.conversations:
+            raise CheckpointError(f"unknown conversation '{name}' for {cls.name}: use {', '.join([CHECKPOINT, *cls.conversations])}")
+        return cls.conversations[name]
 
     @staticmethod
     def geometry(config: Any) -> VisionGeometry:

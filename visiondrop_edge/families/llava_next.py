@@ -23,11 +23,10 @@ from transformers.image_processing_utils import select_best_resolution
 
 from visiondrop_edge import pruning
 from visiondrop_edge.errors import CheckpointError, InputError, SettingError
-from visiondrop_edge.schedule import CropGrid, Schedule, Stage
+from visiondrop_edge.schedule import CropGrid, Schedule
 
-from .base import DecoderParts, Family, PromptTemplate, VisionGeometry, VisionUnit, register_family
-from .llava import (CHECKPOINT, PLAIN, ClipVisionUnit, _integer, check_crop_size, check_llava_config, llava_decoder,
-                    rendered_template, sliding_window_limit)
+from .base import VisionUnit, register_family
+from .llava import PLAIN, ClipVisionUnit, Llava15, _integer
 
 
 def unpadded_grid(image_size: tuple[int, int], grid: tuple[int, int]) -> tuple[int, int]:
@@ -148,21 +147,19 @@ class AnyresVisionUnit(VisionUnit):
 
 
 @register_family
-class LlavaNext(Family):
+class LlavaNext(Llava15):
+    """LLaVA-1.5's parts (CLIP tower, projector, Llama/Mistral decoder) over multi-crop images:
+    what differs is the grid, the per-view pipeline and the config's pinpoints."""
+
     name = "llava-next"
     architecture = "LlavaNextForConditionalGeneration"
     model_class = LlavaNextForConditionalGeneration
-    template = PLAIN
-
-    @classmethod
-    def accepts(cls, config: dict[str, Any]) -> bool:
-        vision = config.get("vision_config")
-        vision_type = vision.get("model_type", "clip_vision_model") if isinstance(vision, dict) else "clip_vision_model"
-        return config.get("model_type") == "llava_next" and vision_type == "clip_vision_model"
+    model_type = "llava_next"
+    conversations = {PLAIN.name: PLAIN}  # llava_v1's pad-to-square is LLaVA-1.5's preprocessing
 
     @classmethod
     def check_config(cls, config: dict[str, Any], where: str) -> None:
-        check_llava_config(config, where, strategies=("default",))
+        super().check_config(config, where)
         image_size = _integer(config, "vision_config", "image_size", CLIPVisionConfig().image_size, where)
         pinpoints = config.get("image_grid_pinpoints")
         if pinpoints is None:
@@ -176,28 +173,6 @@ class LlavaNext(Family):
                 f"{image_size}-pixel crop (got {pinpoints!r})"
             )
 
-    @classmethod
-    def check_processor(cls, processor_files: dict[str, Any], config: dict[str, Any], where: str) -> None:
-        check_crop_size(processor_files, config["vision_config"].get("image_size", CLIPVisionConfig().image_size), where)
-
-    @classmethod
-    def conversation(cls, processor: Any, name: str | None = None) -> PromptTemplate:
-        """``checkpoint`` (the processor's chat_template; the default where there is one) or ``plain``."""
-        own = bool(getattr(processor, "chat_template", None))
-        name = name or (CHECKPOINT if own else PLAIN.name)
-        if name == CHECKPOINT:
-            if not own:
-                raise SettingError("the checkpoint's processor has no chat_template: use {conversation} plain")
-            return rendered_template(processor, getattr(processor, "image_token", "<image>"))
-        if name != PLAIN.name:
-            raise CheckpointError(f"unknown conversation '{name}' for {cls.name}: use {CHECKPOINT} or {PLAIN.name}")
-        return PLAIN
-
-    @staticmethod
-    def geometry(config: Any) -> VisionGeometry:
-        vision = config.vision_config
-        return VisionGeometry(vision.image_size, vision.patch_size, has_cls=True)
-
     @staticmethod
     def crop_grid(config: Any, image_size: tuple[int, int]) -> CropGrid:
         """The grid HF's processor cuts an image of ``image_size`` (height, width) into: its best
@@ -209,19 +184,6 @@ class LlavaNext(Family):
         rows, cols = best_height // crop, best_width // crop
         return CropGrid(rows, cols, unpadded_grid(tuple(image_size), (rows * side, cols * side)))
 
-    @staticmethod
-    def vision_unit(model: nn.Module, stage: Stage | None, ops: tuple) -> VisionUnit:
-        """One view's unit (the per-crop stage 0); :meth:`pipeline_vision` lays the views out."""
-        return ClipVisionUnit(model, stage, ops)
-
     @classmethod
     def pipeline_vision(cls, model: nn.Module, schedule: Schedule, ops: tuple) -> VisionUnit:
         return AnyresVisionUnit(model, schedule, ops)
-
-    @staticmethod
-    def decoder(model: nn.Module) -> DecoderParts:
-        return llava_decoder(model)
-
-    @staticmethod
-    def max_positions(config: Any) -> tuple[int, str]:
-        return sliding_window_limit(config)
