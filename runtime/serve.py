@@ -263,6 +263,18 @@ def _column(request, name: str) -> list:
     return [row[0] if row.ndim else row for row in request.data[name]]
 
 
+def checked_rows(check: RequestChecker, request, counters: Counters, what: str) -> list[Prepared]:
+    """A Triton request's rows, checked; a refusal is counted and logged, then raised to Triton
+    (which answers that request alone with the error)."""
+    try:
+        return request_rows(check, _column(request, "image"), _column(request, "prompt"), _column(request, "max_new_tokens"))
+    except UserError as exc:
+        with counters.lock:
+            counters.refused += 1
+        LOGGER.info("refused %s: %s", what, exc)
+        raise
+
+
 class PrepareModel:
     """``visiondrop_prepare``: one request at a time; raises (a Triton error for that request) on bad input."""
 
@@ -272,14 +284,7 @@ class PrepareModel:
     def __call__(self, requests) -> list[dict[str, np.ndarray]]:
         responses = []
         for request in requests:  # one request (no batcher), which may hold several rows
-            try:
-                rows = request_rows(self.checker, _column(request, "image"), _column(request, "prompt"),
-                                    _column(request, "max_new_tokens"))
-            except UserError as exc:
-                with self.counters.lock:
-                    self.counters.refused += 1
-                LOGGER.info("refused a request: %s", exc)
-                raise
+            rows = checked_rows(self.checker, request, self.counters, "a request")
             responses.append({
                 "pixel_values": np.stack([row.pixels for row in rows]),
                 "prompt": np.array([[row.prompt.encode()] for row in rows], dtype=np.object_),
@@ -334,14 +339,7 @@ class StreamModel:
 
     def __call__(self, requests) -> Iterator[list[dict[str, np.ndarray]]]:
         [request] = requests  # max_batch_size 1 and no batcher: Triton hands over one request of one row
-        try:
-            [row] = request_rows(self.checker, _column(request, "image"), _column(request, "prompt"),
-                                 _column(request, "max_new_tokens"))
-        except UserError as exc:
-            with self.counters.lock:
-                self.counters.refused += 1
-            LOGGER.info("refused a stream: %s", exc)
-            raise
+        [row] = checked_rows(self.checker, request, self.counters, "a stream")
         with self.counters.lock:
             self.counters.streaming += 1
         try:

@@ -340,13 +340,22 @@ def test_load_every_answer_is_the_direct_one_nothing_lost_or_duplicated(server, 
     assert success and float(success[0].split()[-1]) >= len(jobs)  # Triton updates it between requests, not at once
 
 
-@pytest.mark.parametrize("case", ["missing image", "undecodable bytes", "empty prompt", "oversize prompt"])
-def test_a_malformed_request_fails_alone_and_the_server_keeps_serving(server, images, reference, case):
-    good = images["bytes"][1]
+MALFORMED = ["missing image", "undecodable bytes", "empty prompt", "oversize prompt"]
+
+
+def malformed(good: bytes, case: str) -> tuple[tuple, str]:
+    """A malformed request's (image, prompt) and the fragment its error must carry."""
     bad = {"missing image": (None, b"What is this?"), "undecodable bytes": (b"\x89PNG not really", b"What is this?"),
            "empty prompt": (good, b"   "), "oversize prompt": (good, b"x" * 5000)}[case]
     expected = {"missing image": "the request has no 'image' input", "undecodable bytes": "cannot be decoded",
                 "empty prompt": "the prompt is empty", "oversize prompt": "shorten the prompt"}[case]
+    return bad, expected
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_a_malformed_request_fails_alone_and_the_server_keeps_serving(server, images, reference, case):
+    good = images["bytes"][1]
+    bad, expected = malformed(good, case)
     before = stats(server)
     outcome = {}
 
@@ -397,13 +406,10 @@ def test_streamed_tokens_are_the_answer_token_by_token(server, images, reference
     assert after["streams"] - before["server"]["streams"] == len(pairs) and after["streaming"] == 0
 
 
-@pytest.mark.parametrize("case", ["missing image", "undecodable bytes", "empty prompt", "oversize prompt"])
+@pytest.mark.parametrize("case", MALFORMED)
 def test_a_malformed_stream_request_fails_alone(server, images, reference, case):
     good = images["bytes"][1]
-    bad = {"missing image": (None, b"What is this?"), "undecodable bytes": (b"\x89PNG not really", b"What is this?"),
-           "empty prompt": (good, b"   "), "oversize prompt": (good, b"x" * 5000)}[case]
-    expected = {"missing image": "the request has no 'image' input", "undecodable bytes": "cannot be decoded",
-                "empty prompt": "the prompt is empty", "oversize prompt": "shorten the prompt"}[case]
+    bad, expected = malformed(good, case)
     before = stats(server)
     # On one stream: a good request, the bad one, another good one; only the bad one fails.
     responses, errors = stream(server, [("good", request_inputs(good, QUESTIONS[2].encode())), ("bad", request_inputs(*bad)),
