@@ -161,12 +161,13 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
     }
 
 
-def context_state(backend: Backend, pixels, prompts, context: int):
+def context_state(backend: Backend, pixels, prompts, context: int, image_tokens: int):
     """The first logits and caches after the prompt and then filler text up to ``context`` tokens
-    (the unpruned count; a pruned group holds fewer): a long conversation's decode cost."""
+    of conversation, counted unpruned (the image as ``image_tokens``, the full schedule's count;
+    a pruned group holds fewer): the same conversation's decode cost for every budget."""
     vision = backend.encode_image(pixels)
     prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset)
-    filler = context - prompts.input_ids.shape[1]
+    filler = context - (prompts.input_ids.shape[1] - backend.spec.schedule.image_tokens + image_tokens)
     if filler <= 0:
         return prefill.logits, prefill.state
     text = prompts.input_ids[:, -8:]  # the prompt's last tokens, repeated
@@ -185,13 +186,14 @@ def time_decode(backend: Backend, logits, state, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def context_rows(backends: dict[str, Backend], pixels, prompts, config: BenchConfig, budget: str, batch: int) -> list[dict]:
+def context_rows(backends: dict[str, Backend], pixels, prompts, config: BenchConfig, budget: str, batch: int,
+                 image_tokens: int) -> list[dict]:
     """Decode ms/token against cache length, the variants interleaved repeat by repeat. A state
     is decoded from again in every repeat: its first step copies the cache into new buffers
     (it is no longer the newest state on them), so the median over steps is reported."""
     rows = []
     for context in config.contexts:
-        starts = {v: context_state(b, pixels, prompts, context) for v, b in backends.items()}
+        starts = {v: context_state(b, pixels, prompts, context, image_tokens) for v, b in backends.items()}
         runs = {v: [] for v in backends}
         for _ in range(config.repeats):
             for v, b in backends.items():
@@ -325,7 +327,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                 if config.contexts:
                     progress(f"budget {budget} batch {batch}: decode at {', '.join(map(str, config.contexts))} tokens of context ...")
                     measured = {v: b for v, b in backends.items() if v != "ideal"}  # pruned or full
-                    contexts += context_rows(measured, pixels, prompts, config, budget, batch)
+                    contexts += context_rows(measured, pixels, prompts, config, budget, batch, schedules["full"].image_tokens)
     report = {"config": asdict(config), "machine": _machine(loaded), "results": rows, "summary": summarize(rows, decode_bytes(loaded))}
     if contexts:
         report["context"] = {"results": contexts, "slopes": context_slopes(contexts)}

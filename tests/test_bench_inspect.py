@@ -89,7 +89,8 @@ def test_bench_under_cpu_load_predicts_decode_from_bytes(tmp_path, tiny):
 
 
 def test_bench_contexts_decode_on_caches_of_the_asked_lengths(tmp_path):
-    """--contexts: every group's cache holds the asked context less the visual tokens dropped before it."""
+    """--contexts: every group's cache holds the asked conversation (counted unpruned) less the
+    visual tokens dropped before it."""
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny", "--budgets", "64", "--batch", "1", "--max-new-tokens", "2",
                                           "--repeats", "1", "--warmup", "0", "--contexts", "700,760", "--json", str(out)])
@@ -100,7 +101,7 @@ def test_bench_contexts_decode_on_caches_of_the_asked_lengths(tmp_path):
     for (budget, _, length), row in rows.items():
         schedule = Schedule.from_budget(budget, 8, 576)
         visual = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
-        assert row["cache_tokens"] == [length - schedule.image_tokens + count for count in visual]
+        assert row["cache_tokens"] == [length - 576 + count for count in visual]
         assert 0 < row["decode_ms_per_token"]["min"] <= row["decode_ms_per_token"]["median"]
     assert {(s["budget"], s["variant"]) for s in context["slopes"]} == {("64", "pruned"), ("full", "full")}
 
