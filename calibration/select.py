@@ -33,7 +33,7 @@ FLOAT_CLASSES = [
      "reason": "ONNX Runtime's QDQ Softmax output stays asymmetric (TensorRT rejects non-zero zero points)"},
     {"nodes": "LayerNormalization / RMSNorm, RoPE, residual adds, activations",
      "reason": "norms and elementwise ops are cheap and precision-sensitive; Q/DQ sits only on linear-layer inputs"},
-    {"nodes": "KV cache (past_key_values.* / present.*)",
+    {"nodes": "KV cache (past_key_values.* / new_key_values.*)",
      "reason": "the cache stays in the export dtype (an INT8/FP8 cache is a later option)"},
     {"nodes": "embed_tokens.safetensors",
      "reason": "a table lookup run by the runtime, not a graph"},

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visiondrop_edge.contract import STAGE_OUTPUTS, bind
+from visiondrop_edge.contract import NEW_KV, STAGE_OUTPUTS, bind
 from visiondrop_edge.errors import UserError
 from visiondrop_edge.gates import Gates, gates_for
 from visiondrop_edge.loading import EXPORT_DTYPES, apply_precision, load_model
@@ -247,7 +247,7 @@ class Validator:
         results = compare_tensors({n: _np(o) for n, o, _ in pairs if n in floats}, floats, self.gates) if floats else {}
         for name, o, r in pairs:
             if name in floats:
-                group = "KV (present.*)" if name.startswith("present.") else FLOAT_GROUPS.get(name, name)
+                group = f"KV ({NEW_KV}.*)" if name.startswith(f"{NEW_KV}.") else FLOAT_GROUPS.get(name, name)
                 self.report.add_tensor(f"{label}.{group}", results[name])
                 continue
             if o.shape != r.shape:
