@@ -112,32 +112,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+CROP = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+PROCESSOR = {"patch_size": PATCH_SIZE, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+
+
 def build_processor() -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    return LlavaProcessor(image_processor=CLIPImageProcessorPil(**CROP), tokenizer=build_tokenizer(), **PROCESSOR)
 
 
 def build_next_processor(pinpoints: tuple[tuple[int, int], ...]) -> LlavaNextProcessor:
     """LLaVA-NeXT's processor: 336 px crops of the image resized and padded to the best pinpoint."""
-    image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        image_grid_pinpoints=[list(p) for p in pinpoints],
-    )
-    return LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=PATCH_SIZE,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
+    image_processor = LlavaNextImageProcessorPil(**CROP, image_grid_pinpoints=[list(p) for p in pinpoints])
+    return LlavaNextProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), **PROCESSOR)
 
 
 def build_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig | LlavaNextConfig:
