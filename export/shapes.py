@@ -124,10 +124,6 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
                 return _Inference().run(model)
 
 
-def _dims(value: onnx.ValueInfoProto) -> list[int | str | None]:
-    return get_shape_from_value_info(value)
-
-
 def derived_graph(model: onnx.ModelProto, declared: dict[str, tuple[list[int], dict[int, str]]]) -> onnx.ModelProto:
     """Fold ``model`` and derive its output shapes, then check them against ``declared``: per
     output, its traced sizes and its dynamic axes by the contract. A static axis must come out as
@@ -142,7 +138,7 @@ def derived_graph(model: onnx.ModelProto, declared: dict[str, tuple[list[int], d
     problems = []
     for output in model.graph.output:
         sizes, dynamic = declared[output.name]
-        derived = _dims(output)
+        derived = get_shape_from_value_info(output)
         if len(derived) != len(sizes):
             problems.append(f"{output.name}: derived rank {len(derived)}, traced {len(sizes)}")
             continue
