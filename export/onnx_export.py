@@ -29,8 +29,8 @@ from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, PLUGIN_LIBRARY,
 from visiondrop_edge.plugins_trt.onnx_ops import PLUGIN_OPS
 from visiondrop_edge.errors import SettingError
 from visiondrop_edge.gates import gates_for
-from visiondrop_edge.contract import (PRUNE_INPUTS, PRUNE_OUTPUTS, QKV_INPUTS, QKV_OUTPUTS, VISION_INPUTS, bind, decoder_inputs,
-                                      decoder_outputs, dynamic_axes, vision_outputs)
+from visiondrop_edge.contract import (PRUNE_INPUTS, PRUNE_OUTPUTS, QKV_INPUTS, QKV_OUTPUTS, VISION_ENCODER, VISION_INPUTS, bind, decoder_inputs,
+                                      decoder_outputs, dynamic_axes, layout_graph, layout_inputs, prune_graph, vision_outputs)
 from visiondrop_edge.loading import EXPORT_DTYPES, LoadedModel, parameter_dtype, write_atomically
 from visiondrop_edge.manifest import GraphEntry, Manifest, ModelSpec, tensor_contract
 from visiondrop_edge.modules import VisionDropPipeline
@@ -79,44 +79,59 @@ class GraphSpec:
     prunes: bool = False  # holds select/merge ops (plugin nodes in plugin mode)
 
 
-def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec]:
-    """Every graph of the pipeline with example inputs (batch 2, so no axis specialises); names
-    and dynamic axes from :mod:`visiondrop_edge.contract`."""
+def graph_specs(pipelines: list[VisionDropPipeline], spec: ModelSpec) -> list[GraphSpec]:
+    """Every graph of the pipelines with example inputs (batch 2, so no axis specialises); names
+    and dynamic axes from :mod:`visiondrop_edge.contract`.
+
+    One pipeline per schedule of :meth:`ModelSpec.graph_schedules`, over the same weights. The
+    weighted graphs come once, from the first: ``vision_encoder`` (for a multi-crop model, the
+    per-view unit: one view per batch row) and the qkv and decoder graphs, whose shapes no grid
+    fixes. Each multi-crop grid class adds its weightless layout graph and its prune graphs
+    (once per name: block sizes repeat across grids).
+    """
     dtype = spec.torch_dtype
-    schedule = pipeline.schedule
-    heads, kv_heads, head_dim, hidden = pipeline.config.text_config.num_attention_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
+    heads, kv_heads, head_dim, hidden = pipelines[0].config.text_config.num_attention_heads, spec.num_kv_heads, spec.head_dim, spec.hidden_size
     batch = 2
     size = spec.image_size
-    views = (schedule.views,) if schedule.grid else ()  # a multi-crop image: [B, views, 3, H, W]
-    outputs = vision_outputs(not schedule.is_full)
-    graphs = [
-        GraphSpec(
-            "vision_encoder", "vision", 0, pipeline.vision,
-            bind(VISION_INPUTS, [torch.randn(batch, *views, 3, size, size, dtype=spec.vision_torch_dtype)]),
-            list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs), prunes=not schedule.is_full,
-        )
-    ]
-    visual_counts = schedule.stage_inputs()
-    for g, (start, stop) in enumerate(schedule.layer_groups()):
-        seq = 7
-        graphs.append(GraphSpec(
-            f"qkv_{g}", "qkv", g, pipeline.qkv[g], bind(QKV_INPUTS, [torch.randn(batch, seq, hidden, dtype=dtype)]),
-            list(QKV_OUTPUTS), dynamic_axes("qkv", QKV_INPUTS + QKV_OUTPUTS),
-        ))
-        if g > 0:
-            seq = visual_counts[g - 1] + 9
+    graphs: dict[str, GraphSpec] = {}
+    prunes: dict[str, GraphSpec] = {}  # in the pipeline order: qkv_g, then the prunes before group g, then decoder_g
+    outputs = vision_outputs(not spec.schedule.is_full)
+    pixels = torch.randn(batch, 3, size, size, dtype=spec.vision_torch_dtype)
+    tower = pipelines[0].vision.per_view if spec.schedule.grid else pipelines[0].vision  # a multi-crop image: one view per row
+    graphs[VISION_ENCODER] = GraphSpec(VISION_ENCODER, "vision", 0, tower, bind(VISION_INPUTS, [pixels]), list(outputs),
+                                       dynamic_axes("vision", VISION_INPUTS + outputs), prunes=not spec.schedule.is_full)
+    for pipeline in pipelines:
+        schedule = pipeline.schedule
+        if schedule.grid is not None:  # the grid's layout, on the tower's outputs for an image of its views
+            with torch.no_grad():
+                views = tower(torch.randn(batch * schedule.views, 3, size, size, dtype=spec.vision_torch_dtype))
+            name = layout_graph(schedule)
+            inputs = layout_inputs(not schedule.is_full)
+            graphs[name] = GraphSpec(name, "layout", 0, pipeline.vision.layout,
+                                     bind(inputs, [t.unflatten(0, (batch, schedule.views)) for t in views]),
+                                     list(outputs), dynamic_axes("layout", inputs + outputs))
+        for index, prune in enumerate(pipeline.prunes):
+            seq = schedule.stage_inputs()[index] + 9
             mask = torch.ones(batch, seq, dtype=torch.int64)
             mask[0, :2] = 0
-            prune = pipeline.prunes[g - 1]
-            graphs.append(GraphSpec(
-                f"prune_{g - 1}", "prune", g - 1, prune,
+            name = prune_graph(schedule, index)
+            prunes.setdefault(name, GraphSpec(
+                name, "prune", index, prune,
                 bind(PRUNE_INPUTS, [torch.randn(batch, seq, hidden, dtype=dtype),
-                                        torch.randn(batch, heads, seq, head_dim, dtype=dtype),
-                                        torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
-                                        torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
-                                        mask, torch.tensor([4, 3])]),
+                                    torch.randn(batch, heads, seq, head_dim, dtype=dtype),
+                                    torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+                                    torch.randn(batch, kv_heads, seq, head_dim, dtype=dtype),
+                                    mask, torch.tensor([4, 3])]),
                 list(PRUNE_OUTPUTS), dynamic_axes("prune", PRUNE_INPUTS + PRUNE_OUTPUTS), prunes=True,
             ))
+    shared = pipelines[0]
+    groups = shared.schedule.layer_groups()
+    for g, (start, stop) in enumerate(groups):
+        graphs[f"qkv_{g}"] = GraphSpec(
+            f"qkv_{g}", "qkv", g, shared.qkv[g], bind(QKV_INPUTS, [torch.randn(batch, 7, hidden, dtype=dtype)]),
+            list(QKV_OUTPUTS), dynamic_axes("qkv", QKV_INPUTS + QKV_OUTPUTS),
+        )
+        graphs.update((name, prune) for name, prune in prunes.items() if prune.index == g - 1)
         seq, past = 5, 3
         layers = range(start, stop)
         inputs = decoder_inputs(layers)
@@ -128,10 +143,10 @@ def graph_specs(pipeline: VisionDropPipeline, spec: ModelSpec) -> list[GraphSpec
             torch.ones(batch, past + seq, dtype=torch.int64),
             torch.arange(past, past + seq).expand(batch, seq).contiguous(),
         ] + [torch.randn(batch, kv_heads, past, head_dim, dtype=dtype) for _ in range(2 * len(layers))]
-        outputs = decoder_outputs(layers, last=g == len(schedule.layer_groups()) - 1)
-        graphs.append(GraphSpec(f"decoder_{g}", "decoder", g, pipeline.groups[g], bind(inputs, examples),
-                                list(outputs), dynamic_axes("decoder", inputs + outputs)))
-    return graphs
+        outputs = decoder_outputs(layers, last=g == len(groups) - 1)
+        graphs[f"decoder_{g}"] = GraphSpec(f"decoder_{g}", "decoder", g, shared.groups[g], bind(inputs, examples),
+                                           list(outputs), dynamic_axes("decoder", inputs + outputs))
+    return list(graphs.values())
 
 
 def _finalize(model: onnx.ModelProto, graph: GraphSpec, reference: tuple[Tensor, ...], options: ExportOptions, metadata: dict[str, str]) -> onnx.ModelProto:
@@ -226,12 +241,15 @@ def export_artifacts(
     text = loaded.config.text_config
     if options.max_seq_len > text.max_position_embeddings:
         raise SettingError(f"{{max_seq_len}} {options.max_seq_len} exceeds the model's {text.max_position_embeddings} positions")
-    min_len = schedule.image_tokens + 8
-    if options.max_seq_len < min_len:
-        raise SettingError(f"{{max_seq_len}} {options.max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a prompt: use at least {min_len}")
     spec = ModelSpec.from_config(loaded.config, schedule, family.name, loaded.template, dtype, pad_token_id(loaded.tokenizer), vision_dtype)
-    pipeline = VisionDropPipeline(model, schedule, PLUGIN_OPS if options.plugins else REFERENCE_OPS, family).eval()
-    graphs = graph_specs(pipeline, spec)
+    schedules = spec.graph_schedules()
+    image_tokens = max(plan.image_tokens for plan in schedules)
+    min_len = image_tokens + 8
+    if options.max_seq_len < min_len:
+        raise SettingError(f"{{max_seq_len}} {options.max_seq_len} cannot hold the {image_tokens} image tokens and a prompt: use at least {min_len}")
+    ops = PLUGIN_OPS if options.plugins else REFERENCE_OPS
+    pipelines = [VisionDropPipeline(model, plan, ops, family).eval() for plan in schedules]
+    graphs = graph_specs(pipelines, spec)
     metadata = {"visiondrop.schedule": schedule.describe(), "visiondrop.model": loaded.source}
     manifest = Manifest(
         model={"source": loaded.source, "content_hash": loaded.content_hash,
@@ -249,7 +267,7 @@ def export_artifacts(
         for number, graph in enumerate(graphs, 1):
             progress(f"[{number}/{len(graphs)}] exporting {graph.name} ...")
             manifest.graphs.append(export_graph(graph, directory, scratch, options, metadata))
-        save_file({"weight": pipeline.embed_tokens.weight.detach().contiguous()}, directory / EMBED_FILE)
+        save_file({"weight": pipelines[0].embed_tokens.weight.detach().contiguous()}, directory / EMBED_FILE)
         loaded.processor.save_pretrained(directory)
         manifest.write(directory)
 

@@ -9,17 +9,22 @@ exact same control flow. Nothing here leaves the device or syncs with the host.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop_edge.contract import QKV, STAGE_OUTPUTS, PruneOutputs, StageTrace, decoder_outputs
+from visiondrop_edge.contract import (QKV, STAGE_OUTPUTS, VISION_ENCODER, PruneOutputs, StageTrace, decoder_outputs, layout_graph, prune_graph,
+                                      vision_outputs)
+from visiondrop_edge.errors import InputError
 from visiondrop_edge.manifest import ModelSpec
 from visiondrop_edge.modules import positions_from_mask
 from visiondrop_edge.pruning import splice
+from visiondrop_edge.schedule import CropGrid
 
 __all__ = ["Backend", "CacheFill", "DecoderState", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
 
@@ -63,12 +68,19 @@ class PrefillOutput:
     stages: list[StageTrace]  # the LLM stages, in order
 
 
+def describe_grid(schedule) -> str:
+    """A schedule's crop grid as a person reads it: ``2x2``; unpruned with its unpadded patch grid."""
+    grid = schedule.grid
+    return grid.describe() + (f" ({grid.unpadded[0]}x{grid.unpadded[1]} patches unpadded)" if grid.unpadded else "")
+
+
 class Backend(ABC):
     """Runs the exported units; subclasses provide the ``run_*`` methods."""
 
     name: str = "backend"
     spec: ModelSpec
     device: torch.device
+    graphs: frozenset[str] | None = None  # the exported graphs it runs, by name (None: it builds its units itself)
 
     # ------------------------------------------------------------------ units
     @abstractmethod
@@ -102,6 +114,31 @@ class Backend(ABC):
         :data:`CACHE_BLOCK`, so a buffer is copied once per block of decoding, not per step,
         and decode shapes change once per block (a CUDA graph per size)."""
         return -(-length // CACHE_BLOCK) * CACHE_BLOCK
+
+    # ------------------------------------------------------------- crop grids
+    def for_grid(self, grid: CropGrid | None) -> Backend:
+        """This backend for images cut into ``grid`` (a multi-crop family; None: one view each):
+        the same units, run on that grid's schedule (its vision and prune graphs)."""
+        spec = self.spec.for_grid(grid)
+        if spec == self.spec:
+            return self
+        if self.graphs is not None and layout_graph(spec.schedule) not in self.graphs:
+            exported = ", ".join(describe_grid(plan) for plan in self.spec.graph_schedules())
+            raise InputError(f"these graphs have no shapes for an image cut into {describe_grid(spec.schedule)} (they hold: "
+                             f"{exported}){'; unpruned graphs hold one image size: run others on the PyTorch backend' if spec.schedule.is_full else ''}")
+        bound = copy.copy(self)
+        bound.spec = spec
+        return bound
+
+    def for_images(self, sizes: Sequence[tuple[int, int]]) -> Backend:
+        """This backend for a batch of images of ``sizes`` (height, width as the processor sees
+        them): a multi-crop model's static shapes are its grid's, so the batch must share one."""
+        bound = [self.for_grid(self.spec.crop_grid(tuple(size))) for size in sizes]
+        schedules = list(dict.fromkeys(b.spec.schedule for b in bound))
+        if len(schedules) > 1:
+            grids = ", ".join(f"image {i + 1}: {describe_grid(b.spec.schedule)}" for i, b in enumerate(bound))
+            raise InputError(f"the images of one batch must share one crop grid ({grids}): run them in separate batches")
+        return bound[0] if bound else self
 
     # ---------------------------------------------------------- orchestration
     @property
@@ -198,6 +235,22 @@ class Backend(ABC):
         return buffers, CacheFill(filled)
 
 
+def run_vision_graphs(run, spec: ModelSpec, pixel_values: Tensor) -> dict[str, Tensor]:
+    """The exported vision graphs on ``pixel_values``, with ``run(graph, *inputs)`` -> outputs by
+    name: ``vision_encoder``; for a multi-crop image [B, views, 3, H, W] every view through it as
+    one batch, then the grid's layout graph."""
+    pixels = pixel_values.to(spec.vision_torch_dtype)
+    schedule = spec.schedule
+    if schedule.grid is None:
+        return run(VISION_ENCODER, pixels)
+    if pixels.dim() != 5 or pixels.shape[1] != schedule.views:
+        raise InputError(f"pixel_values of shape {list(pixels.shape)} do not hold the {schedule.views} views of a "
+                         f"{schedule.grid.describe()} crop grid: bind the backend to the image's grid (Backend.for_images)")
+    batch, views = pixels.shape[:2]
+    per_view = run(VISION_ENCODER, pixels.flatten(0, 1))
+    return run(layout_graph(schedule), *(per_view[name].unflatten(0, (batch, views)) for name in vision_outputs(not schedule.is_full)))
+
+
 class GraphBackend(Backend):
     """A backend whose units are exported graphs called by name: ``_run(graph, *inputs)`` feeds
     the contract's inputs in order and returns the graph's outputs by name; the token
@@ -210,7 +263,7 @@ class GraphBackend(Backend):
         """Run ``graph`` on ``tensors`` (its inputs in the contract's order); outputs by name."""
 
     def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        return self._run("vision_encoder", pixel_values.to(self.spec.vision_torch_dtype))
+        return run_vision_graphs(self._run, self.spec, pixel_values)
 
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.cpu(), self.embed_table)
@@ -219,7 +272,7 @@ class GraphBackend(Backend):
         return QKV(**self._run(f"qkv_{group}", hidden_states))
 
     def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
-        return PruneOutputs(**self._run(f"prune_{stage}", hidden_states, query, key, value, attention_mask, image_offset))
+        return PruneOutputs(**self._run(prune_graph(self.spec.schedule, stage), hidden_states, query, key, value, attention_mask, image_offset))
 
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
         outputs = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)

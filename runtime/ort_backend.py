@@ -88,6 +88,7 @@ class OrtBackend(GraphBackend):
                                                      disabled_optimizers=disabled)
             for entry in self.manifest.graphs
         }
+        self.graphs = frozenset(self.sessions)
         self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}
         self.embed_table = load_file(self.directory / self.manifest.export["embed_tokens"])["weight"]
 

@@ -28,13 +28,23 @@ class TorchBackend(Backend):
     def __init__(self, loaded: LoadedModel, schedule: Schedule):
         model = loaded.model
         self.forced: dict[int, Choice] = {}
-        family = loaded.family
-        self.pipeline = VisionDropPipeline(model, schedule, family=family).eval()
+        self.loaded = loaded
+        self.pipeline = VisionDropPipeline(model, schedule, family=loaded.family).eval()
+        self._pipelines = {schedule: self.pipeline}  # per crop grid's schedule, shared by every bound copy
         self.device = next(model.parameters()).device
+        family = loaded.family
         self.spec = ModelSpec.from_config(
             model.config, schedule, family.name, loaded.template, parameter_dtype(family.decoder(model).layers), pad_token_id(loaded.tokenizer),
             parameter_dtype(family.tower_parameters(model)),
         )
+
+    def for_grid(self, grid):
+        bound = super().for_grid(grid)
+        schedule = bound.spec.schedule
+        if schedule not in self._pipelines:  # the units over the same weights: nothing is copied
+            self._pipelines[schedule] = VisionDropPipeline(self.loaded.model, schedule, family=self.loaded.family).eval()
+        bound.pipeline = self._pipelines[schedule]
+        return bound
 
     @torch.inference_mode()
     def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:

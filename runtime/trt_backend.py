@@ -32,9 +32,9 @@ from torch import Tensor
 
 from visiondrop_edge.errors import UserError
 
-from visiondrop_edge.contract import PAST_KV, QKV, PruneOutputs, bind, decoder_outputs
+from visiondrop_edge.contract import PAST_KV, QKV, PruneOutputs, bind, decoder_outputs, prune_graph
 
-from .base import Backend, ModelSpec
+from .base import Backend, ModelSpec, run_vision_graphs
 
 if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
     import tensorrt as trt
@@ -162,6 +162,7 @@ class TrtBackend(Backend):
         self._scratch = torch.empty(max([size for _, size in scratch_sizes] + [1]), dtype=torch.uint8, device=self.device)
         for context, size in scratch_sizes:
             context.set_device_memory(self._scratch.data_ptr(), size)
+        self.graphs = frozenset(self.units)
         self.build = data["build"]
         synchronize(self.device)
 
@@ -200,7 +201,7 @@ class TrtBackend(Backend):
 
     # ------------------------------------------------------------------ units
     def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:
-        return self._run("vision_encoder", "prefill", pixel_values)
+        return run_vision_graphs(lambda graph, *inputs: self._run(graph, "prefill", *inputs), self.spec, pixel_values)
 
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.to(self.device), self.embed_table)
@@ -213,7 +214,7 @@ class TrtBackend(Backend):
         return QKV(**self._run(f"qkv_{group}", "prefill" if fits else "decode", hidden_states))
 
     def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
-        return PruneOutputs(**self._run(f"prune_{stage}", "prefill", hidden_states, query, key, value, attention_mask,
+        return PruneOutputs(**self._run(prune_graph(self.spec.schedule, stage), "prefill", hidden_states, query, key, value, attention_mask,
                                         image_offset))
 
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):

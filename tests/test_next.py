@@ -9,6 +9,7 @@ targets and generated tokens must be identical.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -131,7 +132,7 @@ def test_tiny_next_is_a_real_llava_next_checkpoint(tiny_next):
 def test_crop_grid_and_full_count_follow_hf(tiny_next, size):
     """The grid is HF's (ties included: a small image is 1x2 under HF's (height, width) reading),
     the views are the processor's and the full budget's token count is what the processor expands."""
-    grid = LlavaNext.crop_grid(tiny_next.config, size)
+    grid = tiny_next.crop_grid(size)
     assert (grid.rows, grid.cols) == get_anyres_image_grid_shape(list(size), tiny_next.config.image_grid_pinpoints, 336)
     pixels, _ = processed(tiny_next, size, count=1)
     assert pixels.shape[1] == grid.views
@@ -153,7 +154,7 @@ def test_the_pipeline_refuses_another_grids_views(tiny_next):
 def test_full_budget_reproduces_hf_generate(tiny_next, size):
     """No pruning is HF's LLaVA-NeXT: unpad and one newline per row included."""
     pixels, image_sizes = processed(tiny_next, size, seed=sum(size))
-    schedule = tiny_next.schedule("full", grid=LlavaNext.crop_grid(tiny_next.config, size))
+    schedule = tiny_next.schedule("full", grid=tiny_next.crop_grid(size))
     batch = prompt_batch(tiny_next, schedule)
     ours = greedy_generate(TorchBackend(tiny_next, schedule), pixels, batch, NEW_TOKENS)
     hf = tiny_next.model.generate(
@@ -174,7 +175,7 @@ CASES = [(grid, 320, "block") for grid in SIZES] + [((2, 2), 160, "block"), ((1,
 def test_batched_pipeline_matches_naive_reference(tiny_next, tiny_next_eager, grid, budget, scope):
     size = SIZES[grid]
     pixels, _ = processed(tiny_next, size, seed=budget + grid[0] * 10 + grid[1])
-    schedule = tiny_next.schedule(budget, grid=LlavaNext.crop_grid(tiny_next.config, size), scope=scope)
+    schedule = tiny_next.schedule(budget, grid=tiny_next.crop_grid(size), scope=scope)
     assert (schedule.grid.rows, schedule.grid.cols) == grid
     result = greedy_generate(TorchBackend(tiny_next, schedule), pixels, prompt_batch(tiny_next, schedule), NEW_TOKENS)
     batched_stages = [result.vision.stage, *result.stages]
@@ -217,28 +218,74 @@ def test_a_next_config_finds_its_family_and_bad_pinpoints_are_refused(tiny_next)
         family_for_config(config | {"image_grid_pinpoints": [[336, 500]]}, "ckpt")
 
 
-# ------------------------------------------------------------------ export: one grid class's artifacts
-@pytest.mark.parametrize("scope", SCOPES)
-def test_a_grid_class_exports_and_onnx_runtime_matches_torch(tiny_next, tmp_path, scope):
-    """The graphs of a 2x2 schedule are static-shaped, their manifest's counts are the grid's,
-    and ONNX Runtime generates what PyTorch does: the same choices at every stage, the same
-    tokens, logits to rounding (test_pipeline's tolerance, fp32 on both sides)."""
-    schedule = tiny_next.schedule(320, grid=CropGrid(2, 2), scope=scope)
-    out = tmp_path / f"next-{scope}"
-    export_artifacts(tiny_next, schedule, out, ExportOptions(max_seq_len=1024))
+# ------------------------------------------------------------------ export: every grid class in one folder
+@pytest.fixture(scope="module", params=SCOPES)
+def next_artifacts(tiny_next, tmp_path_factory, request):
+    """``export --budget 320`` of tiny-next in one LLM-stage scope: (scope, folder)."""
+    out = tmp_path_factory.mktemp("next") / request.param
+    export_artifacts(tiny_next, tiny_next.schedule(320, scope=request.param), out, ExportOptions(max_seq_len=1024))
+    return request.param, out
+
+
+def test_one_folder_holds_every_grid_class_and_shares_the_weights(next_artifacts):
+    """Decision 4: a vision graph per grid class and a prune graph per block size (block scope:
+    per crop count; base scope: one, the base view's block), one set of qkv/decoder graphs."""
+    scope, out = next_artifacts
     manifest = read_manifest(out)
-    vision = {o["name"]: o["shape"] for o in manifest.graph("vision").outputs}
-    assert vision["image_embeds"][1] == 480 and vision["kept_index"] == ["batch_size", 5 * 84]
+    names = {g.name for g in manifest.graphs}
+    assert {n for n in names if n.startswith("vision_")} == {"vision_encoder"} | {f"vision_layout_{r}x{c}" for r, c in SIZES}
+    views = (3, 4, 5) if scope == "block" else (None,)
+    assert {n for n in names if n.startswith("prune_")} == {
+        f"prune_{s}" + (f"_{v}views" if v else "") for s in range(3) for v in views}
+    assert {n for n in names if n.startswith(("qkv_", "decoder_"))} == {f"{r}_{g}" for r in ("qkv", "decoder") for g in range(4)}
     assert all(data_dependent_shapes(onnx.load(str(path))) == [] for path in out.glob("*.onnx"))
-    pixels, _ = processed(tiny_next, SIZES[(2, 2)], seed=77)
-    batch = prompt_batch(tiny_next, schedule)
-    ours = greedy_generate(TorchBackend(tiny_next, schedule), pixels, batch, NEW_TOKENS)
-    ort = greedy_generate(OrtBackend(out, provider="cpu"), pixels, batch, NEW_TOKENS)
-    for number, (a, b) in enumerate(zip([ours.vision.stage, *ours.stages], [ort.vision.stage, *ort.stages])):
+    tower = {o["name"]: o["shape"] for o in manifest.graph_named("vision_encoder").outputs}
+    assert tower["image_embeds"] == ["batch_size", 96, 64] and tower["kept_index"] == ["batch_size", 84]  # one view per row
+    for rows, cols in SIZES:  # the image: (M + 1) views of the per-view 84+12 (320 / 5 = 64 per view)
+        outputs = {o["name"]: o["shape"] for o in manifest.graph_named(f"vision_layout_{rows}x{cols}").outputs}
+        assert outputs["image_embeds"][1] == (rows * cols + 1) * 96 and outputs["kept_index"] == ["batch_size", (rows * cols + 1) * 84]
+    for entry in manifest.graphs:  # every weight is stored once: the tower's in vision_encoder, the decoder's in qkv/decoder
+        graph = onnx.load(str(out / entry.file))
+        weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64]
+        if entry.role in ("layout", "prune"):
+            assert weights == [], f"{entry.name} holds {[w.name for w in weights]}"
+
+
+@pytest.mark.parametrize("rows, cols", list(SIZES))
+def test_onnx_runtime_picks_the_grid_class_from_the_image_and_matches_torch(tiny_next, next_artifacts, rows, cols):
+    """The runtime binds each image's grid class (``for_images``) and generates what PyTorch does:
+    the same choices at every stage, the same tokens, logits to rounding (test_pipeline's
+    tolerance, fp32 on both sides)."""
+    scope, out = next_artifacts
+    size = SIZES[(rows, cols)]
+    pixels, image_sizes = processed(tiny_next, size, seed=77)
+    ort = OrtBackend(out, provider="cpu").for_images(image_sizes.tolist())
+    reference = TorchBackend(tiny_next, tiny_next.schedule(320, scope=scope)).for_images(image_sizes.tolist())
+    assert ort.spec.schedule == reference.spec.schedule == tiny_next.schedule(320, grid=CropGrid(rows, cols), scope=scope)
+    batch = prompt_batch(tiny_next, ort.spec.schedule)
+    ours, theirs = greedy_generate(reference, pixels, batch, NEW_TOKENS), greedy_generate(ort, pixels, batch, NEW_TOKENS)
+    for number, (a, b) in enumerate(zip([ours.vision.stage, *ours.stages], [theirs.vision.stage, *theirs.stages])):
         assert torch.equal(a.kept_index, b.kept_index) and torch.equal(a.target_index, b.target_index), f"stage {number}"
-    assert ours.tokens.tolist() == ort.tokens.tolist()
-    for step, (a, b) in enumerate(zip(ours.step_logits, ort.step_logits)):
+    assert ours.tokens.tolist() == theirs.tokens.tolist()
+    for step, (a, b) in enumerate(zip(ours.step_logits, theirs.step_logits)):
         torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"step {step}: {m}")
+
+
+def test_a_batch_must_share_one_grid_class(tiny_next, next_artifacts):
+    _, out = next_artifacts
+    with pytest.raises(InputError, match=r"share one crop grid \(image 1: 1x2, image 2: 2x2\): run them in separate batches"):
+        OrtBackend(out, provider="cpu").for_images([SIZES[(1, 2)], SIZES[(2, 2)]])
+
+
+def test_unpruned_next_graphs_hold_one_image_size(tiny_next, tmp_path):
+    """Without pruning HF unpads per image, so an unpruned export has the shapes of one image
+    size (by default a square one filling the 2x2 pinpoint): others are refused by name."""
+    out = tmp_path / "full"
+    export_artifacts(tiny_next, tiny_next.schedule("full"), out, ExportOptions(max_seq_len=4096))
+    backend = OrtBackend(out, provider="cpu")
+    assert backend.for_images([(672, 672)]).spec.schedule.image_tokens == 576 + 48 * 49
+    with pytest.raises(InputError, match=r"no shapes for an image cut into 1x2 \(24x40 patches unpadded\).*2x2 \(48x48"):
+        backend.for_images([SIZES[(1, 2)]])
 
 
 def test_a_mistral_next_is_exact_only_within_its_sliding_window(tiny_next):

@@ -19,6 +19,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from .pruning import Choice
+from .schedule import Schedule
 
 # Symbolic axis names (the manifest and TensorRT profiles use them too).
 BATCH, SEQ, PAST, TOTAL, PRUNED = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length", "pruned_sequence_length"
@@ -89,6 +90,28 @@ def vision_outputs(prunes: bool) -> tuple[str, ...]:
     return ("image_embeds", *STAGE_OUTPUTS) if prunes else ("image_embeds",)
 
 
+VISION_ENCODER = "vision_encoder"  # the tower, stage-0 prune and projector: one view per batch row
+
+
+def layout_graph(schedule: Schedule) -> str:
+    """A multi-crop image's layout graph for its grid class (``vision_layout_2x2``): the views'
+    ``vision_encoder`` outputs -> the image's (weightless, so the tower is stored once)."""
+    return f"vision_layout_{schedule.grid.describe()}"
+
+
+def layout_inputs(prunes: bool) -> tuple[str, ...]:
+    """A layout graph's inputs: the views' vision outputs, ``[batch_size, views, ...]``."""
+    return tuple(f"view_{name}" for name in vision_outputs(prunes))
+
+
+def prune_graph(schedule: Schedule, stage: int) -> str:
+    """LLM stage ``stage``'s graph: ``prune_{stage}``; a multi-crop image's block-scope stages
+    prune a block whose size is its views' count, one graph each (``prune_0_5views``)."""
+    if schedule.grid is None or schedule.scope != "block":
+        return f"prune_{stage}"
+    return f"prune_{stage}_{schedule.views}views"
+
+
 def kv_names(prefix: str, layers: range) -> list[str]:
     """``{prefix}.{i}.key``, ``{prefix}.{i}.value`` for each layer, in that order."""
     return [f"{prefix}.{i}.{kind}" for i in layers for kind in ("key", "value")]
@@ -105,10 +128,10 @@ def decoder_outputs(layers: range, last: bool) -> tuple[str, ...]:
 
 
 def dynamic_axes(unit: str, names: tuple[str, ...] | list[str]) -> dict[str, dict[int, str]]:
-    """The dynamic axes of ``names`` in a ``unit`` ("vision", "qkv", "prune" or "decoder")."""
+    """The dynamic axes of ``names`` in a ``unit`` ("vision", "layout", "qkv", "prune" or "decoder")."""
     axes: dict[str, dict[int, str]] = {}
     for name in names:
-        if unit == "vision" or name in STAGE_OUTPUTS or name == "image_offset" or name == "logits":
+        if unit in ("vision", "layout") or name in STAGE_OUTPUTS or name == "image_offset" or name == "logits":
             axes[name] = {0: BATCH}
         elif name.startswith("pruned_"):
             axes[name] = {0: BATCH, 2 if name in ("pruned_query", "pruned_key", "pruned_value") else 1: PRUNED}

@@ -27,7 +27,7 @@ from transformers import AutoProcessor, PreTrainedConfig
 from .builtin import BUILTIN_FORMAT, BUILTIN_MARKER, BUILTIN_VERSION, PRESETS, build_model, recipe_hash
 from .errors import CheckpointError, ConcurrentWriteError, OutputError, UserError
 from .families import Family, PromptTemplate, family_for_config, family_of
-from .schedule import CropGrid, Schedule, resolve_schedule
+from .schedule import REFERENCE_GRID, CropGrid, Schedule, resolve_schedule
 from .jsonio import read_json_object
 
 LOG = logging.getLogger("visiondrop")
@@ -70,11 +70,23 @@ class LoadedModel:
         """(longest sequence this pipeline computes exactly, what sets it): the family's rule."""
         return self.family.max_positions(self.config)
 
+    @property
+    def crop_layout(self) -> dict | None:
+        """How the family cuts images into views (None: one view per image)."""
+        return self.family.crop_layout(self.config)
+
+    def crop_grid(self, image_size: tuple[int, int]) -> CropGrid | None:
+        """The views of an image of ``image_size`` (height, width): None for a one-view family."""
+        return self.family.crop_grid(self.crop_layout, image_size)
+
     def schedule(self, budget: str | int | None = None, schedule: str | None = None, grid: CropGrid | None = None,
                  scope: str = "block") -> Schedule:
-        """The schedule ``--budget``/``--schedule`` ask for, sized to this model (and for a
-        multi-crop family, to one image ``grid``: ``family.crop_grid``; ``scope``: see SCOPES)."""
+        """The schedule ``--budget``/``--schedule`` ask for, sized to this model; for a multi-crop
+        family on one image ``grid`` (:meth:`crop_grid`; default: the 2x2 grid the budget is
+        defined on, filled by the image; ``Schedule.for_grid`` re-grids it per image). ``scope``: see SCOPES."""
         geometry = self.family.geometry(self.config)
+        if grid is None and self.crop_layout is not None:
+            grid = REFERENCE_GRID.filled(geometry.grid)
         return resolve_schedule(budget, schedule, self.config.text_config.num_hidden_layers, geometry.num_patches,
                                 cls_tokens=geometry.cls_tokens, grid=grid, scope=scope)
 

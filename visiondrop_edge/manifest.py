@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from visiondrop_edge.contract import NEW_KV
-from visiondrop_edge.errors import ArtifactError, UserError
-from visiondrop_edge.families import PromptTemplate
+from visiondrop_edge.contract import NEW_KV, VISION_ENCODER, layout_graph, prune_graph
+from visiondrop_edge.errors import ArtifactError, InputError, UserError
+from visiondrop_edge.families import PromptTemplate, family_named
 from visiondrop_edge.loading import sha256_file
-from visiondrop_edge.schedule import Schedule
+from visiondrop_edge.schedule import CropGrid, Schedule
 from visiondrop_edge.jsonio import read_json_object
 
 MANIFEST = "manifest.json"
@@ -66,10 +66,35 @@ class ModelSpec:
     prompt: dict[str, Any]  # the PromptTemplate the model is prompted with
     dtype: str = "float32"
     vision_dtype: str | None = None  # the CLIP tower's (pixel_values'); None: dtype
+    crop_layout: dict[str, Any] | None = None  # how a multi-crop family cuts images (Family.crop_layout); None: one view
 
     @property
     def prompt_template(self) -> PromptTemplate:
         return PromptTemplate(**self.prompt)
+
+    def crop_grid(self, image_size: tuple[int, int]) -> CropGrid | None:
+        """The views an image of ``image_size`` (height, width) is cut into: None for one view."""
+        return family_named(self.family).crop_grid(self.crop_layout, image_size)
+
+    def grid_classes(self) -> list[CropGrid]:
+        """Every crop grid of this model's images (each has its own vision and prune graphs); none for one view."""
+        return family_named(self.family).grid_classes(self.crop_layout)
+
+    def graph_schedules(self) -> list[Schedule]:
+        """The schedules an export has vision (and prune) graphs for: one, or a multi-crop
+        model's every grid class when it prunes (unpruned, the shapes are one image size's)."""
+        if self.schedule.grid is None or self.schedule.is_full:
+            return [self.schedule]
+        return [self.schedule.for_grid(grid) for grid in self.grid_classes()]
+
+    def for_grid(self, grid: CropGrid | None) -> ModelSpec:
+        """This spec with the schedule of an image of ``grid`` (None: one view, the spec as it is)."""
+        if grid is None and self.schedule.grid is None:
+            return self
+        if grid is None or self.schedule.grid is None:
+            raise InputError(f"a {self.family} model {'cuts every image into crops' if grid is None else 'takes one view per image'}: "
+                             "this image's views do not fit its schedule")
+        return replace(self, schedule=self.schedule.for_grid(grid))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -101,6 +126,7 @@ class ModelSpec:
             prompt=prompt.to_dict(),
             dtype=names[dtype],
             vision_dtype=names[vision_dtype] if vision_dtype not in (None, dtype) else None,
+            crop_layout=family_named(family).crop_layout(config),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,7 +161,7 @@ class TensorSchema(_Schema):
 class GraphSchema(_Schema):
     name: StrictStr
     file: FileName
-    role: Literal["vision", "qkv", "prune", "decoder"]
+    role: Literal["vision", "layout", "qkv", "prune", "decoder"]
     index: Count
     inputs: list[TensorSchema] = Field(min_length=1)
     outputs: list[TensorSchema] = Field(min_length=1)
@@ -220,40 +246,44 @@ def check_consistent(manifest: Manifest) -> Schedule:
     schedule or in a graph's outputs) shows up as a disagreement; returns the schedule.
     """
     try:
-        schedule = Schedule.from_dict(manifest.spec["schedule"])
+        spec = ModelSpec.from_dict(manifest.spec)
+        schedules = spec.graph_schedules()
     except UserError as exc:
         raise ValueError(f"its schedule is invalid ({exc})") from None
+    schedule = spec.schedule
     groups = schedule.layer_groups()
-    expected = {("vision", 0)} | {(r, g) for r in ("qkv", "decoder") for g in range(len(groups))}
-    expected |= {("prune", s) for s in range(len(schedule.llm_stages))}
-    present = [(g.role, g.index) for g in manifest.graphs]
-    if sorted(present) != sorted(expected):
-        name = {"vision": lambda i: "vision_encoder"}
-        names = sorted(name.get(role, lambda i: f"{role}_{i}")(index) for role, index in set(present) ^ expected)
+    wanted: dict[str, dict[str, int]] = {f"{role}_{g}": {} for role in ("qkv", "decoder") for g in range(len(groups))}
+    def vision_counts(views: int, image_tokens: int) -> dict[str, int]:
+        counts = {"image_embeds": image_tokens}
+        if schedule.vision is not None:
+            counts.update(kept_index=views * schedule.vision.dominant, target_index=views * schedule.vision.contextual,
+                          scores=views * schedule.vision_inputs)
+        return counts
+
+    # the tower's graph runs one view per batch row; a multi-crop image's layout graph has its views' concatenated
+    per_view = schedule.num_patches if schedule.is_full else schedule.vision.total
+    wanted[VISION_ENCODER] = vision_counts(1, per_view if schedule.grid else schedule.image_tokens)
+    for plan in schedules:  # every graph's visual-token counts on axis 1
+        if plan.grid is not None:
+            wanted[layout_graph(plan)] = vision_counts(plan.views, plan.image_tokens)
+        for index, stage in enumerate(plan.llm_stages):
+            wanted[prune_graph(plan, index)] = {"kept_index": stage.dominant, "target_index": stage.contextual,
+                                                "scores": plan.stage_inputs()[index]}
+    present = [g.name for g in manifest.graphs]
+    if sorted(present) != sorted(wanted):
         raise ValueError(
             f"its schedule {schedule.describe()} ({len(groups)} decoder groups) does not match its graphs "
-            f"(differing: {', '.join(names)}{', duplicates' if len(set(present)) != len(present) else ''})"
+            f"(differing: {', '.join(sorted(set(present) ^ set(wanted)))}{', duplicates' if len(set(present)) != len(present) else ''})"
         )
     for entry in manifest.graphs:
         outputs = {o["name"]: o["shape"] for o in entry.outputs}
-        want: dict[str, int] = {}
-        if entry.role == "vision":
-            want["image_embeds"] = schedule.image_tokens
-            if schedule.vision is not None:
-                views = schedule.views  # a multi-crop image's stage outputs are its views', concatenated
-                want.update(kept_index=views * schedule.vision.dominant, target_index=views * schedule.vision.contextual,
-                            scores=views * schedule.vision_inputs)
-        elif entry.role == "prune":
-            stage = schedule.llm_stages[entry.index]
-            want.update(kept_index=stage.dominant, target_index=stage.contextual,
-                        scores=schedule.stage_inputs()[entry.index])
-        elif entry.role == "decoder":
+        if entry.role == "decoder":
             start, stop = groups[entry.index]
             new_key_values = [name for name in outputs if name.startswith(f"{NEW_KV}.")]
             if len(new_key_values) != 2 * (stop - start):
                 raise ValueError(f"graph {entry.name} has {len(new_key_values) // 2} layers' caches but the schedule "
                                  f"gives its group layers {start + 1}..{stop}")
-        for name, count in want.items():
+        for name, count in wanted[entry.name].items():
             shape = outputs.get(name)
             if shape is None or len(shape) < 2 or shape[1] != count:
                 raise ValueError(f"graph {entry.name} output {name} has shape {shape}, but its schedule "
@@ -267,7 +297,7 @@ class GraphEntry:
 
     name: str
     file: str
-    role: str  # vision | qkv | prune | decoder
+    role: str  # vision | layout (a multi-crop grid's) | qkv | prune | decoder
     index: int  # group (qkv, decoder) or LLM stage (prune); 0 for vision
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
@@ -312,10 +342,17 @@ class Manifest:
         )
 
     def graph(self, role: str, index: int = 0) -> GraphEntry:
+        """The first graph of ``role`` and ``index`` (a multi-crop export has several vision and prune graphs: see :meth:`graph_named`)."""
         for entry in self.graphs:
             if entry.role == role and entry.index == index:
                 return entry
         raise KeyError(f"no {role} graph {index} in the manifest")
+
+    def graph_named(self, name: str) -> GraphEntry:
+        for entry in self.graphs:
+            if entry.name == name:
+                return entry
+        raise KeyError(f"no graph {name} in the manifest")
 
     def write(self, directory: Path) -> None:
         """Hash every file in ``directory`` (but the manifest) and write the manifest."""

@@ -25,9 +25,6 @@ BASE_LLM_FRACTIONS = (0.25, 0.5, 0.75)
 FULL = "full"
 DEFAULT_BUDGET = 128
 
-# Multi-crop images (LLaVA-NeXT): ``--budget B`` is the average for a 2x2 grid, five views
-# (the base view and four crops); each view gets the LLaVA-1.5 schedule for B / 5.
-REFERENCE_VIEWS = 5
 # Which visual tokens the LLM stages of a multi-crop image prune: the whole block (default),
 # or only the base view's block, carrying the crops' tokens through (the authors' released code).
 SCOPES = ("block", "base")
@@ -88,6 +85,16 @@ class CropGrid:
 
     def describe(self) -> str:
         return f"{self.rows}x{self.cols}"
+
+    def filled(self, side: int) -> CropGrid:
+        """This grid for an image that fills it exactly (nothing to unpad), ``side`` patches a crop."""
+        return replace(self, unpadded=(self.rows * side, self.cols * side))
+
+
+# Multi-crop images (LLaVA-NeXT): ``--budget B`` is the average for a 2x2 grid, five views
+# (the base view and four crops); each view gets the LLaVA-1.5 schedule for B / 5.
+REFERENCE_GRID = CropGrid(2, 2)
+REFERENCE_VIEWS = REFERENCE_GRID.views
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,20 @@ class Schedule:
 
     def describe(self) -> str:
         return FULL if self.is_full else ",".join(s.describe() for s in self.stages)
+
+    def per_view(self) -> tuple[Stage, ...]:
+        """A multi-crop schedule's stages as one view's (what ``--schedule`` spells for it):
+        ``block`` scope's LLM stages keep ``views`` times these counts."""
+        views = self.views if self.scope == "block" else 1
+        return self.stages[:1] + tuple(Stage(s.after_layer, s.dominant // views, s.contextual // views) for s in self.llm_stages)
+
+    def for_grid(self, grid: CropGrid) -> Schedule:
+        """The same per-view schedule and scope on another image's ``grid`` (a full schedule
+        needs the grid's ``unpadded`` size, the image's own)."""
+        if self.grid is None:
+            raise ValueError("for_grid needs a multi-crop schedule")
+        return Schedule._validated(_for_scope(self.per_view(), grid, self.scope), self.num_layers, self.num_patches,
+                                   self.cls_tokens, grid=grid, scope=self.scope)
 
     # ---------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:

@@ -141,10 +141,21 @@ class Family(ABC):
         return cls.vision_unit(model, schedule.vision, ops)
 
     @staticmethod
-    def crop_grid(config: Any, image_size: tuple[int, int]) -> CropGrid | None:
-        """How an image of ``image_size`` (height, width) is cut into views: None for one view
-        (the default); a multi-crop family's grid, the pipeline's static shapes, otherwise."""
+    def crop_layout(config: Any) -> dict[str, Any] | None:
+        """What cutting an image into views needs at run time, as JSON (manifests record it):
+        None for one view per image (the default)."""
         return None
+
+    @staticmethod
+    def crop_grid(layout: dict[str, Any] | None, image_size: tuple[int, int]) -> CropGrid | None:
+        """How an image of ``image_size`` (height, width) is cut into views under ``layout``
+        (:meth:`crop_layout`'s): None for one view; a multi-crop family's grid otherwise."""
+        return None
+
+    @staticmethod
+    def grid_classes(layout: dict[str, Any] | None) -> list[CropGrid]:
+        """Every grid :meth:`crop_grid` can give (an export has static shapes for each): none for one view."""
+        return []
 
     @staticmethod
     @abstractmethod

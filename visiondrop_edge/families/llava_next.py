@@ -54,73 +54,37 @@ def raster_keys(kept_patches: Tensor, grid: CropGrid, side: int) -> Tensor:
     return row * (side * grid.cols) + column
 
 
-class AnyresVisionUnit(VisionUnit):
-    """A multi-crop image's vision unit for one grid class: ``pixel_values`` [B, views, 3, H, W]
-    (base view first, then the crops row-major, as the processor emits them).
+class AnyresLayout(nn.Module):
+    """The weightless half of a multi-crop vision unit, for one grid class: the views' stage
+    outputs [B, views, ...] (the per-view unit's, which the views share) -> the image's.
 
-    Every view goes through the per-view :class:`ClipVisionUnit` (its stage-0 prune); the
-    stage outputs are the views' concatenated: view ``v``'s token ``t`` is ``v * N + t`` for
-    ``N`` tokens per view, and a contextual slot ``s`` of view ``v`` is ``v * c + s``.
+    The stage outputs are the views' concatenated: view ``v``'s token ``t`` is ``v * N + t`` for
+    ``N`` tokens per view, and a contextual slot ``s`` of view ``v`` is ``v * c + s``. The
+    visual block is laid out as the module docstring says.
     """
 
-    def __init__(self, model: nn.Module, schedule: Schedule, ops: tuple = pruning.REFERENCE_OPS):
+    def __init__(self, model: nn.Module, schedule: Schedule):
         super().__init__()
-        if schedule.grid is None:
-            raise SettingError("a LLaVA-NeXT pipeline runs the schedule of one crop grid, made with the image's grid "
-                               "(LoadedModel.schedule(..., grid=LlavaNext.crop_grid(config, (height, width)))); "
-                               "the commands do not choose it from the image yet")
-        self.per_view = ClipVisionUnit(model, schedule.vision, ops)
         self.stage = schedule.vision
         self.grid = schedule.grid
         vision = model.config.vision_config
         self.side = vision.image_size // vision.patch_size
         self.view_tokens = self.side**2 + 1
-        self.image_newline = model.model.image_newline
+        self.image_newline = model.model.image_newline  # the unpruned packing's only weight
 
-    def project(self, tokens: Tensor) -> Tensor:
-        return self.per_view.project(tokens)
-
-    def tower_tokens(self, pixel_values: Tensor) -> Tensor:
-        """Every view's tower tokens, views concatenated: [B, views * N, D]."""
-        tokens = self.per_view.tower_tokens(self._views(pixel_values))
-        return tokens.reshape(pixel_values.shape[0], -1, tokens.shape[-1])
-
-    def _views(self, pixel_values: Tensor) -> Tensor:
-        # Eager callers get a clear error; a traced graph declares its input's shape instead.
-        if not torch.jit.is_tracing() and (pixel_values.dim() != 5 or pixel_values.shape[1] != self.grid.views):
-            raise InputError(
-                f"pixel_values of shape {list(pixel_values.shape)} do not hold the {self.grid.views} views of a "
-                f"{self.grid.describe()} crop grid: use the schedule of the image's own grid"
-            )
-        return pixel_values.flatten(0, 1)
-
-    def forward(self, pixel_values: Tensor, forced: pruning.Choice | None = None) -> tuple[Tensor, ...]:
-        batch, views = pixel_values.shape[:2]
-        pixels = self._views(pixel_values)
+    def forward(self, image_embeds: Tensor, *stage: Tensor) -> tuple[Tensor, ...]:
         if self.stage is None:
-            return (self.pack_unpruned(self.per_view(pixels)[0].view(batch, views, self.side**2, -1)),)
-        k, c = self.stage.dominant, self.stage.contextual
-        embeds, kept, target, scores, assignment, metric = self.per_view(pixels, self._per_view(forced, batch, views))
-        kept, target, assignment = (t.view(batch, views, -1) for t in (kept, target, assignment))
-        layout = self.lay_out(embeds.view(batch, views, k + c, -1), kept)
-        view = torch.arange(views, device=kept.device).view(1, -1, 1)
+            return (self.pack_unpruned(image_embeds),)
+        kept, target, scores, assignment, metric = stage
+        view = torch.arange(image_embeds.shape[1], device=kept.device).view(1, -1, 1)
         return (
-            layout,
+            self.lay_out(image_embeds, kept),
             (kept + view * self.view_tokens).flatten(1),
             (target + view * self.view_tokens).flatten(1),
-            scores.reshape(batch, -1),
-            (assignment + view * c).flatten(1),
-            metric.reshape(batch, views * self.view_tokens, -1),
+            scores.flatten(1),
+            (assignment + view * self.stage.contextual).flatten(1),
+            metric.flatten(1, 2),
         )
-
-    def _per_view(self, forced: pruning.Choice | None, batch: int, views: int) -> pruning.Choice | None:
-        """A forced choice in the image's numbering -> each view's own."""
-        if forced is None:
-            return None
-        view = torch.arange(views, device=forced.kept_index.device).view(1, -1, 1)
-        kept = forced.kept_index.view(batch, views, -1) - view * self.view_tokens
-        assignment = forced.assignment.view(batch, views, -1) - view * self.stage.contextual
-        return pruning.Choice(kept.flatten(0, 1), assignment.flatten(0, 1))
 
     def lay_out(self, embeds: Tensor, kept: Tensor) -> Tensor:
         """Per-view stage outputs [B, views, k+c, D] (``[CLS, k-1 patches ascending, c contextual]``)
@@ -144,6 +108,57 @@ class AnyresVisionUnit(VisionUnit):
         kept = stitched[:, top:top + height, left:left + kept_width]
         newline = self.image_newline.to(kept.dtype).expand(batch, height, 1, width)
         return torch.cat([features[:, 0], torch.cat([kept, newline], dim=2).flatten(1, 2)], dim=1)
+
+
+class AnyresVisionUnit(VisionUnit):
+    """A multi-crop image's vision unit for one grid class: ``pixel_values`` [B, views, 3, H, W]
+    (base view first, then the crops row-major, as the processor emits them).
+
+    Two parts, exported as two graphs so that the tower's weights are stored once for every
+    grid class: ``per_view``, LLaVA-1.5's unit (tower, stage-0 prune, projector) on every
+    view alone, and ``layout``, the grid's weightless :class:`AnyresLayout`.
+    """
+
+    def __init__(self, model: nn.Module, schedule: Schedule, ops: tuple = pruning.REFERENCE_OPS):
+        super().__init__()
+        if schedule.grid is None:
+            raise SettingError("a LLaVA-NeXT pipeline runs the schedule of one crop grid: make it with the image's "
+                               "(LoadedModel.schedule(..., grid=LoadedModel.crop_grid((height, width))))")
+        self.per_view = ClipVisionUnit(model, schedule.vision, ops)
+        self.layout = AnyresLayout(model, schedule)
+        self.stage = schedule.vision
+        self.grid = schedule.grid
+        self.view_tokens = self.layout.view_tokens
+
+    def project(self, tokens: Tensor) -> Tensor:
+        return self.per_view.project(tokens)
+
+    def tower_tokens(self, pixel_values: Tensor) -> Tensor:
+        """Every view's tower tokens, views concatenated: [B, views * N, D]."""
+        tokens = self.per_view.tower_tokens(self._views(pixel_values))
+        return tokens.reshape(pixel_values.shape[0], -1, tokens.shape[-1])
+
+    def _views(self, pixel_values: Tensor) -> Tensor:
+        if pixel_values.dim() != 5 or pixel_values.shape[1] != self.grid.views:
+            raise InputError(
+                f"pixel_values of shape {list(pixel_values.shape)} do not hold the {self.grid.views} views of a "
+                f"{self.grid.describe()} crop grid: use the schedule of the image's own grid"
+            )
+        return pixel_values.flatten(0, 1)
+
+    def forward(self, pixel_values: Tensor, forced: pruning.Choice | None = None) -> tuple[Tensor, ...]:
+        batch, views = pixel_values.shape[:2]
+        outputs = self.per_view(self._views(pixel_values), self._per_view(forced, batch, views))
+        return self.layout(*(t.unflatten(0, (batch, views)) for t in outputs))
+
+    def _per_view(self, forced: pruning.Choice | None, batch: int, views: int) -> pruning.Choice | None:
+        """A forced choice in the image's numbering -> each view's own."""
+        if forced is None:
+            return None
+        view = torch.arange(views, device=forced.kept_index.device).view(1, -1, 1)
+        kept = forced.kept_index.view(batch, views, -1) - view * self.view_tokens
+        assignment = forced.assignment.view(batch, views, -1) - view * self.stage.contextual
+        return pruning.Choice(kept.flatten(0, 1), assignment.flatten(0, 1))
 
 
 @register_family
@@ -174,15 +189,27 @@ class LlavaNext(Llava15):
             )
 
     @staticmethod
-    def crop_grid(config: Any, image_size: tuple[int, int]) -> CropGrid:
+    def crop_layout(config: Any) -> dict[str, Any]:
+        vision = config.vision_config
+        return {"crop": vision.image_size, "side": vision.image_size // vision.patch_size,
+                "pinpoints": [list(p) for p in config.image_grid_pinpoints]}
+
+    @staticmethod
+    def crop_grid(layout: dict[str, Any], image_size: tuple[int, int]) -> CropGrid:
         """The grid HF's processor cuts an image of ``image_size`` (height, width) into: its best
         pinpoint, read as (height, width) with ties to the first (the authors read (width,
         height), which differs for images with both sides at most one crop: same count, the
         crops transposed). ``unpadded`` is what the full budget keeps."""
-        crop, side = config.vision_config.image_size, config.vision_config.image_size // config.vision_config.patch_size
-        best_height, best_width = select_best_resolution(tuple(image_size), config.image_grid_pinpoints)
+        crop, side = layout["crop"], layout["side"]
+        best_height, best_width = select_best_resolution(tuple(image_size), [tuple(p) for p in layout["pinpoints"]])
         rows, cols = best_height // crop, best_width // crop
         return CropGrid(rows, cols, unpadded_grid(tuple(image_size), (rows * side, cols * side)))
+
+    @staticmethod
+    def grid_classes(layout: dict[str, Any]) -> list[CropGrid]:
+        """One grid per distinct pinpoint, in the config's order."""
+        grids = [CropGrid(height // layout["crop"], width // layout["crop"]) for height, width in layout["pinpoints"]]
+        return list(dict.fromkeys(grids))
 
     @classmethod
     def pipeline_vision(cls, model: nn.Module, schedule: Schedule, ops: tuple) -> VisionUnit:
