@@ -35,7 +35,7 @@ import onnx
 from onnxruntime.quantization import CalibrationDataReader
 
 from visiondrop_edge.gates import gates_for
-from visiondrop_edge.manifest import MANIFEST, GraphEntry, Manifest, read_manifest
+from visiondrop_edge.manifest import MANIFEST, GraphEntry, Manifest, read_manifest, refuse_multi_crop
 from visiondrop_edge.errors import SettingError, UserError
 from visiondrop_edge.loading import check_target, sha256_file, write_atomically
 
@@ -358,6 +358,7 @@ def calibrate_artifacts(source: str | Path, out: str | Path, options: CalibrateO
 
     source, out = Path(source), Path(out)
     manifest = read_manifest(source)
+    refuse_multi_crop(manifest, source, "calibrate", "run them in fp32/fp16")
     export = manifest.export
     if export.get("quantization"):
         raise UserError(f"{source} is already calibrated ({export['quantization']['precision']}): calibrate its float source")

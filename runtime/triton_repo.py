@@ -136,12 +136,14 @@ class Source:
 
 def open_source(artifacts: Path | None, engines: Path | None) -> Source:
     """Read (and verify) the folders a repository is written from."""
-    from visiondrop_edge.manifest import read_manifest
+    from visiondrop_edge.manifest import read_manifest, refuse_multi_crop
 
     if engines is None:
         if artifacts is None:
             raise UserError.naming("give {engines} DIR (TensorRT engines from `build`) or {artifacts} DIR (ONNX graphs from `export`)")
-        return Source(Path(artifacts), read_manifest(artifacts))
+        manifest = read_manifest(artifacts)
+        refuse_multi_crop(manifest, Path(artifacts), "triton-repo", "run them with `python cli.py generate`")
+        return Source(Path(artifacts), manifest)
     from visiondrop_edge.engines import ENGINES_FORMAT, ENGINES_FORMAT_VERSION, read_engine_manifest, verify_engine_files
 
     data = read_engine_manifest(Path(engines))
@@ -151,6 +153,7 @@ def open_source(artifacts: Path | None, engines: Path | None) -> Source:
     verify_engine_files(Path(engines), data)
     folder = Path(artifacts or data["artifacts"]["path"])
     manifest = read_manifest(folder)
+    refuse_multi_crop(manifest, folder, "triton-repo", "run them with `python cli.py generate`")
     from visiondrop_edge.manifest import MANIFEST, sha256_file
 
     if sha256_file(folder / MANIFEST) != data["artifacts"]["manifest_sha256"]:

@@ -34,7 +34,7 @@ from visiondrop_edge.errors import UserError
 from visiondrop_edge.gates import Gates, gates_for
 from visiondrop_edge.loading import EXPORT_DTYPES, apply_precision, load_model
 from visiondrop_edge.manifest import Manifest, read_manifest
-from visiondrop_edge.prompt import build_prompts, load_images, pixel_values, random_images
+from visiondrop_edge.prompt import build_prompts, image_sizes, load_images, pixel_values, random_images
 
 from .base import Backend, DecoderState, StageTrace
 from .generate import GenerationResult, greedy_generate
@@ -232,6 +232,22 @@ class Validator:
         self.reference, self.candidate, self.manifest, self.report, self.gates = reference, candidate, manifest, report, gates
         self.stages = reference.spec.schedule.stages
 
+    def judged(self, stage: int, trace: StageTrace) -> StageTrace:
+        """A stage's choices as its top-k and merge made them: a multi-crop image's vision stage
+        prunes each view alone, so it is judged one view per row, in the view's own numbering."""
+        schedule = self.reference.spec.schedule
+        if stage != 0 or schedule.views == 1:
+            return trace
+        rows, views = trace.kept_index.shape[0], schedule.views
+
+        def own(index: Tensor, per_view: int) -> Tensor:
+            offsets = torch.arange(views, device=index.device).view(1, -1, 1) * per_view
+            return (index.view(rows, views, -1) - offsets).flatten(0, 1)
+
+        tokens = schedule.vision_inputs
+        return StageTrace(own(trace.kept_index, tokens), own(trace.target_index, tokens), trace.scores.reshape(rows * views, tokens),
+                          own(trace.assignment, schedule.vision.contextual), trace.merge_metric.reshape(rows * views, tokens, -1))
+
     @contextmanager
     def forcing(self, choices: dict) -> Iterator[None]:
         self.reference.forced = choices
@@ -300,14 +316,15 @@ class Validator:
                 self.compare_outputs(label, names, ours, ref)
                 continue
             ours_trace, ref_trace = _stage_trace(ours), _stage_trace(ref)
-            self.note_margin(label, ref_trace, ours_trace)
-            decisions = judge_stage(label, ref_trace, ours_trace, self.stages[stage].contextual)
+            ours_judged, ref_judged = self.judged(stage, ours_trace), self.judged(stage, ref_trace)
+            self.note_margin(label, ref_judged, ours_judged)
+            decisions = judge_stage(label, ref_judged, ours_judged, self.stages[stage].contextual)
             if decisions:  # strict downstream comparison: the reference re-run on the candidate's choices
                 with self.forcing({stage: ours_trace.choice}):
                     ref = by_name(names, self.reference.run_vision(*inputs) if role == "vision"
                                   else self.reference.run_prune(index, *inputs))
             self.record_decisions(f"{label}.decisions (kept, assignment)", decisions,
-                                  (ours_trace.kept_index, ref_trace.kept_index))
+                                  (ours_judged.kept_index, ref_judged.kept_index))
             self.compare_outputs(label, names, ours, ref)
 
     def end_to_end(self, pixels: Tensor, prompts, new_tokens: int) -> None:
@@ -318,7 +335,7 @@ class Validator:
             ref = greedy_generate(self.reference, pixels, prompts, new_tokens)
         decisions = []
         for i, (r, o) in enumerate(zip(_stages(ref), cand_stages)):
-            decisions += judge_stage(f"generate: stage {i}", r, o, self.stages[i].contextual)
+            decisions += judge_stage(f"generate: stage {i}", self.judged(i, r), self.judged(i, o), self.stages[i].contextual)
         self.record_decisions("generate: prune decisions", decisions)
         self.compare_tokens(ours, ref, new_tokens)
 
@@ -407,21 +424,41 @@ def validate_artifacts(
     torch_reference = TorchBackend(loaded, backend.spec.schedule)
     report = Report(str(directory), source, backend.spec.schedule.describe(), gates.precision, reference,
                     f"{backend.name} ({', '.join(backend.providers)})" if hasattr(backend, "providers") else backend.name, gates.to_dict())
-    validator = Validator(torch_reference, backend, manifest, report, gates)
-    given = load_images(images)
-    cases = [(f"random (seed {seed + b})", random_images(b, seed=seed + b)) for b in batch_sizes]
-    if given:
-        cases.append(("given images", given))
-    for label, case_images in cases:
+    template = backend.spec.prompt_template
+    for label, case_images in validation_cases(backend, load_images(images), batch_sizes, seed):
         batch = len(case_images)
         case_prompts = [prompts[i % len(prompts)] for i in range(batch)]
         progress(f"comparing {label}, batch {batch} ...")
-        report.cases.append({"label": label, "batch": batch, "prompts": case_prompts})
-        spec = backend.spec
+        sizes = image_sizes(case_images, template)  # a multi-crop model: both sides on the images' grid class
+        validator = Validator(torch_reference.for_images(sizes), backend.for_images(sizes), manifest, report, gates)
+        spec = validator.candidate.spec
+        report.cases.append({"label": label, "batch": batch, "prompts": case_prompts, "schedule": spec.schedule.describe()}
+                            | ({"crop_grid": spec.schedule.grid.describe()} if spec.schedule.grid else {}))
         pixels = pixel_values(loaded.processor.image_processor, case_images, spec.prompt_template).to(device)
         prompt_batch = build_prompts(loaded.tokenizer, spec.prompt_template, case_prompts, spec.schedule.image_tokens, spec.image_token_id, spec.pad_token_id)
-        recorder = RecordingBackend(torch_reference)
+        recorder = RecordingBackend(validator.reference)
         greedy_generate(recorder, pixels, prompt_batch, new_tokens)
         validator.replay(recorder, {"prefill", "decode[0]"})
         validator.end_to_end(pixels, prompt_batch, new_tokens)
     return report
+
+
+def validation_cases(backend: Backend, given: list, batch_sizes: Sequence[int], seed: int) -> list[tuple[str, list]]:
+    """(label, images) per batch: seeded random images of every batch size, on each crop grid
+    class the folder has graphs for (images filling the grid's pinpoint), then the given images,
+    in batches of one grid class."""
+    spec = backend.spec
+    cases = []
+    for plan in spec.graph_schedules():
+        grid = plan.grid
+        for b in batch_sizes:
+            pictures = random_images(b, seed=seed + b)
+            if grid is not None:
+                pictures = [p.resize((grid.cols * spec.image_size, grid.rows * spec.image_size)) for p in pictures]
+            cases.append((f"random{f' {grid.describe()}' if grid else ''} (seed {seed + b})", pictures))
+    groups: dict = {}
+    for picture, size in zip(given, image_sizes(given, spec.prompt_template)):
+        groups.setdefault(backend.for_images([size]).spec.schedule, []).append(picture)
+    for plan, pictures in groups.items():
+        cases.append((f"given images{f' ({plan.grid.describe()})' if plan.grid else ''}", pictures))
+    return cases

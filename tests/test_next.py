@@ -9,6 +9,8 @@ targets and generated tokens must be identical.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -295,3 +297,59 @@ def test_a_mistral_next_is_exact_only_within_its_sliding_window(tiny_next):
     config = LlavaNextConfig(vision_config=tiny_next.config.vision_config, text_config=text)
     assert family_for_config(config.to_dict(), "ckpt") is LlavaNext
     assert LlavaNext.max_positions(config) == (4096, "the decoder's sliding_window (VisionDrop's attention has no window)")
+
+
+# ------------------------------------------------------------------ the commands, on a local checkpoint folder
+def test_export_generate_and_validate_a_next_checkpoint_folder(tiny_next, tmp_path):
+    """Done-when: the LLaVA-1.5 commands, unchanged, on a LLaVA-NeXT folder. ``generate`` on the
+    artifacts picks each image's grid class and answers what the PyTorch pipeline on that
+    grid's schedule (built here directly, not through the CLI) answers; ``validate`` passes
+    on every grid class."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from visiondrop_edge import cli
+
+    def invoke(*args):
+        return CliRunner().invoke(cli.cli, [str(a) for a in args])
+
+    folder, out = builtin_dir("tiny-next"), tmp_path / "artifacts"
+    exported = invoke("export", "--model", folder, "--budget", "160", "--anyres-llm-stages", "base", "--out", out, "--json", "-")
+    assert exported.exit_code == 0, exported.output
+    report = json.loads(exported.stdout)
+    assert {g["grid"] for g in report["crop_grids"]} == {f"{r}x{c}" for r, c in SIZES}
+    assert read_manifest(out).spec["schedule"]["scope"] == "base"
+    for (rows, cols), (height, width) in [((1, 2), SIZES[(1, 2)]), ((3, 1), SIZES[(3, 1)])]:
+        path = tmp_path / f"{rows}x{cols}.png"
+        images_of((height, width), 1, seed=rows)[0].save(path)
+        answered = invoke("generate", "--artifacts", out, "--image", path, "--prompt", PROMPTS[0], "--max-new-tokens", NEW_TOKENS, "--json", "-")
+        assert answered.exit_code == 0, answered.output
+        answer = json.loads(answered.stdout)
+        schedule = tiny_next.schedule(160, grid=CropGrid(rows, cols), scope="base")
+        assert answer["crop_grid"] == f"{rows}x{cols}" and answer["average_tokens_per_layer"] == schedule.average_tokens()
+        pixels = tiny_next.processor.image_processor([Image.open(path).convert("RGB")], return_tensors="pt")["pixel_values"]
+        direct = greedy_generate(TorchBackend(tiny_next, schedule), pixels, prompt_batch(tiny_next, schedule, PROMPTS[:1]), NEW_TOKENS)
+        assert answer["generated_ids"] == direct.tokens.tolist()
+    checked = invoke("validate", "--artifacts", out, "--batch", "1", "--max-new-tokens", "3", "--json", "-")
+    assert checked.exit_code == 0, checked.output
+    validation = json.loads(checked.stdout)
+    assert validation["passed"] and {case["crop_grid"] for case in validation["cases"]} == {f"{r}x{c}" for r, c in SIZES}
+
+
+def test_commands_without_multi_crop_support_refuse_next_by_name(next_artifacts, tmp_path):
+    """calibrate, triton-repo and serve handle one view per image: a NeXT folder or model gets a
+    one-line error saying what to run instead, not a crash deep inside."""
+    from click.testing import CliRunner
+
+    from visiondrop_edge import cli
+
+    _, out = next_artifacts
+    for args, fragment in [
+        (["calibrate", "--artifacts", out, "--precision", "int8", "--out", tmp_path / "q"], "which calibrate does not handle yet"),
+        (["triton-repo", "--artifacts", out, "--out", tmp_path / "repo"], "which triton-repo does not handle yet"),
+        (["serve", "--model", "tiny-next"], "serve runs one-view models (LLaVA-1.5) for now"),
+    ]:
+        result = CliRunner().invoke(cli.cli, [str(a) for a in args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and fragment in lines[-1] and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "repo").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from visiondrop_edge.errors import UserError
+from visiondrop_edge.schedule import SCOPES
 
 MODEL_HELP = "Built-in preset (tiny, small, llava-1.5-7b-shape) or a local Hugging Face LLaVA checkpoint folder."
 BUDGET_HELP = "Average visual tokens per LLM layer (e.g. 32, 64, 128, 192), or 'full' for no pruning. Default 128."
@@ -147,7 +148,7 @@ def shows_table(json_path: Path | str | None) -> bool:
     return json_path != STDOUT
 
 
-def open_torch(model: str, budget, schedule, device: str, conversation: str | None = None):
+def open_torch(model: str, budget, schedule, device: str, conversation: str | None = None, scope: str = "block"):
     """(backend, processor, source, (max sequence, what sets it)) for the PyTorch pipeline."""
     from visiondrop_edge.runtime.torch_backend import TorchBackend
     from visiondrop_edge.loading import load_model
@@ -155,7 +156,7 @@ def open_torch(model: str, budget, schedule, device: str, conversation: str | No
     check_device(device)
     progress(f"loading {model} ...")
     loaded = load_model(model, device=device, conversation=conversation)
-    return TorchBackend(loaded, loaded.schedule(budget, schedule)), loaded.processor, loaded.source, loaded.max_positions
+    return TorchBackend(loaded, loaded.schedule(budget, schedule, scope=scope)), loaded.processor, loaded.source, loaded.max_positions
 
 
 def open_artifacts(directory: Path, provider: str):
@@ -183,10 +184,12 @@ def open_engines(engines: Path, artifacts: Path | None):
     return backend, processor, backend.manifest.model["source"], limit
 
 
-def open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation=None):
+def open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation=None, scope="block"):
     """The backend a command's --backend/--model/--artifacts/--engines options name (see open_*)."""
     if conversation is not None and (artifacts or engines):
         raise UserError("--conversation is fixed at export time (the manifest records it): drop it, or re-export")
+    if scope != "block" and (artifacts or engines):
+        raise UserError("--anyres-llm-stages is fixed at export time (the manifest records it): drop it, or re-export")
     if backend_name == "torch" and (artifacts or engines) or backend_name == "ort" and (artifacts is None or engines):
         raise UserError("--backend torch runs --model, ort runs --artifacts DIR, trt runs --engines DIR: "
                         "pick the one that matches the folder you gave")
@@ -200,7 +203,7 @@ def open_backend(backend_name, model, artifacts, engines, provider, budget, sche
         if model is not None or budget is not None or schedule is not None:
             raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
         return open_artifacts(artifacts, provider)
-    return open_torch(model or "tiny", budget, schedule, device, conversation)
+    return open_torch(model or "tiny", budget, schedule, device, conversation, scope)
 
 
 # ------------------------------------------------------------------ options several commands share: one spelling each
@@ -215,7 +218,10 @@ def model_option(default: str | None):
 
 
 def schedule_options(command):
-    """``--budget`` and ``--schedule``: the pruning schedule of a model run or export."""
+    """``--budget``, ``--schedule`` and ``--anyres-llm-stages``: the pruning schedule of a model run or export."""
+    command = click.option("--anyres-llm-stages", default="block", show_default=True, type=click.Choice(SCOPES),
+                           help="LLaVA-NeXT: what the LLM stages prune. block: every view's tokens. base: the base view's "
+                           "only, carrying the crops' tokens through unpruned (the authors' released code, for parity checks).")(command)
     command = click.option("--schedule", default=None, help=SCHEDULE_HELP)(command)
     return click.option("--budget", default=None, help=BUDGET_HELP)(command)
 
@@ -308,15 +314,15 @@ def tiny(out: Path, force: bool) -> None:
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, the exact input ids, a sha256 of the pixels) as JSON.")
 @json_option("the answers, their token ids, the schedule and the backend")
 @user_errors
-def generate(model, artifacts, provider, backend_name, engines, images, prompts, budget, schedule, max_new_tokens, device,
-             conversation, trace_path, json_path) -> None:
+def generate(model, artifacts, provider, backend_name, engines, images, prompts, budget, schedule, anyres_llm_stages, max_new_tokens,
+             device, conversation, trace_path, json_path) -> None:
     """Answer a question about an image with VisionDrop pruning (greedy decoding).
 
     Runs the PyTorch pipeline on --model, the exported graphs in --artifacts with ONNX Runtime,
     or the TensorRT engines in --engines (--backend trt).
     """
     from visiondrop_edge.runtime.generate import greedy_generate
-    from visiondrop_edge.prompt import build_prompts, check_length, load_images, pixel_values
+    from visiondrop_edge.prompt import build_prompts, check_length, image_sizes, load_images, pixel_values
     from visiondrop_edge.trace import stage_records, top_logits, write_json
 
     if len(prompts) not in (1, len(images)) and len(images) != 1:
@@ -325,7 +331,8 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
     check_outputs(trace=trace_path, json=json_path)
     pil_images = load_images(images)
     backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device,
-                                                     conversation)
+                                                     conversation, anyres_llm_stages)
+    backend = backend.for_images(image_sizes(pil_images, backend.spec.prompt_template))  # a multi-crop model: the images' grid
     plan = backend.spec.schedule
     batch = build_prompts(
         processor.tokenizer, backend.spec.prompt_template, list(prompts) * max(1, len(images) // len(prompts)), plan.image_tokens,
@@ -333,7 +340,7 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
     )
     check_length(batch, max_new_tokens, *limit)
     pixels = pixel_values(processor.image_processor, pil_images, backend.spec.prompt_template)
-    progress(f"generating on {backend.name} with schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer)")
+    progress(f"generating on {backend.name} with schedule {plan.describe()}{grid_note(plan)} (average {plan.average_tokens():g} visual tokens per layer)")
     if len(images) == 1 and len(prompts) > 1:  # one prefill of the image, every question on top of it
         from visiondrop_edge.runtime.session import Session
 
@@ -352,6 +359,7 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
     write_report(json_path, {  # after the answers, so a failing write loses nothing computed
         "answers": answers, "generated_ids": result.tokens.tolist(), "schedule": plan.describe(),
         "average_tokens_per_layer": plan.average_tokens(), "backend": backend.name,
+        **({"crop_grid": plan.grid.describe(), "image_tokens": plan.image_tokens} if plan.grid else {}),
     })
     if trace_path is not None:
         write_side_file(trace_path, lambda path: write_json(path, {
@@ -377,7 +385,8 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
 @max_new_tokens_option(64, "Longest answer per turn; greedy decoding stops earlier at the end-of-sequence token.")
 @conversation_option
 @user_errors
-def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, max_new_tokens, device, conversation) -> None:
+def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, anyres_llm_stages, max_new_tokens, device,
+         conversation) -> None:
     """Talk about one image in the terminal, one question per line (an empty line or EOF ends).
 
     The image is pruned and prefilled once; every turn only prefills its own words on top of
@@ -386,13 +395,16 @@ def chat(model, artifacts, provider, backend_name, engines, image, budget, sched
     from transformers import TextStreamer
 
     from visiondrop_edge.runtime.session import Session
-    from visiondrop_edge.prompt import follow_up_ids, load_images, pixel_values
+    from visiondrop_edge.prompt import follow_up_ids, image_sizes, load_images, pixel_values
 
     picture = load_images([image])
     backend, processor, source, (limit, limit_name) = open_backend(
-        backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation)
+        backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation, anyres_llm_stages)
+    backend = backend.for_images(image_sizes(picture, backend.spec.prompt_template))
     conversation = Session(backend, processor, source).chat(pixel_values(processor.image_processor, picture, backend.spec.prompt_template))
-    progress(f"image encoded ({backend.spec.schedule.describe()}); ask away, an empty line ends")
+    plan = backend.spec.schedule
+    progress(f"image encoded ({plan.describe()}{grid_note(plan)}, average {plan.average_tokens():g} visual tokens per layer); "
+             "ask away, an empty line ends")
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -407,6 +419,11 @@ def chat(model, artifacts, provider, backend_name, engines, image, budget, sched
         streamer = TextStreamer(processor.tokenizer, skip_special_tokens=True)
         conversation.say(line.strip(), max_new_tokens, on_token=lambda token: streamer.put(token.cpu()))
         streamer.end()
+
+
+def grid_note(plan) -> str:
+    """`` on a 2x2 crop grid`` for a multi-crop image's schedule, else nothing."""
+    return f" on a {plan.grid.describe()} crop grid, {plan.image_tokens} image tokens" if plan.grid else ""
 
 
 def parse_int_list(text: str, option: str) -> list[int]:
@@ -438,7 +455,8 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 @force_option
 @json_option("the summary (folder, schedule, graphs with their I/O, files)")
 @user_errors
-def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len, plugins, conversation, force, json_path) -> None:
+def export(model, budget, schedule, anyres_llm_stages, out, dtype, vision_dtype, opset, max_seq_len, plugins, conversation, force,
+           json_path) -> None:
     """Export fixed-budget ONNX graphs (vision, per-group decoder, prune) and a manifest.
 
     The folder holds one graph per pipeline unit, the text-embedding table, the tokenizer and
@@ -460,11 +478,16 @@ def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len
     limit, limit_name = loaded.max_positions
     if max_seq_len > limit:
         raise UserError(f"--max-seq-len {max_seq_len} exceeds {limit_name} ({limit}): use at most {limit}")
-    plan = loaded.schedule(budget, schedule)
+    plan = loaded.schedule(budget, schedule, scope=anyres_llm_stages)
     if out is None:
         label = "full" if plan.is_full else (budget or ("custom" if schedule else "128"))
-        out = Path("artifacts") / f"{Path(loaded.source).name}-{label}{'-plugins' if plugins else ''}"
-    progress(f"schedule {plan.describe()} (average {plan.average_tokens():g} visual tokens per layer) -> {out}")
+        scope = "-base" if anyres_llm_stages != "block" else ""
+        out = Path("artifacts") / f"{Path(loaded.source).name}-{label}{scope}{'-plugins' if plugins else ''}"
+    progress(f"schedule {plan.describe()}{grid_note(plan)} (average {plan.average_tokens():g} visual tokens per layer) -> {out}")
+    if plan.grid is not None:
+        progress("crop grids: " + ", ".join(f"{p.grid.describe()} ({p.image_tokens} image tokens, average {p.average_tokens():g})"
+                                            for p in plan.for_grids(loaded.family.grid_classes(loaded.crop_layout)))
+                 + ("; unpruned graphs have one image size's shapes (HF unpads per image)" if plan.is_full else ""))
     manifest = export_artifacts(loaded, plan, out, options, force=force, progress=progress)
     rows = []
     for entry in manifest.graphs:
@@ -474,8 +497,10 @@ def export(model, budget, schedule, out, dtype, vision_dtype, opset, max_seq_len
     if shows_table(json_path):
         print_table(["graph", "role", "size", "main output"], rows)
         click.echo(f"wrote {len(manifest.files) + 1} files to {out} (manifest: {out / 'manifest.json'})")
+    grids = [{"grid": p.grid.describe(), "image_tokens": p.image_tokens, "average_tokens_per_layer": p.average_tokens()}
+             for p in plan.for_grids(loaded.family.grid_classes(loaded.crop_layout))] if plan.grid else None
     write_report(json_path, {"out": str(out), "schedule": plan.describe(), "graphs": [g.to_dict() for g in manifest.graphs],
-                             "files": manifest.files})
+                             "files": manifest.files, **({"crop_grids": grids} if grids else {})})
 
 
 @cli.command()
@@ -649,7 +674,7 @@ def print_validation(report) -> None:
 @json_option("the kept patches and contextual groups of every stage")
 @conversation_option
 @user_errors
-def inspect(model, image, prompt, budget, schedule, out, json_path, conversation) -> None:
+def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json_path, conversation) -> None:
     """Draw which image patches each VisionDrop stage keeps.
 
     One panel per stage (LLM stages mapped back to original patch positions): dominant
@@ -667,7 +692,7 @@ def inspect(model, image, prompt, budget, schedule, out, json_path, conversation
     picture = load_images([image])[0]
     progress(f"loading {model} ...")
     loaded = load_model(model, conversation=conversation)
-    plan = loaded.schedule(budget, schedule)
+    plan = loaded.schedule(budget, schedule, scope=anyres_llm_stages)
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
     batch = build_prompts(loaded.tokenizer, loaded.template, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
@@ -799,8 +824,8 @@ def check_serving(max_new_tokens: int, max_new_tokens_limit: int) -> None:
 @serving_options
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Where Triton writes its own log (default: a new file in the temp folder, named at start).")
 @user_errors
-def serve(model, budget, schedule, device, artifacts, provider, engines, backend_name, host, http_port, grpc_port, metrics_port,
-          max_batch, batch_delay_us, max_new_tokens, max_new_tokens_limit, prefix_cache_bytes, log_file) -> None:
+def serve(model, budget, schedule, anyres_llm_stages, device, artifacts, provider, engines, backend_name, host, http_port, grpc_port,
+          metrics_port, max_batch, batch_delay_us, max_new_tokens, max_new_tokens_limit, prefix_cache_bytes, log_file) -> None:
     """Serve the pipeline on Triton Inference Server (through PyTriton): HTTP, gRPC and metrics.
 
     \b
@@ -829,7 +854,11 @@ def serve(model, budget, schedule, device, artifacts, provider, engines, backend
                            batch_delay_us=batch_delay_us, max_new_tokens=max_new_tokens, max_new_tokens_limit=max_new_tokens_limit,
                            prefix_cache_bytes=prefix_cache_bytes)
     check_ports(options)
-    backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device)
+    backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device,
+                                                     scope=anyres_llm_stages)
+    if backend.spec.schedule.grid is not None:
+        raise UserError("serve runs one-view models (LLaVA-1.5) for now: its batches would mix LLaVA-NeXT's crop grids. "
+                        "Run a LLaVA-NeXT model with `python cli.py generate`")
     if log_file is None:
         handle, name = tempfile.mkstemp(prefix="visiondrop-triton-", suffix=".log")
         os.close(handle)

@@ -81,11 +81,8 @@ class ModelSpec:
         return family_named(self.family).grid_classes(self.crop_layout)
 
     def graph_schedules(self) -> list[Schedule]:
-        """The schedules an export has vision (and prune) graphs for: one, or a multi-crop
-        model's every grid class when it prunes (unpruned, the shapes are one image size's)."""
-        if self.schedule.grid is None or self.schedule.is_full:
-            return [self.schedule]
-        return [self.schedule.for_grid(grid) for grid in self.grid_classes()]
+        """The schedules the export has vision (and prune) graphs for (``Schedule.for_grids``)."""
+        return self.schedule.for_grids(self.grid_classes())
 
     def for_grid(self, grid: CropGrid | None) -> ModelSpec:
         """This spec with the schedule of an image of ``grid`` (None: one view, the spec as it is)."""
@@ -358,6 +355,12 @@ class Manifest:
         """Hash every file in ``directory`` (but the manifest) and write the manifest."""
         self.files = {name: sha256_file(directory / name) for name in sorted(folder_files(directory))}
         (directory / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def refuse_multi_crop(manifest: Manifest, directory: Path, command: str, instead: str) -> None:
+    """Refuse a multi-crop (LLaVA-NeXT) folder where ``command`` handles one view per image only."""
+    if manifest.spec["schedule"].get("grid") is not None:
+        raise UserError(f"{directory} holds LLaVA-NeXT (multi-crop) artifacts, which {command} does not handle yet: {instead}")
 
 
 def folder_files(directory: Path) -> set[str]:

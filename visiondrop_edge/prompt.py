@@ -174,6 +174,13 @@ def pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
     return square
 
 
+def image_sizes(images: Sequence[Image.Image], template: PromptTemplate | None = None) -> list[tuple[int, int]]:
+    """(height, width) of each image as the processor gets it (a ``pad_to_square`` template's
+    squares): what a multi-crop model's grid is chosen from (``Backend.for_images``)."""
+    square = template is not None and template.pad_to_square
+    return [(max(image.size),) * 2 if square else (image.height, image.width) for image in images]
+
+
 def pixel_values(image_processor, images: Sequence[Image.Image], template: PromptTemplate | None = None) -> Tensor:
     """The processor's pixels; a ``pad_to_square`` template first pads in the processor's mean colour."""
     if template is not None and template.pad_to_square:

@@ -190,6 +190,14 @@ class Schedule:
         views = self.views if self.scope == "block" else 1
         return self.stages[:1] + tuple(Stage(s.after_layer, s.dominant // views, s.contextual // views) for s in self.llm_stages)
 
+    def for_grids(self, grids: list[CropGrid]) -> list[Schedule]:
+        """The schedules an export of this one has vision (and prune) graphs for: itself, or for
+        a pruned multi-crop schedule one per grid class (unpruned, HF unpads per image, so the
+        shapes are this schedule's image size's only)."""
+        if self.grid is None or self.is_full:
+            return [self]
+        return [self.for_grid(grid) for grid in grids]
+
     def for_grid(self, grid: CropGrid) -> Schedule:
         """The same per-view schedule and scope on another image's ``grid`` (a full schedule
         needs the grid's ``unpadded`` size, the image's own)."""

@@ -18,20 +18,26 @@ def stage_records(schedule: Schedule, vision_stage, llm_stages) -> list[dict[str
     """Per stage: counts and, per sample, kept (dominant) and contextual target indices.
 
     Indices are in the stage's own input numbering: the vision stage numbers CLS 0 (where the
-    tower has one) and patch p as p + 1; an LLM stage numbers the visual tokens it received, in order.
+    tower has one) and patch p as p + 1; an LLM stage numbers the visual tokens it received, in
+    order. A multi-crop image's vision stage prunes each of its ``views`` alone: view v's token t
+    is ``v * (patches + CLS) + t``, and the counts are all views' (``per_view`` has one view's).
     """
     if schedule.is_full:
         return []
-    inputs = [schedule.vision_inputs] + [s.total for s in schedule.stages[:-1]]
+    views = schedule.views
+    inputs = [views * schedule.vision_inputs] + schedule.stage_inputs()
     traces = [vision_stage, *llm_stages]
     records = []
     for stage, count, trace in zip(schedule.stages, inputs, traces):
+        scale = views if stage.is_vision else 1
         records.append({
             "name": "vision" if stage.is_vision else f"after_layer_{stage.after_layer}",
             "after_layer": stage.after_layer,
             "input_tokens": count,
-            "dominant": stage.dominant,
-            "contextual": stage.contextual,
+            "dominant": scale * stage.dominant,
+            "contextual": scale * stage.contextual,
+            **({"views": views, "per_view": {"dominant": stage.dominant, "contextual": stage.contextual}}
+               if stage.is_vision and schedule.grid else {}),
             "kept_index": trace.kept_index.tolist(),
             "target_index": trace.target_index.tolist(),
         })
