@@ -21,7 +21,8 @@ def _decoder_layer(tokens: int, context: int, hidden: int, kv_width: int, interm
 
 
 def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, ideal: bool = False) -> dict[str, float]:
-    """FLOPs of vision encode, each prune, each decoder group's prefill, the LM head, and one decode step.
+    """FLOPs of vision encode (every view of a multi-crop image), each prune, each decoder group's
+    prefill, the LM head, and one decode step.
 
     ``text_tokens`` is the prompt length without the image; ``ideal`` counts the baseline
     that feeds each group exactly its stage's size with no scoring or merging.
@@ -35,28 +36,30 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
     kv_width = kv_heads * head_dim
     flops: dict[str, float] = {}
     vision_layer = 2 * n * dv * 4 * dv + 2 * 2 * n * n * dv + 2 * 2 * n * dv * vision.intermediate_size
-    image_tokens = schedule.image_tokens
+    image_tokens, views = schedule.image_tokens, schedule.views
+    projected = image_tokens if schedule.stages else views * patches  # unpruned multi-crop: HF's newlines are not projected
     flops["vision"] = batch * (
-        2 * patches * 3 * vision.patch_size**2 * dv + depth * vision_layer + 2 * image_tokens * (dv * d + d * d)
+        views * (2 * patches * 3 * vision.patch_size**2 * dv + depth * vision_layer) + 2 * projected * (dv * d + d * d)
     )
-    if schedule.vision is not None and not ideal:
+    if schedule.vision is not None and not ideal:  # every view's stage-0 prune
         rest = n - schedule.vision.dominant
-        flops["vision"] += batch * (2 * n * dv + 2 * (rest - schedule.vision.contextual) * schedule.vision.contextual * (dv // vision.num_attention_heads) + rest * dv)
+        flops["vision"] += batch * views * (2 * n * dv + 2 * (rest - schedule.vision.contextual) * schedule.vision.contextual * (dv // vision.num_attention_heads) + rest * dv)
+    blocks, carried = schedule.stage_inputs(), schedule.carried_tokens  # what each LLM stage prunes; what it carries
     visual = image_tokens
     for group, (start, stop) in enumerate(schedule.layer_groups()):
         projected = text_tokens + visual  # rows the group's first-layer projections see
         if group > 0:
-            stage = schedule.llm_stages[group - 1]
+            stage, block = schedule.llm_stages[group - 1], blocks[group - 1]
             if ideal:
-                projected = text_tokens + stage.total
+                projected = text_tokens + stage.total + carried
             else:
-                rest = visual - stage.dominant
+                rest = block - stage.dominant
                 width = d + d + 2 * kv_width  # hidden states plus the carried q/k/v
                 flops[f"prune_{group - 1}"] = batch * (
-                    2 * visual * (text_tokens + visual) * d  # visual queries against all keys
+                    2 * block * (text_tokens + visual) * d  # the block's queries against all keys
                     + 2 * (rest - stage.contextual) * stage.contextual * head_dim + rest * width
                 )
-            visual = stage.total
+            visual = stage.total + carried
         seq = text_tokens + visual
         layers = stop - start
         first_projections = 2 * projected * d * (d + 2 * kv_width)  # the first layer's q, k, v (qkv graph)
@@ -70,7 +73,7 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
     visual = image_tokens
     for group, (start, stop) in enumerate(schedule.layer_groups()):
         if group > 0:
-            visual = schedule.llm_stages[group - 1].total
+            visual = schedule.llm_stages[group - 1].total + carried
         decode += (stop - start) * _decoder_layer(1, text_tokens + visual + 1, d, kv_width, text.intermediate_size, False)
     flops["decode_step"] = batch * (decode + 2 * d * text.vocab_size)
     return flops

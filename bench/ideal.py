@@ -19,7 +19,7 @@ from visiondrop_edge.pruning import gather_rows, splice, visual_positions
 
 
 class IdealVision(nn.Module):
-    """The vision tower and projector producing the stage-0 token count (the first tokens)."""
+    """One view's vision tower and projector producing the stage-0 token count (the first tokens)."""
 
     def __init__(self, vision: VisionUnit):
         super().__init__()
@@ -39,6 +39,10 @@ class IdealBaseline(Backend):
         self.spec, self.device, self.name = inner.spec, inner.device, f"{inner.name} (ideal)"
 
     def run_vision(self, pixel_values):
+        """A multi-crop image's views [B, views, 3, H, W] each alone, their tokens concatenated."""
+        if pixel_values.dim() == 5:
+            embeds = self.vision(pixel_values.flatten(0, 1))
+            return {"image_embeds": embeds.unflatten(0, pixel_values.shape[:2]).flatten(1, 2)}
         return {"image_embeds": self.vision(pixel_values)}
 
     def run_embed(self, input_ids):
@@ -54,10 +58,11 @@ class IdealBaseline(Backend):
         return self.inner.run_group(group, *inputs)
 
     def encode_image(self, pixel_values: Tensor) -> VisionOutput:
-        return VisionOutput(self.vision(pixel_values.to(self.device)))
+        return VisionOutput(self.run_vision(pixel_values.to(self.device))["image_embeds"])
 
     def prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
-        """Each group sees its stage's size of the visual block (its first tokens): projected once, never scored."""
+        """Each group sees its stage's size of the visual block (its first tokens, and the tokens
+        a ``base``-scope stage carries): projected once, never scored."""
         input_ids, attention_mask, image_offset = (t.to(self.device) for t in (input_ids, attention_mask, image_offset))
         embeds = self.run_embed(input_ids)
         hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
@@ -65,7 +70,7 @@ class IdealBaseline(Backend):
         state, visual = DecoderState(), image_embeds.shape[1]
         for group in range(self.num_groups):
             if group > 0:
-                keep = self.spec.schedule.llm_stages[group - 1].total
+                keep = self.spec.schedule.llm_stages[group - 1].total + self.spec.schedule.carried_tokens
                 first = gather_rows(hidden, visual_positions(image_offset, keep))
                 hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, first)
                 visual = keep

@@ -27,8 +27,9 @@ import torch
 from visiondrop_edge.runtime.base import Backend
 from visiondrop_edge.runtime.torch_backend import TorchBackend
 from visiondrop_edge.loading import LoadedModel
-from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
-from visiondrop_edge.schedule import Schedule
+from visiondrop_edge.prompt import build_prompts, image_sizes, pixel_values, random_images
+from visiondrop_edge.pruning import REFERENCE_OPS
+from visiondrop_edge.schedule import REFERENCE_GRID, Schedule
 
 from .flops import stage_flops
 from .ideal import IdealBaseline, IdealVision
@@ -38,7 +39,7 @@ PROMPT = "Describe this image in detail."
 
 @dataclass(frozen=True)
 class BenchConfig:
-    budgets: tuple[str, ...] = ("32", "64", "128", "192", "full")
+    budgets: tuple[str, ...] = ()  # () = the model family's paper budgets; full is always added
     batches: tuple[int, ...] = (1, 4)
     new_tokens: int = 32
     warmup: int = 1
@@ -48,6 +49,7 @@ class BenchConfig:
     seed: int = 0
     cpu_load: int = 0  # busy worker processes running during the measurements (a contended Jetson CPU)
     contexts: tuple[int, ...] = ()  # decode ms/token on caches of these many (unpruned) tokens
+    scope: str = "block"  # a multi-crop model's LLM-stage scope (schedule.SCOPES)
 
 
 class PeakMemory:
@@ -235,13 +237,12 @@ def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provide
 
 
 def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The ideal vision unit exported like the others and run on the backend's providers."""
+    """The ideal vision unit (one view's) exported like the others and run on the backend's providers."""
     import onnxruntime
 
     from visiondrop_edge.export.onnx_export import ExportOptions, GraphSpec, export_graph
     from visiondrop_edge.contract import VISION_INPUTS, dynamic_axes, vision_outputs
     from visiondrop_edge.loading import EXPORT_DTYPES
-    from visiondrop_edge.pruning import REFERENCE_OPS
     from visiondrop_edge.runtime.ort_backend import session_options
 
     dtype = backend.spec.vision_torch_dtype
@@ -269,14 +270,20 @@ def _variants(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: Be
     if config.backend == "ort":
         vision = _ort_ideal_vision(loaded, backend, scratch)
     else:
-        vision = torch.inference_mode()(IdealVision(backend.pipeline.vision).eval())
+        vision = torch.inference_mode()(IdealVision(loaded.family.vision_unit(loaded.model, schedule.vision, REFERENCE_OPS)).eval())
     return {"pruned": backend, "ideal": IdealBaseline(backend, vision)}
+
+
+def bench_images(spec, batch: int, seed: int) -> list:
+    """Seeded random images; for a multi-crop model images filling the grid the budget is defined on (2x2)."""
+    size = spec.image_size * (REFERENCE_GRID.rows if spec.schedule.grid is not None else 1)
+    return random_images(batch, seed=seed, size=size)
 
 
 def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:
     """Measure every (budget, batch); returns the JSON-ready report."""
-    budgets = list(dict.fromkeys([*config.budgets, "full"]))  # full is always measured: it is the baseline
-    schedules = {b: loaded.schedule(b) for b in budgets}
+    budgets = list(dict.fromkeys([*(config.budgets or loaded.family.paper_budgets), "full"]))  # full: the baseline
+    schedules = {b: loaded.schedule(b, scope=config.scope) for b in budgets}
     total = sum(len(config.batches) * (1 if schedules[b].is_full else 2) for b in budgets)
     rows, contexts, done = [], [], 0
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch, cpu_load(config.cpu_load):
@@ -287,7 +294,11 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
             backends = _variants(loaded, schedule, Path(scratch), config)
             backend = next(iter(backends.values()))
             for batch in config.batches:
-                pixels = pixel_values(loaded.processor.image_processor, random_images(batch, seed=config.seed), backend.spec.prompt_template)
+                images = bench_images(backend.spec, batch, config.seed)
+                backends = {v: b.for_images(image_sizes(images, b.spec.prompt_template)) for v, b in backends.items()}
+                backend = next(iter(backends.values()))
+                schedule = backend.spec.schedule  # the images' grid's (the budget's, 2x2, as they fill it)
+                pixels = pixel_values(loaded.processor.image_processor, images, backend.spec.prompt_template)
                 prompts = build_prompts(loaded.tokenizer, backend.spec.prompt_template, [PROMPT] * batch, schedule.image_tokens,
                                         backend.spec.image_token_id, backend.spec.pad_token_id)
                 text_tokens = prompts.input_ids.shape[1] - schedule.image_tokens
@@ -311,6 +322,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                     row = {
                         "budget": budget, "batch": batch, "variant": v, "schedule": schedule.describe(),
                         "average_tokens_per_layer": schedule.average_tokens(), "text_tokens": text_tokens,
+                        "image_tokens": schedule.image_tokens, "crop_grid": schedule.grid.describe() if schedule.grid else None,
                         "vision_ms": _stats([r["vision"] for r in measured]),
                         "prefill_ms": _stats([r["prefill"] for r in measured]),
                         "ttft_ms": _stats([r["ttft"] for r in measured]),
@@ -349,7 +361,10 @@ def run_engines(engine_dirs: list[Path], config: BenchConfig, progress: Callable
         processor = AutoProcessor.from_pretrained(backend.artifacts)
         schedule = backend.spec.schedule
         for batch in config.batches:
-            pixels = pixel_values(processor.image_processor, random_images(batch, seed=config.seed), backend.spec.prompt_template)
+            images = bench_images(backend.spec, batch, config.seed)
+            backend = backend.for_images(image_sizes(images, backend.spec.prompt_template))
+            schedule = backend.spec.schedule
+            pixels = pixel_values(processor.image_processor, images, backend.spec.prompt_template)
             prompts = build_prompts(processor.tokenizer, backend.spec.prompt_template, [PROMPT] * batch, schedule.image_tokens,
                                     backend.spec.image_token_id, backend.spec.pad_token_id)
             for _ in range(config.warmup):

@@ -217,11 +217,15 @@ def model_option(default: str | None):
                         help=MODEL_HELP + ("" if default is not None else " Default: tiny."))
 
 
+scope_option = click.option(
+    "--anyres-llm-stages", default="block", show_default=True, type=click.Choice(SCOPES),
+    help="LLaVA-NeXT: what the LLM stages prune. block: every view's tokens. base: the base view's "
+    "only, carrying the crops' tokens through unpruned (the authors' released code, for parity checks).")
+
+
 def schedule_options(command):
     """``--budget``, ``--schedule`` and ``--anyres-llm-stages``: the pruning schedule of a model run or export."""
-    command = click.option("--anyres-llm-stages", default="block", show_default=True, type=click.Choice(SCOPES),
-                           help="LLaVA-NeXT: what the LLM stages prune. block: every view's tokens. base: the base view's "
-                           "only, carrying the crops' tokens through unpruned (the authors' released code, for parity checks).")(command)
+    command = scope_option(command)
     command = click.option("--schedule", default=None, help=SCHEDULE_HELP)(command)
     return click.option("--budget", default=None, help=BUDGET_HELP)(command)
 
@@ -709,7 +713,8 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 @model_option("small")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="Run the PyTorch pipeline, the exported graphs on ONNX Runtime (exported per budget into a temporary folder), or the TensorRT engine folders of --engines.")
 @click.option("--engines", "engine_dirs", multiple=True, type=click.Path(path_type=Path), help="--backend trt: an engine folder written by `build` (repeatable, one schedule each; a --budget full one is the speed-up baseline). Uses --batch, --max-new-tokens, --warmup, --repeats, --json.")
-@click.option("--budgets", default="32,64,128,192,full", show_default=True, help="Budgets to measure; 'full' (the baseline) is always measured.")
+@click.option("--budgets", default=None, metavar="B,B,...", help="Budgets to measure; 'full' (the baseline) is always measured. Default: the paper's for the model family (LLaVA-1.5: 32,64,128,192; LLaVA-NeXT: 160,320,640, averages for a 2x2 crop grid, whose images bench uses).")
+@scope_option
 @click.option("--batch", default="1,4", show_default=True, help="Batch sizes.")
 @max_new_tokens_option(32, "Decode steps per request: bench runs all of them, end-of-sequence or not, so every budget decodes as many.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0, 100))
@@ -725,8 +730,8 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 @click.option("--artifacts-compare", "compare", default=None, metavar="BASELINE,CANDIDATE", help="Instead: compare two artifact folders of one model on ONNX Runtime in one interleaved run (e.g. a float folder and its calibration). Uses --batch, --max-new-tokens, --warmup, --repeats, --provider, --json.")
 @conversation_option
 @user_errors
-def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, repeats, device, dtype, provider, json_path, plot_path,
-          cpu_load, contexts, questions, compare, conversation) -> None:
+def bench(model, backend, engine_dirs, budgets, anyres_llm_stages, batch, max_new_tokens, warmup, repeats, device, dtype, provider,
+          json_path, plot_path, cpu_load, contexts, questions, compare, conversation) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
     Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
@@ -754,12 +759,12 @@ def bench(model, backend, engine_dirs, budgets, batch, max_new_tokens, warmup, r
         config = BenchConfig(batches=tuple(parse_int_list(batch, "--batch")), new_tokens=max_new_tokens, warmup=warmup,
                              repeats=repeats, backend="ort", provider=provider)
         return bench_compare(compare, config, json_path)
-    budget_list = tuple(b.strip() for b in budgets.split(",") if b.strip())
-    if not budget_list:
+    budget_list = tuple(b.strip() for b in (budgets or "").split(",") if b.strip())
+    if budgets is not None and not budget_list:
         raise UserError(f"--budgets takes budgets separated by commas, e.g. 32,64,full (got '{budgets}')")
     config = BenchConfig(budgets=budget_list, batches=tuple(parse_int_list(batch, "--batch")), new_tokens=max_new_tokens,
                          warmup=warmup, repeats=repeats, backend=backend, provider=provider, cpu_load=cpu_load,
-                         contexts=tuple(parse_int_list(contexts, "--contexts")) if contexts else ())
+                         contexts=tuple(parse_int_list(contexts, "--contexts")) if contexts else (), scope=anyres_llm_stages)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     if backend == "ort" and dtype == "bf16":
         raise UserError("--backend ort exports fp32 or fp16 graphs: use --dtype fp32 or fp16")
@@ -918,9 +923,12 @@ def bench_questions(loaded, config, counts: list[int], json_path: Path | str | N
     from visiondrop_edge.bench.questions import run_questions_bench
     from visiondrop_edge.bench.run import pipeline_backend
 
+    if loaded.crop_layout is not None:
+        raise UserError("--questions-per-image measures one-view models (LLaVA-1.5) for now: its prefix cache does not bind "
+                        "LLaVA-NeXT's crop grids. Bench a LLaVA-NeXT model without it")
     report, rows = {"model": loaded.source, "backend": config.backend, "budgets": []}, []
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch:
-        for budget in config.budgets:
+        for budget in config.budgets or (*loaded.family.paper_budgets, "full"):
             schedule = loaded.schedule(budget)
             backend = pipeline_backend(loaded, schedule, Path(scratch), config)
             results = run_questions_bench(backend, loaded.processor, tuple(counts), config.new_tokens, config.repeats,

@@ -106,6 +106,7 @@ class Family(ABC):
     architecture: ClassVar[str]  # the HF class name checkpoints declare, e.g. "LlavaForConditionalGeneration"
     model_class: ClassVar[type]  # what from_pretrained is called on
     template: ClassVar[PromptTemplate]
+    paper_budgets: ClassVar[tuple[str, ...]]  # the budgets the paper reports for this family (bench's default)
 
     # ------------------------------------------------------------ before loading
     @classmethod

@@ -210,6 +210,7 @@ class Llava15(Family):
     model_class = LlavaForConditionalGeneration
     model_type = "llava"  # config.json's, with a CLIP tower
     template = PLAIN
+    paper_budgets = ("32", "64", "128", "192")
     conversations = CONVERSATIONS  # the recipes besides the checkpoint's own chat_template
 
     @classmethod

@@ -170,6 +170,7 @@ class LlavaNext(Llava15):
     architecture = "LlavaNextForConditionalGeneration"
     model_class = LlavaNextForConditionalGeneration
     model_type = "llava_next"
+    paper_budgets = ("160", "320", "640")  # averages for a 2x2 grid (five views)
     conversations = {PLAIN.name: PLAIN}  # llava_v1's pad-to-square is LLaVA-1.5's preprocessing
 
     @classmethod
