@@ -118,8 +118,9 @@ def test_flops_scale_with_sequence_length(tiny):
 def test_inspect_panels_follow_the_schedule(tiny, budget):
     schedule = Schedule.from_budget(budget, 8, 576)
     image = Image.open("examples/cat.png").convert("RGB")
-    panels, seen = inspect_image(tiny, schedule, image, "What is this?")
-    assert seen.shape == (336, 336, 3) and len(panels) == len(schedule.stages)
+    panels, [canvas] = inspect_image(tiny, schedule, image, "What is this?")
+    assert canvas.image.shape == (336, 336, 3) and (canvas.first_patch, canvas.columns) == (0, 24)
+    assert len(panels) == len(schedule.stages)
     for panel, stage in zip(panels, schedule.stages):
         assert len(panel.dominant) == stage.dominant and len(panel.contextual) == stage.contextual
         covered = [p for c in panel.dominant_coverage for p in c] + [p for g in panel.contextual for p in g["patches"]]

@@ -410,3 +410,71 @@ def test_bench_next_measures_2x2_images_against_full(tiny_next, tmp_path, scope)
                        for g, (start, stop) in enumerate(schedule.layer_groups()))
         assert row["kv_cache_bytes"] == expected
     assert rows["ideal"]["flops"]["prefill_total"] < rows["pruned"]["flops"]["prefill_total"] < rows["full"]["flops"]["prefill_total"]
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 2), (3, 1), (2, 2)])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_inspect_draws_the_crops_kept_patches_on_the_stitched_image(tiny_next, rows, cols, scope):
+    """inspect's canvases are the base view and the stitched crops; every patch of both is in
+    exactly one token at every stage; the crops' kept patches are drawn where those crops'
+    pixels are in the stitched image (found by their pixels: the image fills its pinpoint, so
+    no two patches are alike); and the block order is the layout's (each block token's
+    embedding is its view's own output, the views run one by one)."""
+    from visiondrop_edge.families.llava import ClipVisionUnit
+    from visiondrop_edge.inspection import CLS, inspect_image
+    from visiondrop_edge.pruning import REFERENCE_OPS
+
+    side, size, views = 24, 14, rows * cols + 1
+    image = images_of((336 * rows, 336 * cols), 1, seed=3)[0]
+    schedule = tiny_next.schedule(320, scope=scope).for_grid(CropGrid(rows, cols))
+    panels, (base, crops) = inspect_image(tiny_next, tiny_next.schedule(320, scope=scope), image, "What is this?")
+    assert (base.first_patch, base.columns, base.image.shape) == (0, side, (336, 336, 3))
+    assert (crops.first_patch, crops.columns, crops.image.shape) == (side**2, cols * side, (336 * rows, 336 * cols, 3))
+    vision = schedule.vision
+    assert len(panels) == len(schedule.stages)
+    assert (len(panels[0].dominant), len(panels[0].contextual)) == (views * vision.dominant, views * vision.contextual)
+    assert panels[0].dominant.count(CLS) == views
+    for panel in panels:
+        covered = [p for c in panel.dominant_coverage for p in c] + [p for g in panel.contextual for p in g["patches"]]
+        assert sorted(covered) == list(range(views * side**2))
+
+    def tiles(picture):  # [H, W, 3] -> row-major patches as bytes
+        h, w = picture.shape[0] // size, picture.shape[1] // size
+        return [t.tobytes() for t in picture.reshape(h, size, w, size, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, -1)]
+
+    pixels = tiny_next.processor.image_processor([image], return_tensors="pt")["pixel_values"][0]
+    processor = tiny_next.processor.image_processor
+    seen = (np.clip(pixels.permute(0, 2, 3, 1).numpy() * np.array(processor.image_std) + np.array(processor.image_mean), 0, 1) * 255).astype(np.uint8)
+    on_canvas = {tile: crops.first_patch + n for n, tile in enumerate(tiles(crops.image))}
+    assert len(on_canvas) == views * side**2 - side**2  # every tile distinct
+    backend = TorchBackend(tiny_next, schedule)
+    kept = backend.encode_image(pixels[None]).stage.kept_index[0].view(views, -1)
+    expected = {on_canvas[tiles(seen[view])[token - 1 - view * (side**2 + 1)]] for view in range(1, views) for token in kept[view, 1:].tolist()}
+    assert {p for p in panels[0].dominant if p != CLS and p >= side**2} == expected
+    # the block order against the views run one by one
+    per_view = ClipVisionUnit(tiny_next.model, vision, REFERENCE_OPS)
+    with torch.inference_mode():
+        outputs = per_view(pixels)[0].flatten(0, 1)  # [views * (k+c), D], view after view
+        embeds = backend.encode_image(pixels[None]).image_embeds[0]
+    torch.testing.assert_close(embeds, outputs[backend.pipeline.vision.block_order(kept.flatten())], **TOL)
+
+
+def test_inspect_cli_on_a_next_image(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from visiondrop_edge import cli
+
+    picture, out = tmp_path / "wide.png", tmp_path / "kept.png"
+    images_of(SIZES[(1, 3)], 1, seed=1)[0].save(picture)
+    result = CliRunner().invoke(cli.cli, ["inspect", "--model", "tiny-next", "--image", str(picture), "--budget", "160",
+                                          "--out", str(out), "--json", "-"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["crop_grid"] == "1x3"
+    assert [(c["name"], c["first_patch"], c["rows"], c["columns"]) for c in data["canvases"]] == [
+        ("base view", 0, 24, 24), ("crops", 576, 24, 72)]
+    views, stage = 4, Schedule.from_budget(160, 8, 576, grid=CropGrid(1, 3)).vision
+    assert (len(data["stages"][0]["dominant"]), len(data["stages"][0]["contextual"])) == (views * stage.dominant, views * stage.contextual)
+    width, height = Image.open(out).size
+    assert width > 3 * height / 2  # four panels a row, two rows (the base view's, the crops' at a third of the height)

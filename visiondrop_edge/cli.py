@@ -683,12 +683,14 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 
     One panel per stage (LLM stages mapped back to original patch positions): dominant
     tokens' patches bright with a white outline, each contextual group's patches coloured by
-    its target (target outlined). Patch indices are row-major over the patch grid.
+    its target (target outlined). Patch indices are row-major over the patch grid; for a
+    LLaVA-NeXT image over its canvases, a row of panels each: the base view (its patches
+    first), then the crops stitched into the padded image (the JSON's canvases say where each starts).
     """
     from visiondrop_edge.prompt import pad_token_id
     from visiondrop_edge.inspection import draw, inspect_image, panels_json
     from visiondrop_edge.loading import load_model
-    from visiondrop_edge.prompt import build_prompts, check_length, load_images
+    from visiondrop_edge.prompt import build_prompts, check_length, image_sizes, load_images
 
     if out is None and json_path is None:
         raise UserError("give --out kept.png to draw the panels, --json PATH (or - to print) for them as JSON, or both")
@@ -699,13 +701,16 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
     plan = loaded.schedule(budget, schedule, scope=anyres_llm_stages)
     if plan.is_full:
         raise UserError("--budget full keeps every patch: nothing to inspect; pick a budget such as 64")
+    if plan.grid is not None:
+        plan = plan.for_grid(loaded.crop_grid(image_sizes([picture], loaded.template)[0]))
     batch = build_prompts(loaded.tokenizer, loaded.template, [prompt], plan.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     check_length(batch, 0, *loaded.max_positions)
-    panels, seen = inspect_image(loaded, plan, picture, prompt)
-    write_report(json_path, {"schedule": plan.describe(), "patch_size": loaded.config.vision_config.patch_size,
-                             "grid": seen.shape[1] // loaded.config.vision_config.patch_size, "stages": panels_json(panels)})
+    panels, canvases = inspect_image(loaded, plan, picture, prompt)
+    write_report(json_path, {"schedule": plan.describe(), "crop_grid": plan.grid.describe() if plan.grid else None,
+                             "patch_size": loaded.config.vision_config.patch_size, "canvases": [c.to_dict() for c in canvases],
+                             "stages": panels_json(panels)})
     if out is not None:
-        write_side_file(out, lambda path: draw(panels, seen, loaded.config.vision_config.patch_size, path))
+        write_side_file(out, lambda path: draw(panels, canvases, loaded.config.vision_config.patch_size, path))
         progress(f"wrote {out}")
 
 

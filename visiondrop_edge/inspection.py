@@ -6,6 +6,10 @@ token, a contextual token folds a target and its members. Each token therefore h
 *coverage* (every patch merged into it). A panel per stage shows the dominant tokens'
 representatives highlighted (patches merged into them earlier lightly lit) and each
 contextual group's coverage coloured by its target.
+
+Patches are numbered over the vision unit's *canvases*: one image for LLaVA-1.5; for a
+multi-crop image its base view, then the crops stitched into the padded image, so the crops'
+kept patches are drawn where they are in the picture.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 
 from . import pruning
-from .prompt import build_prompts, pixel_values
+from .prompt import build_prompts, image_sizes, pixel_values
 from .schedule import Schedule
 
 CLS = "cls"
@@ -31,97 +35,149 @@ class Panel:
     contextual: list[dict]  # per contextual token: its target's representative and the patches it covers
 
 
-def keep_map(schedule: Schedule, traces: list) -> list[Panel]:
-    """Panels for sample 0 from the stages' StageTraces (vision stage first)."""
-    num_patches = schedule.num_patches
-    cls = [CLS] * schedule.cls_tokens
-    representative: list = cls + list(range(num_patches))  # the vision stage's input: CLS (if any), patches
-    coverage: list[set[int]] = [set() for _ in cls] + [{p} for p in range(num_patches)]
-    panels = []
-    for stage, result in zip(schedule.stages, traces):
-        kept = result.kept_index[0].tolist()
-        targets = result.target_index[0].tolist()
-        rest = sorted(set(range(len(representative))) - set(kept))
-        slots = pruning.slots_of(result.assignment[:1], len(rest), len(targets))[0].tolist()
-        groups = []
-        for slot, target in enumerate(targets):
-            covered = set(coverage[target])
-            for token, token_slot in zip(rest, slots):
-                if token_slot == slot:
-                    covered |= coverage[token]
-            groups.append({"target": representative[target], "patches": sorted(covered)})
-        name = "vision" if stage.is_vision else f"after layer {stage.after_layer}"
-        panels.append(Panel(f"{name}: {stage.dominant}+{stage.contextual}", [representative[i] for i in kept],
-                            [sorted(coverage[i]) for i in kept], groups))
-        representative = [representative[i] for i in kept] + [representative[t] for t in targets]
-        coverage = [coverage[i] for i in kept] + [set(g["patches"]) for g in groups]
+@dataclass
+class Canvas:
+    """An image the patches are drawn on: patches ``first_patch`` onwards, ``columns`` a row."""
+
+    name: str
+    image: np.ndarray  # [H, W, 3] uint8, as the model saw it
+    first_patch: int
+    columns: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "first_patch": self.first_patch, "columns": self.columns,
+                "rows": self.image.shape[0] * self.columns // self.image.shape[1]}
+
+
+@dataclass(frozen=True)
+class _Token:
+    representative: object  # a patch number or CLS
+    coverage: frozenset
+    contextual: bool = False
+
+
+def _prune(tokens: list[_Token], kept: list[int], targets: list[int], assignment) -> list[_Token]:
+    """One stage on one view's (or block's) ``tokens``: its output, ``[dominant, contextual]``."""
+    rest = sorted(set(range(len(tokens))) - set(kept))
+    slots = pruning.slots_of(assignment, len(rest), len(targets))[0].tolist()
+    groups = [set(tokens[t].coverage) for t in targets]
+    for token, slot in zip(rest, slots):
+        groups[slot] |= tokens[token].coverage
+    return ([_Token(tokens[i].representative, tokens[i].coverage) for i in kept]
+            + [_Token(tokens[t].representative, frozenset(g), True) for t, g in zip(targets, groups)])
+
+
+def _panel(name: str, tokens: list[_Token]) -> Panel:
+    dominant = [t for t in tokens if not t.contextual]
+    return Panel(name, [t.representative for t in dominant], [sorted(t.coverage) for t in dominant],
+                 [{"target": t.representative, "patches": sorted(t.coverage)} for t in tokens if t.contextual])
+
+
+def keep_map(schedule: Schedule, traces: list, view_patches: torch.Tensor, block_order: torch.Tensor) -> list[Panel]:
+    """Panels for sample 0 from the stages' StageTraces (vision stage first).
+
+    ``view_patches`` [views, P] numbers each view's patches on the canvases; ``block_order``
+    is the vision unit's layout of the views' outputs (``VisionUnit.block_order``). An LLM stage
+    prunes the first ``stage_inputs`` tokens of the block and carries the rest through.
+    """
+    vision, views = schedule.vision, schedule.views
+    trace = traces[0]
+    members = schedule.vision_inputs - vision.total  # per view
+    outputs = []
+    for v in range(views):
+        inputs = [_Token(CLS, frozenset())] * schedule.cls_tokens + [_Token(p, frozenset([p])) for p in view_patches[v].tolist()]
+        kept = (trace.kept_index[0, v * vision.dominant:(v + 1) * vision.dominant] - v * schedule.vision_inputs).tolist()
+        targets = (trace.target_index[0, v * vision.contextual:(v + 1) * vision.contextual] - v * schedule.vision_inputs).tolist()
+        assignment = trace.assignment[:1, v * members:(v + 1) * members] - v * vision.contextual
+        outputs += _prune(inputs, kept, targets, assignment)
+    tokens = [outputs[i] for i in block_order.tolist()]
+    panels = [_panel(f"vision: {vision.dominant}+{vision.contextual}{f' per view, {views} views' if views > 1 else ''}", tokens)]
+    for stage, block, result in zip(schedule.llm_stages, schedule.stage_inputs(), traces[1:]):
+        tokens = _prune(tokens[:block], result.kept_index[0].tolist(), result.target_index[0].tolist(), result.assignment[:1]) + tokens[block:]
+        panels.append(_panel(f"after layer {stage.after_layer}: {stage.dominant}+{stage.contextual}", tokens))
     return panels
 
 
+def _seen(pixels: torch.Tensor, processor) -> np.ndarray:
+    mean, std = np.array(processor.image_mean), np.array(processor.image_std)
+    seen = pixels.permute(1, 2, 0).float().numpy() * std + mean
+    return (np.clip(seen, 0, 1) * 255).astype(np.uint8)
+
+
 @torch.no_grad()
-def inspect_image(loaded, schedule: Schedule, image, prompt: str) -> tuple[list[Panel], np.ndarray]:
-    """Run one prefill with traces on; returns the panels and the image as the model saw it."""
+def inspect_image(loaded, schedule: Schedule, image, prompt: str) -> tuple[list[Panel], list[Canvas]]:
+    """Run one prefill with traces on (a multi-crop ``schedule`` on the image's own grid);
+    returns the panels and the canvases they are drawn on."""
     from visiondrop_edge.prompt import pad_token_id
     from visiondrop_edge.runtime.torch_backend import TorchBackend
 
-    backend = TorchBackend(loaded, schedule)
+    backend = TorchBackend(loaded, schedule).for_images(image_sizes([image], loaded.template))
+    schedule = backend.spec.schedule
     pixels = pixel_values(loaded.processor.image_processor, [image], loaded.template)
     batch = build_prompts(loaded.tokenizer, loaded.template, [prompt], schedule.image_tokens, loaded.config.image_token_id, pad_token_id(loaded.tokenizer))
     vision = backend.encode_image(pixels)
     prefill = backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset)
-    traces = [vision.stage, *prefill.stages]
-    processor = loaded.processor.image_processor
-    mean, std = np.array(processor.image_mean), np.array(processor.image_std)
-    seen = pixels[0].permute(1, 2, 0).float().numpy() * std + mean
-    return keep_map(schedule, traces), (np.clip(seen, 0, 1) * 255).astype(np.uint8)
+    unit = backend.pipeline.vision
+    drawn, view_patches = unit.canvases(pixels[0])
+    patch_size = loaded.config.vision_config.patch_size
+    canvases, first = [], 0
+    for name, picture in drawn:
+        canvases.append(Canvas(name, _seen(picture, loaded.processor.image_processor), first, picture.shape[-1] // patch_size))
+        first += (picture.shape[-2] // patch_size) * canvases[-1].columns
+    panels = keep_map(schedule, [vision.stage, *prefill.stages], view_patches, unit.block_order(vision.stage.kept_index[0]))
+    return panels, canvases
 
 
-def draw(panels: list[Panel], image: np.ndarray, patch_size: int, path: str | Path) -> None:
-    """One panel per stage: dominant patches bright and outlined, contextual groups coloured by target."""
+def draw(panels: list[Panel], canvases: list[Canvas], patch_size: int, path: str | Path) -> None:
+    """One panel per stage (a row per canvas): dominant patches bright and outlined,
+    contextual groups coloured by target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    grid = image.shape[1] // patch_size
     colours = plt.get_cmap("tab20")
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.9), squeeze=False)
-    for axis, panel in zip(axes[0], panels):
-        shade = np.full(image.shape[:2] + (1,), 0.25)
-        overlay = np.zeros(image.shape, dtype=float)
-        for group_index, group in enumerate(panel.contextual):
-            colour = np.array(colours(group_index % 20)[:3])
-            for patch in group["patches"]:
-                row, col = divmod(patch, grid)
-                area = np.s_[row * patch_size:(row + 1) * patch_size, col * patch_size:(col + 1) * patch_size]
-                overlay[area] = colour
-                shade[area] = 0.55
-        for covered in panel.dominant_coverage:  # patches merged earlier into a now-dominant token
-            for patch in covered:
-                row, col = divmod(patch, grid)
-                shade[row * patch_size:(row + 1) * patch_size, col * patch_size:(col + 1) * patch_size] = 0.75
-        for patch in panel.dominant:
-            if patch != CLS:
-                row, col = divmod(patch, grid)
-                area = np.s_[row * patch_size:(row + 1) * patch_size, col * patch_size:(col + 1) * patch_size]
-                shade[area], overlay[area] = 1.0, 0.0
-        blend = np.where(overlay.any(-1, keepdims=True), 0.5 * image / 255 + 0.5 * overlay, shade * image / 255)
-        axis.imshow(np.clip(blend, 0, 1))
-        for patch in panel.dominant:
-            if patch != CLS:
-                row, col = divmod(patch, grid)
-                axis.add_patch(Rectangle((col * patch_size, row * patch_size), patch_size, patch_size,
-                                         fill=False, edgecolor="white", linewidth=0.6))
-        for group_index, group in enumerate(panel.contextual):
-            if group["target"] != CLS:
-                row, col = divmod(group["target"], grid)
-                axis.add_patch(Rectangle((col * patch_size, row * patch_size), patch_size, patch_size,
-                                         fill=False, edgecolor=colours(group_index % 20), linewidth=2.0))
-        patches = sum(p != CLS for p in panel.dominant)
-        cls_note = " + CLS" if CLS in panel.dominant else ""
-        axis.set_title(f"{panel.name}\n{patches} dominant patches{cls_note}, {len(panel.contextual)} groups", fontsize=9)
-        axis.axis("off")
+    heights = [c.image.shape[0] / c.image.shape[1] for c in canvases]
+    figure, axes = plt.subplots(len(canvases), len(panels), figsize=(3.6 * len(panels), 3.6 * sum(heights) + 0.3 * len(canvases)),
+                                squeeze=False, gridspec_kw={"height_ratios": heights})
+    for canvas, row_axes in zip(canvases, axes):
+        image = canvas.image
+        count = (image.shape[0] // patch_size) * canvas.columns
+
+        def place(patch):
+            """(row slice, column slice, x, y) of ``patch`` on this canvas, or None if it is on another."""
+            if patch == CLS or not 0 <= patch - canvas.first_patch < count:
+                return None
+            row, col = divmod(patch - canvas.first_patch, canvas.columns)
+            return np.s_[row * patch_size:(row + 1) * patch_size, col * patch_size:(col + 1) * patch_size], col * patch_size, row * patch_size
+
+        for axis, panel in zip(row_axes, panels):
+            shade = np.full(image.shape[:2] + (1,), 0.25)
+            overlay = np.zeros(image.shape, dtype=float)
+            for group_index, group in enumerate(panel.contextual):
+                colour = np.array(colours(group_index % 20)[:3])
+                for spot in filter(None, map(place, group["patches"])):
+                    overlay[spot[0]], shade[spot[0]] = colour, 0.55
+            for covered in panel.dominant_coverage:  # patches merged earlier into a now-dominant token
+                for spot in filter(None, map(place, covered)):
+                    shade[spot[0]] = 0.75
+            dominant = list(filter(None, map(place, panel.dominant)))
+            for spot in dominant:
+                shade[spot[0]], overlay[spot[0]] = 1.0, 0.0
+            blend = np.where(overlay.any(-1, keepdims=True), 0.5 * image / 255 + 0.5 * overlay, shade * image / 255)
+            axis.imshow(np.clip(blend, 0, 1))
+            for _, x, y in dominant:
+                axis.add_patch(Rectangle((x, y), patch_size, patch_size, fill=False, edgecolor="white", linewidth=0.6))
+            for group_index, group in enumerate(panel.contextual):
+                spot = place(group["target"])
+                if spot is not None:
+                    axis.add_patch(Rectangle(spot[1:], patch_size, patch_size, fill=False, edgecolor=colours(group_index % 20), linewidth=2.0))
+            cls_note = f" + {panel.dominant.count(CLS)} CLS" if CLS in panel.dominant else ""
+            title = f"{panel.name}\n{len(dominant)} dominant patches{cls_note if canvas is canvases[0] else ''}"
+            groups = sum(place(g["target"]) is not None or (g["target"] == CLS and canvas is canvases[0]) for g in panel.contextual)
+            axis.set_title(f"{title}, {groups} groups" + (f" ({canvas.name})" if len(canvases) > 1 else ""), fontsize=9)
+            axis.axis("off")
     figure.tight_layout()
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from visiondrop_edge.errors import CheckpointError
@@ -97,6 +98,18 @@ class VisionUnit(nn.Module):
     def project(self, tokens: Tensor) -> Tensor:
         """Tower tokens -> the decoder's embedding space."""
         raise NotImplementedError
+
+    def canvases(self, pixel_values: Tensor) -> tuple[list[tuple[str, Tensor]], Tensor]:
+        """Where ``inspect`` draws one image's ([views,] 3, H, W) patches: (name, pixels [3, H, W])
+        per canvas, the canvases' patches numbered one canvas after the other, row-major; and
+        [views, patches] the number of each view's patch on them."""
+        raise NotImplementedError
+
+    def block_order(self, kept_index: Tensor) -> Tensor:
+        """The visual block [k+c per view] as indices into the views' stage outputs (``[dominant,
+        contextual]`` each) concatenated, for one image's stage-0 ``kept_index``: one view's is
+        its own output."""
+        return torch.arange(self.stage.total, device=kept_index.device)
 
 
 class Family(ABC):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
@@ -174,6 +175,9 @@ class ClipVisionUnit(VisionUnit):
 
     def tower_tokens(self, pixel_values: Tensor) -> Tensor:
         return self.features(pixel_values, len(self.layers))
+
+    def canvases(self, pixel_values: Tensor) -> tuple[list[tuple[str, Tensor]], Tensor]:
+        return [("image", pixel_values)], torch.arange(self.embeddings.num_patches).unsqueeze(0)
 
     def forward(self, pixel_values: Tensor, forced: pruning.Choice | None = None) -> tuple[Tensor, ...]:
         if self.stage is None:

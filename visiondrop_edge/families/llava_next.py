@@ -138,6 +138,24 @@ class AnyresVisionUnit(VisionUnit):
         tokens = self.per_view.tower_tokens(self._views(pixel_values))
         return tokens.reshape(pixel_values.shape[0], -1, tokens.shape[-1])
 
+    def canvases(self, pixel_values: Tensor) -> tuple[list[tuple[str, Tensor]], Tensor]:
+        """The base view, then the crops stitched into the resized, padded image (patches in
+        global raster order over it, :func:`raster_keys`)."""
+        rows, cols, side = self.grid.rows, self.grid.cols, self.layout.side
+        channels, height, width = pixel_values.shape[1:]
+        stitched = pixel_values[1:].reshape(rows, cols, channels, height, width).permute(2, 0, 3, 1, 4)
+        patches = torch.arange(side**2)
+        crops = raster_keys(patches.expand(1, self.grid.crops, -1), self.grid, side)[0] + side**2
+        return [("base view", pixel_values[0]), ("crops", stitched.reshape(channels, rows * height, cols * width))], \
+            torch.cat([patches.unsqueeze(0), crops])
+
+    def block_order(self, kept_index: Tensor) -> Tensor:
+        """The layout applied to the outputs' own numbers (the layout's code, not a copy of it)."""
+        views, k, total = self.grid.views, self.stage.dominant, self.stage.total
+        numbers = torch.arange(views * total, dtype=torch.float32, device=kept_index.device).view(1, views, total, 1)
+        kept = kept_index.view(1, views, k) - self.view_tokens * torch.arange(views, device=kept_index.device).view(1, -1, 1)
+        return self.layout.lay_out(numbers, kept)[0, :, 0].long()
+
     def _views(self, pixel_values: Tensor) -> Tensor:
         if pixel_values.dim() != 5 or pixel_values.shape[1] != self.grid.views:
             raise InputError(
