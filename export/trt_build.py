@@ -9,8 +9,10 @@ schedule and three numbers: ``max_batch``, ``max_seq_len`` (prompt + generated t
 exported one by default) and ``opt_seq_len`` (a typical prompt, image tokens included).
 ``qkv_{g}`` and ``decoder_{g}`` run in prefill (a whole prompt, empty cache) and in decode (one
 token, a long cache), so their engines get two profiles, ``prefill`` and ``decode``, in one
-engine: the weights are stored once and the runtime picks a profile per call. ``vision`` and
-``prune_{s}`` run once per request: one ``prefill`` profile.
+engine: the weights are stored once and the runtime picks a profile per call. The vision,
+layout and prune graphs run once per request: one ``prefill`` profile. A multi-crop
+(LLaVA-NeXT) folder's shared graphs get ranges that hold every grid class, and its
+``vision_encoder`` one view per batch row (up to ``max_batch`` times the largest grid's views).
 
 Everything but :func:`build_engines` is plain data (no TensorRT): the plan that ``--dry-run``
 prints, the kernel-limit refusals, the engine manifest and its refusals (another TensorRT
@@ -27,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import onnx
 
-from visiondrop_edge.manifest import MANIFEST, GraphEntry, read_manifest, sha256_file
+from visiondrop_edge.contract import layout_graph, prune_graph
+from visiondrop_edge.manifest import MANIFEST, GraphEntry, ModelSpec, read_manifest, sha256_file
 from visiondrop_edge.engines import ENGINES_FORMAT, ENGINES_FORMAT_VERSION, Environment
 from visiondrop_edge.plugins_trt import DEFAULT_BUILD_DIR, MERGE_OP, PLUGIN_LIBRARY, PLUGIN_VERSION, SELECT_OP, is_plugin_node
 from visiondrop_edge.plugins_trt.library import find_plugin_library, load_plugin_library
@@ -152,20 +155,42 @@ def sequence_ranges(schedule: Schedule, max_seq_len: int, opt_seq_len: int) -> l
     A prompt holds the image tokens and at least one text token; the longest one leaves room
     for one generated token. Group g sees the prompt minus the visual tokens dropped before it.
     """
-    visual = [schedule.image_tokens] + [s.total for s in schedule.llm_stages]
     image = schedule.image_tokens
-    return [(v + 1, opt_seq_len - (image - v), max_seq_len - 1 - (image - v)) for v in visual]
+    return [(v + 1, opt_seq_len - (image - v), max_seq_len - 1 - (image - v)) for v in schedule.group_tokens()]
 
 
 def _range(low: int, opt: int, high: int) -> list[int]:
     return [low, min(max(opt, low), high), high]
 
 
-def profiles_for(entry: GraphEntry, schedule: Schedule, max_batch: int, max_seq_len: int, opt_seq_len: int) -> list[Profile]:
-    """The optimization profiles of one graph, from its role and the schedule's lengths."""
-    lengths = sequence_ranges(schedule, max_seq_len, opt_seq_len)
+def graph_schedules(entry: GraphEntry, spec: ModelSpec) -> list[Schedule]:
+    """The schedules whose images ``entry`` runs for, the spec's own (the 2x2 grid a NeXT budget
+    is defined on) first where it is one: every grid class for the shared graphs (vision
+    encoder, qkv, decoder), its grid class for a layout graph, its block size's for a prune."""
+    plans = sorted(spec.graph_schedules(), key=lambda plan: plan != spec.schedule)
+    if entry.role == "layout":
+        plans = [plan for plan in plans if layout_graph(plan) == entry.name]
+    elif entry.role == "prune":
+        plans = [plan for plan in plans if prune_graph(plan, entry.index) == entry.name]
+    if not plans:
+        raise UserError(f"manifest graph {entry.name} belongs to none of the artifacts' crop grids: re-run export")
+    return plans
+
+
+def profiles_for(entry: GraphEntry, schedules: list[Schedule], max_batch: int, max_seq_len: int, opt_seq_len: int) -> list[Profile]:
+    """The optimization profiles of one graph, from its role and the lengths of the
+    ``schedules`` it runs for (:func:`graph_schedules`): ranges that hold every one of them,
+    opt at the first one's with ``opt_seq_len`` (a multi-crop image's other grids hold the
+    same text around fewer image tokens). The vision encoder runs one view per batch row."""
+    first = schedules[0]
+    per_schedule = [sequence_ranges(s, max_seq_len, opt_seq_len - first.image_tokens + s.image_tokens) for s in schedules]
+    lengths = [(min(r[g][0] for r in per_schedule), per_schedule[0][g][1], max(r[g][2] for r in per_schedule))
+               for g in range(len(per_schedule[0]))]
     batch = [1, 1, max_batch]
     if entry.role == "vision":
+        views = [s.views for s in schedules]
+        profiles = [Profile("prefill", {B: [min(views), first.views, max_batch * max(views)]})]
+    elif entry.role == "layout":
         profiles = [Profile("prefill", {B: batch})]
     elif entry.role == "prune":  # runs on group (index + 1)'s input: the sequence group `index` saw
         profiles = [Profile("prefill", {B: batch, SEQ: _range(*lengths[entry.index])})]
@@ -207,9 +232,7 @@ def output_max_shapes(entry: GraphEntry, profile: Profile, schedule: Schedule) -
     """Largest shape of every output under ``profile`` (what the runtime preallocates or checks)."""
     axes = {name: values[2] for name, values in profile.axes.items()}
     if entry.role == "prune":  # the pruned sequence drops this stage's visual tokens
-        dropped = ([schedule.image_tokens] + [s.total for s in schedule.llm_stages])[entry.index] \
-            - schedule.llm_stages[entry.index].total
-        axes[PRUNED] = axes[SEQ] - dropped
+        axes[PRUNED] = axes[SEQ] - (schedule.stage_inputs()[entry.index] - schedule.llm_stages[entry.index].total)
     return {t["name"]: [axes[d] if isinstance(d, str) else int(d) for d in t["shape"]] for t in entry.outputs}
 
 
@@ -267,21 +290,23 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     """What ``build`` will do, without TensorRT: engines, profiles, weights, plugin library; refusals first."""
     artifacts = Path(artifacts)
     manifest = read_manifest(artifacts)
-    schedule = Schedule.from_dict(manifest.spec["schedule"])
+    spec = ModelSpec.from_dict(manifest.spec)
+    schedule = spec.schedule
     exported_max = int(manifest.export.get("max_seq_len") or 2048)
     max_seq_len = options.max_seq_len or exported_max
-    shortest = schedule.image_tokens + 2  # the image, one text token, one generated token
+    image_tokens = max(plan.image_tokens for plan in spec.graph_schedules())  # a multi-crop model's largest grid
+    shortest = image_tokens + 2  # the image, one text token, one generated token
     if options.max_batch < 1:
         raise SettingError(f"{{max_batch}} {options.max_batch}: use 1 or more")
     if max_seq_len < shortest:
-        raise SettingError(f"{{max_seq_len}} {max_seq_len} cannot hold the {schedule.image_tokens} image tokens and a "
+        raise SettingError(f"{{max_seq_len}} {max_seq_len} cannot hold the {image_tokens} image tokens and a "
                            f"prompt: use at least {shortest}")
     if max_seq_len > exported_max:
         raise SettingError(f"{{max_seq_len}} {max_seq_len} is past the {exported_max} the artifacts were exported for: "
                            f"re-export with {{max_seq_len}} {max_seq_len}, or build with at most {exported_max}")
     opt_seq_len = options.opt_seq_len or min(max_seq_len - 1, schedule.image_tokens + 32)
-    if not shortest - 1 <= opt_seq_len <= max_seq_len - 1:
-        raise SettingError(f"{{opt_seq_len}} {opt_seq_len} must lie between {shortest - 1} (the image and one token) "
+    if not schedule.image_tokens + 1 <= opt_seq_len <= max_seq_len - 1:
+        raise SettingError(f"{{opt_seq_len}} {opt_seq_len} must lie between {schedule.image_tokens + 1} (the image and one token) "
                            f"and {{max_seq_len}} - 1 = {max_seq_len - 1}")
     plugins = manifest.export.get("mode") == "plugins"
     library = find_plugin_library(options.plugin_lib) if plugins or options.plugin_lib else None  # a bad path: refused
@@ -289,9 +314,10 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     for entry in manifest.graphs:
         model = onnx.load(str(artifacts / entry.file), load_external_data=False)
         problems += kernel_limit_problems(model, entry.name)
+        plans = graph_schedules(entry, spec)
         engines.append(EnginePlan(
             graph=entry.name, role=entry.role, index=entry.index, source=entry.file, engine=entry.name + ENGINE_SUFFIX,
-            profiles=profiles_for(entry, schedule, options.max_batch, max_seq_len, opt_seq_len),
+            profiles=profiles_for(entry, plans, options.max_batch, max_seq_len, opt_seq_len - schedule.image_tokens + plans[0].image_tokens),
             weight_bytes=weight_bytes(model), plugin_nodes=[n.op_type for n in model.graph.node if is_plugin_node(n)],
         ))
     if problems:

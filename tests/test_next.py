@@ -20,6 +20,7 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from tests.reference import naive_generate
 from visiondrop_edge.export.graph_checks import data_dependent_shapes
+from visiondrop_edge.export.trt_build import BuildOptions, plan_build
 from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
 from visiondrop_edge.errors import CheckpointError, InputError, UserError
 from visiondrop_edge.families import family_for_config
@@ -251,6 +252,10 @@ def test_one_folder_holds_every_grid_class_and_shares_the_weights(next_artifacts
         weights = [i for i in graph.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 64]
         if entry.role in ("layout", "prune"):
             assert weights == [], f"{entry.name} holds {[w.name for w in weights]}"
+    # TensorRT: the per-view encoder takes every view of up to max_batch images (3 to 5 views a grid class, opt the 2x2's)
+    engines = {e.graph: e for e in plan_build(out, BuildOptions(max_batch=2)).engines}
+    assert engines["vision_encoder"].profiles[0].axes == {"batch_size": [3, 5, 10]}
+    assert all(engines[f"vision_layout_{r}x{c}"].profiles[0].axes == {"batch_size": [1, 1, 2]} for r, c in SIZES)
 
 
 @pytest.mark.parametrize("rows, cols", list(SIZES))
@@ -265,12 +270,26 @@ def test_onnx_runtime_picks_the_grid_class_from_the_image_and_matches_torch(tiny
     reference = TorchBackend(tiny_next, tiny_next.schedule(320, scope=scope)).for_images(image_sizes.tolist())
     assert ort.spec.schedule == reference.spec.schedule == tiny_next.schedule(320, grid=CropGrid(rows, cols), scope=scope)
     batch = prompt_batch(tiny_next, ort.spec.schedule)
+    calls, run = [], ort._run
+    ort._run = lambda graph, *tensors: calls.append((graph, [t.shape for t in tensors])) or run(graph, *tensors)
     ours, theirs = greedy_generate(reference, pixels, batch, NEW_TOKENS), greedy_generate(ort, pixels, batch, NEW_TOKENS)
+    # TensorRT's profiles (`build`, planned without TensorRT) hold every shape this image's run fed each graph
+    engines = {e.graph: e for e in plan_build(out, BuildOptions(max_batch=2)).engines}
+    for graph, shapes in calls:
+        inputs = [t["name"] for t in read_manifest(out).graph_named(graph).inputs]
+        assert any(_fits(profile, inputs, shapes) for profile in engines[graph].profiles), \
+            f"{graph} {shapes} outside {[p.axes for p in engines[graph].profiles]}"
     for number, (a, b) in enumerate(zip([ours.vision.stage, *ours.stages], [theirs.vision.stage, *theirs.stages])):
         assert torch.equal(a.kept_index, b.kept_index) and torch.equal(a.target_index, b.target_index), f"stage {number}"
     assert ours.tokens.tolist() == theirs.tokens.tolist()
     for step, (a, b) in enumerate(zip(ours.step_logits, theirs.step_logits)):
         torch.testing.assert_close(b, a, **TOL, msg=lambda m: f"step {step}: {m}")
+
+
+def _fits(profile, inputs, shapes) -> bool:
+    """Every input's every dimension within the profile's [min, max]."""
+    return all(low <= size <= high for name, shape in zip(inputs, shapes)
+               for low, size, high in zip(profile.shapes[name][0], shape, profile.shapes[name][2]))
 
 
 def test_a_batch_must_share_one_grid_class(tiny_next, next_artifacts):

@@ -66,7 +66,7 @@ def test_sequence_ranges_follow_the_visual_tokens_each_group_keeps():
 
 
 def test_decoder_gets_a_prefill_and_a_decode_profile():
-    prefill, decode = profiles_for(decoder_entry(1), SCHEDULE, max_batch=4, max_seq_len=2048, opt_seq_len=224)
+    prefill, decode = profiles_for(decoder_entry(1), [SCHEDULE], max_batch=4, max_seq_len=2048, opt_seq_len=224)
     assert (prefill.name, decode.name) == ("prefill", "decode")
     # Prefill: the pruned prompt with an empty cache (past 0, total = sequence).
     assert prefill.axes == {"batch_size": [1, 1, 4], "sequence_length": [141, 172, 1995],
@@ -83,19 +83,19 @@ def test_decoder_gets_a_prefill_and_a_decode_profile():
 def test_qkv_and_prune_see_the_sequence_before_the_prune():
     hidden = [tensor("hidden_states", "float32", ["batch_size", "sequence_length", 64])]
     qkv = GraphEntry("qkv_1", "qkv_1.onnx", "qkv", 1, hidden, [tensor("query", "float32", ["batch_size", 4, "sequence_length", 16])])
-    prefill, decode = profiles_for(qkv, SCHEDULE, 1, 2048, 224)
+    prefill, decode = profiles_for(qkv, [SCHEDULE], 1, 2048, 224)
     assert prefill.axes["sequence_length"] == [193, 224, 2047] and decode.axes["sequence_length"] == [1, 1, 1995]
     prune = GraphEntry("prune_0", "prune_0.onnx", "prune", 0,
                        hidden + [tensor("image_offset", "int64", ["batch_size"])],
                        [tensor("pruned_hidden_states", "float32", ["batch_size", "pruned_sequence_length", 64])])
-    (only,) = profiles_for(prune, SCHEDULE, 2, 2048, 224)
+    (only,) = profiles_for(prune, [SCHEDULE], 2, 2048, 224)
     assert only.shapes["hidden_states"] == [[1, 193, 64], [1, 224, 64], [2, 2047, 64]]
     assert output_max_shapes(prune, only, SCHEDULE)["pruned_hidden_states"] == [2, 2047 - 52, 64]
 
 
 def test_opt_is_clamped_into_each_groups_range():
     assert sequence_ranges(SCHEDULE, 300, 299)[0] == (193, 299, 299)
-    (profile, _) = profiles_for(decoder_entry(3), SCHEDULE, 1, 300, 193)
+    (profile, _) = profiles_for(decoder_entry(3), [SCHEDULE], 1, 300, 193)
     assert profile.axes["sequence_length"] == [77, 77, 183]
 
 

@@ -161,15 +161,16 @@ class Schedule:
         """Visual tokens the LLM stages carry through unpruned (the crops' in ``base`` scope)."""
         return self.image_tokens - self.stage_inputs()[0] if self.llm_stages else 0
 
+    def group_tokens(self) -> list[int]:
+        """Visual tokens each decoder group sees: the image's, then each LLM stage's output and
+        the tokens it carries through."""
+        return [self.image_tokens] + [s.total + self.carried_tokens for s in self.llm_stages]
+
     def tokens_per_layer(self) -> list[int]:
         """Visual tokens each decoder layer (0-based) sees."""
         counts = []
-        current = self.image_tokens
-        boundaries = {s.after_layer: s.total + self.carried_tokens for s in self.llm_stages}
-        for layer in range(self.num_layers):
-            if layer in boundaries:  # stage after (1-based) layer == before 0-based layer
-                current = boundaries[layer]
-            counts.append(current)
+        for (start, stop), tokens in zip(self.layer_groups(), self.group_tokens()):
+            counts += [tokens] * (stop - start)
         return counts
 
     def average_tokens(self) -> float:
