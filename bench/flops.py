@@ -44,14 +44,14 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
     if schedule.vision is not None and not ideal:  # every view's stage-0 prune
         rest = n - schedule.vision.dominant
         flops["vision"] += batch * views * (2 * n * dv + 2 * (rest - schedule.vision.contextual) * schedule.vision.contextual * (dv // vision.num_attention_heads) + rest * dv)
-    blocks, carried = schedule.stage_inputs(), schedule.carried_tokens  # what each LLM stage prunes; what it carries
+    blocks, seen = schedule.stage_inputs(), schedule.group_tokens()  # what each LLM stage prunes; what each group sees
     visual = image_tokens
     for group, (start, stop) in enumerate(schedule.layer_groups()):
         projected = text_tokens + visual  # rows the group's first-layer projections see
         if group > 0:
             stage, block = schedule.llm_stages[group - 1], blocks[group - 1]
             if ideal:
-                projected = text_tokens + stage.total + carried
+                projected = text_tokens + seen[group]
             else:
                 rest = block - stage.dominant
                 width = d + d + 2 * kv_width  # hidden states plus the carried q/k/v
@@ -59,7 +59,7 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
                     2 * block * (text_tokens + visual) * d  # the block's queries against all keys
                     + 2 * (rest - stage.contextual) * stage.contextual * head_dim + rest * width
                 )
-            visual = stage.total + carried
+            visual = seen[group]
         seq = text_tokens + visual
         layers = stop - start
         first_projections = 2 * projected * d * (d + 2 * kv_width)  # the first layer's q, k, v (qkv graph)
@@ -70,10 +70,7 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
     flops["lm_head"] = batch * 2 * d * text.vocab_size
     flops["prefill_total"] = sum(v for k, v in flops.items() if k != "vision")
     decode = 0.0
-    visual = image_tokens
-    for group, (start, stop) in enumerate(schedule.layer_groups()):
-        if group > 0:
-            visual = schedule.llm_stages[group - 1].total + carried
+    for (start, stop), visual in zip(schedule.layer_groups(), seen):
         decode += (stop - start) * _decoder_layer(1, text_tokens + visual + 1, d, kv_width, text.intermediate_size, False)
     flops["decode_step"] = batch * (decode + 2 * d * text.vocab_size)
     return flops

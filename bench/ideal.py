@@ -70,7 +70,7 @@ class IdealBaseline(Backend):
         state, visual = DecoderState(), image_embeds.shape[1]
         for group in range(self.num_groups):
             if group > 0:
-                keep = self.spec.schedule.llm_stages[group - 1].total + self.spec.schedule.carried_tokens
+                keep = self.spec.schedule.group_tokens()[group]
                 first = gather_rows(hidden, visual_positions(image_offset, keep))
                 hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, first)
                 visual = keep
