@@ -497,3 +497,22 @@ def test_inspect_cli_on_a_next_image(tmp_path):
     assert (len(data["stages"][0]["dominant"]), len(data["stages"][0]["contextual"])) == (views * stage.dominant, views * stage.contextual)
     width, height = Image.open(out).size
     assert width > 3 * height / 2  # four panels a row, two rows (the base view's, the crops' at a third of the height)
+
+
+def test_plugin_mode_next_validates_on_every_grid_class(tiny_next, tmp_path):
+    """`export --plugins` of a NeXT model: one select and one merge node in the per-view encoder
+    and in every prune graph, none in the layouts; `validate` (ONNX Runtime's CPU versions of the
+    plugins against PyTorch, random images of every grid class) passes at its usual gates."""
+    from visiondrop_edge.plugins_trt import MERGE_OP, PLUGIN_DOMAIN, SELECT_OP
+    from visiondrop_edge.runtime.validate import validate_artifacts
+
+    out = tmp_path / "plugins"
+    export_artifacts(tiny_next, tiny_next.schedule(160), out, ExportOptions(plugins=True, max_seq_len=1024))
+    for entry in read_manifest(out).graphs:
+        ops = [n.op_type for n in onnx.load(str(out / entry.file)).graph.node if n.domain == PLUGIN_DOMAIN]
+        expected = [SELECT_OP, MERGE_OP] if entry.role in ("vision", "prune") else []
+        assert ops == expected, entry.name
+    report = validate_artifacts(out, batch_sizes=(1,), new_tokens=8, seed=5)
+    assert report.passed, [c.name for c in report.checks.values() if not c.passed]
+    assert report.gates["relative"] == 1e-4
+    assert {case["crop_grid"] for case in report.to_dict()["cases"]} == {f"{r}x{c}" for r, c in SIZES}
