@@ -50,6 +50,7 @@ class BenchConfig:
     cpu_load: int = 0  # busy worker processes running during the measurements (a contended Jetson CPU)
     contexts: tuple[int, ...] = ()  # decode ms/token on caches of these many (unpruned) tokens
     scope: str = "block"  # a multi-crop model's LLM-stage scope (schedule.SCOPES)
+    cuda_graph: bool = False  # torch backend: every decode step one CUDA graph replay (runtime/static_decode.py)
 
 
 class PeakMemory:
@@ -259,7 +260,9 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
 
 def pipeline_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> Backend:
     """The pipeline on ``config.backend``: PyTorch, or this budget exported to ``scratch`` on ONNX Runtime."""
-    return _ort_backend(loaded, schedule, scratch, config.provider) if config.backend == "ort" else TorchBackend(loaded, schedule)
+    if config.backend == "ort":
+        return _ort_backend(loaded, schedule, scratch, config.provider)
+    return TorchBackend(loaded, schedule, cuda_graph=config.cuda_graph)
 
 
 def _variants(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> dict[str, Backend]:

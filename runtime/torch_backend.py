@@ -6,13 +6,15 @@ import torch
 from torch import Tensor
 
 from visiondrop_edge.contract import QKV, PruneOutputs, bind, vision_outputs
+from visiondrop_edge.errors import SettingError
 from visiondrop_edge.loading import LoadedModel, parameter_dtype
 from visiondrop_edge.modules import VisionDropPipeline
 from visiondrop_edge.prompt import pad_token_id
 from visiondrop_edge.pruning import Choice
 from visiondrop_edge.schedule import Schedule
 
-from .base import Backend, ModelSpec
+from .base import Backend, DecoderState, ModelSpec
+from .static_decode import StaticDecoder
 
 
 class TorchBackend(Backend):
@@ -25,7 +27,7 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, loaded: LoadedModel, schedule: Schedule):
+    def __init__(self, loaded: LoadedModel, schedule: Schedule, cuda_graph: bool = False):
         model = loaded.model
         self.forced: dict[int, Choice] = {}
         self.loaded = loaded
@@ -37,6 +39,9 @@ class TorchBackend(Backend):
             model.config, schedule, family.name, loaded.template, parameter_dtype(family.decoder(model).layers), pad_token_id(loaded.tokenizer),
             parameter_dtype(family.tower_parameters(model)),
         )
+        if cuda_graph and self.device.type != "cuda":
+            raise SettingError(f"{{cuda_graph}} needs the model on a CUDA device (it is on {self.device}): load it with {{device}} cuda")
+        self.static_decoder = StaticDecoder(self, capture=True) if cuda_graph else None
 
     def for_grid(self, grid):
         bound = super().for_grid(grid)
@@ -45,6 +50,13 @@ class TorchBackend(Backend):
             self._pipelines[schedule] = VisionDropPipeline(self.loaded.model, schedule, family=self.loaded.family).eval()
         bound.pipeline = self._pipelines[schedule]
         return bound
+
+    def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
+        """With ``cuda_graph``: each step one CUDA graph replay on static buffers (:mod:`.static_decode`)."""
+        if self.static_decoder is None:
+            return super().decode_step(tokens, state)
+        with torch.inference_mode():
+            return self.static_decoder.step(tokens.to(self.device), state)
 
     @torch.inference_mode()
     def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:

@@ -729,6 +729,7 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 @provider_option
 @json_option("every measurement")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
+@click.option("--cuda-graph", is_flag=True, help="--backend torch on --device cuda: every decode step one CUDA graph replay on static cache buffers (no kernel launches or host syncs per layer).")
 @click.option("--cpu-load", default=0, show_default=True, type=click.IntRange(0, 64), help="Busy worker processes that bench starts for the measurements and stops after (a CPU shared with the application, as on a Jetson).")
 @click.option("--contexts", default=None, metavar="N,N,...", help="Also: decode ms/token after the prompt and filler text up to N tokens (e.g. 600,1200,2000), pruned and full, and its growth per 1000 tokens.")
 @click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --max-new-tokens, --warmup, --repeats, --json.")
@@ -736,7 +737,7 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 @conversation_option
 @user_errors
 def bench(model, backend, engine_dirs, budgets, anyres_llm_stages, batch, max_new_tokens, warmup, repeats, device, dtype, provider,
-          json_path, plot_path, cpu_load, contexts, questions, compare, conversation) -> None:
+          json_path, plot_path, cuda_graph, cpu_load, contexts, questions, compare, conversation) -> None:
     """Measure speed and memory per budget: pruned vs ideal vs full, in one run.
 
     Per budget and batch: vision encode, prefill (time to first token), decode ms/token and
@@ -752,6 +753,8 @@ def bench(model, backend, engine_dirs, budgets, anyres_llm_stages, batch, max_ne
 
     check_device(device)
     check_outputs(json=json_path, plot=plot_path)
+    if cuda_graph and (backend != "torch" or not str(device).startswith("cuda")):
+        raise UserError("--cuda-graph records the PyTorch backend's decode steps on a GPU: use it with --backend torch --device cuda")
     if conversation is not None and (backend == "trt" or engine_dirs or compare is not None):
         raise UserError("--conversation is fixed at export time (the manifests record it): drop it for --engines and --artifacts-compare")
     if backend == "trt" or engine_dirs:
@@ -769,7 +772,8 @@ def bench(model, backend, engine_dirs, budgets, anyres_llm_stages, batch, max_ne
         raise UserError(f"--budgets takes budgets separated by commas, e.g. 32,64,full (got '{budgets}')")
     config = BenchConfig(budgets=budget_list, batches=tuple(parse_int_list(batch, "--batch")), new_tokens=max_new_tokens,
                          warmup=warmup, repeats=repeats, backend=backend, provider=provider, cpu_load=cpu_load,
-                         contexts=tuple(parse_int_list(contexts, "--contexts")) if contexts else (), scope=anyres_llm_stages)
+                         contexts=tuple(parse_int_list(contexts, "--contexts")) if contexts else (), scope=anyres_llm_stages,
+                         cuda_graph=cuda_graph)
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     if backend == "ort" and dtype == "bf16":
         raise UserError("--backend ort exports fp32 or fp16 graphs: use --dtype fp32 or fp16")
