@@ -43,6 +43,12 @@ class _Binding:
     graph: object | None = None  # torch.cuda.CUDAGraph once captured
     last: DecoderState | None = None  # the state the last step returned
 
+    def continues(self, state: DecoderState) -> bool:
+        """Whether a step from ``state`` can replay here: it is the state the last step returned,
+        nobody wrote on its buffers since (an eager ``extend`` does, in place) and a slot is free."""
+        return (state is self.last and all(f.length == n for f, n in zip(self.shared, self.lengths))
+                and all(n < c[0].shape[2] for n, c in zip(self.lengths, self.caches)))
+
 
 class StaticDecoder:
     """Greedy decode steps for ``backend`` on static buffers; ``capture`` records each binding's
@@ -56,7 +62,7 @@ class StaticDecoder:
 
     def step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
         binding = self._binding
-        if binding is None or state is not binding.last or any(n + 1 > c[0].shape[2] for n, c in zip(binding.lengths, binding.caches)):
+        if binding is None or not binding.continues(state):
             binding = self._binding = self._bind(state)
         binding.tokens.copy_(tokens.view(-1, 1))
         if self.capture:

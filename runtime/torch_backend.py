@@ -55,8 +55,7 @@ class TorchBackend(Backend):
         """With ``cuda_graph``: each step one CUDA graph replay on static buffers (:mod:`.static_decode`)."""
         if self.static_decoder is None:
             return super().decode_step(tokens, state)
-        with torch.inference_mode():
-            return self.static_decoder.step(tokens.to(self.device), state)
+        return self.static_decoder.step(tokens.to(self.device), state)  # buffers outside inference mode: extend may write on
 
     @torch.inference_mode()
     def run_vision(self, pixel_values: Tensor) -> dict[str, Tensor]:

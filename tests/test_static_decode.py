@@ -51,9 +51,17 @@ def test_static_steps_and_their_branches_match_hf(tiny, small_room):
     torch.testing.assert_close(logits, hf_last_logits(tiny, pixels, batch, tokens[:4] + [31]), **TOL)
     logits, _ = static.step(torch.tensor([37]), state)
     torch.testing.assert_close(logits, hf_last_logits(tiny, pixels, batch, tokens + [37]), **TOL)
-    # the eager path on a static state: an older one copies (it is not the newest on its buffers)
+    # the eager path on static states: an older one copies (it is not the newest on its buffers) ...
     logits, _ = backend.decode_step(torch.tensor([41]), states[9])
     torch.testing.assert_close(logits, hf_last_logits(tiny, pixels, batch, tokens[:9] + [41]), **TOL)
+    # ... the newest writes on in place, after which a static step from it must not overwrite that slot
+    state = static.step(torch.tensor([43]), state)[1]
+    tokens.append(43)
+    _, eager_branch = backend.decode_step(torch.tensor([47]), state)
+    logits, _ = static.step(torch.tensor([53]), state)
+    torch.testing.assert_close(logits, hf_last_logits(tiny, pixels, batch, tokens + [53]), **TOL)
+    logits, _ = backend.decode_step(torch.tensor([59]), eager_branch)
+    torch.testing.assert_close(logits, hf_last_logits(tiny, pixels, batch, tokens + [47, 59]), **TOL)
 
 
 @pytest.mark.parametrize("budget", [32, 128])
