@@ -225,16 +225,20 @@ def context_slopes(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, provider: str) -> Backend:
-    """Export this budget to ``scratch`` and open it on ONNX Runtime."""
+def _ort_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> Backend:
+    """Export this budget to ``scratch`` and open it on ONNX Runtime, with room for the bench's
+    longest conversation (the prompt, the decoded tokens, the --contexts filler; unpruned
+    LLaVA-NeXT holds 2928 image tokens)."""
     from visiondrop_edge.export.onnx_export import ExportOptions, export_artifacts
     from visiondrop_edge.loading import EXPORT_DTYPES
     from visiondrop_edge.runtime.ort_backend import OrtBackend
 
-    options = ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[next(loaded.model.parameters()).dtype])
+    longest = max([schedule.image_tokens + 64, *config.contexts]) + max(config.new_tokens, 3) + 1
+    options = ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[next(loaded.model.parameters()).dtype],
+                            max_seq_len=max(ExportOptions.max_seq_len, -(-longest // 256) * 256))
     folder = scratch / f"budget-{schedule.describe().replace(',', '_').replace(':', '-')}"
     export_artifacts(loaded, schedule, folder, options)
-    return OrtBackend(folder, provider=provider)
+    return OrtBackend(folder, provider=config.provider)
 
 
 def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -261,7 +265,7 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
 def pipeline_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> Backend:
     """The pipeline on ``config.backend``: PyTorch, or this budget exported to ``scratch`` on ONNX Runtime."""
     if config.backend == "ort":
-        return _ort_backend(loaded, schedule, scratch, config.provider)
+        return _ort_backend(loaded, schedule, scratch, config)
     return TorchBackend(loaded, schedule, cuda_graph=config.cuda_graph)
 
 

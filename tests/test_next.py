@@ -400,8 +400,8 @@ def test_bench_vision_flops_count_every_view(tiny_next):
         assert stage_flops(tiny_next.config, schedule, text_tokens=10, batch=2)["vision"] == pytest.approx(counter.get_total_flops(), rel=rel)
 
 
-@pytest.mark.parametrize("scope", SCOPES)
-def test_bench_next_measures_2x2_images_against_full(tiny_next, tmp_path, scope):
+@pytest.mark.parametrize("scope, backend", [("block", "torch"), ("base", "torch"), ("block", "ort")])
+def test_bench_next_measures_2x2_images_against_full(tiny_next, tmp_path, scope, backend):
     """bench on a NeXT model: 2x2 images (the grid the budget is defined on), the issue's counts
     entering each decoder group (480 -> 350 -> 260 -> 190 at 320 in block scope; base scope
     prunes the base view's 96 and carries the crops' 384), checked through the KV bytes; the
@@ -411,7 +411,7 @@ def test_bench_next_measures_2x2_images_against_full(tiny_next, tmp_path, scope)
     from visiondrop_edge import cli
 
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny-next", "--budgets", "320", "--anyres-llm-stages", scope,
+    result = CliRunner().invoke(cli.cli, ["bench", "--model", "tiny-next", "--backend", backend, "--budgets", "320", "--anyres-llm-stages", scope,
                                           "--batch", "1", "--max-new-tokens", "2", "--repeats", "1", "--warmup", "0", "--json", str(out)])
     assert result.exit_code == 0, result.output
     rows = {r["variant"]: r for r in json.loads(out.read_text())["results"]}
@@ -490,7 +490,7 @@ def test_inspect_cli_on_a_next_image(tmp_path):
                                           "--out", str(out), "--json", "-"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["crop_grid"] == "1x3"
+    assert data["crop_grid"] == "1x3" and data["average_tokens_per_layer"] == pytest.approx(160 * 4 / 5)  # 4 of the 2x2's 5 views
     assert [(c["name"], c["first_patch"], c["rows"], c["columns"]) for c in data["canvases"]] == [
         ("base view", 0, 24, 24), ("crops", 576, 24, 72)]
     views, stage = 4, Schedule.from_budget(160, 8, 576, grid=CropGrid(1, 3)).vision

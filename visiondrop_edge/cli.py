@@ -707,6 +707,7 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
     check_length(batch, 0, *loaded.max_positions)
     panels, canvases = inspect_image(loaded, plan, picture, prompt)
     write_report(json_path, {"schedule": plan.describe(), "crop_grid": plan.grid.describe() if plan.grid else None,
+                             "average_tokens_per_layer": plan.average_tokens(),
                              "patch_size": loaded.config.vision_config.patch_size, "canvases": [c.to_dict() for c in canvases],
                              "stages": panels_json(panels)})
     if out is not None:
