@@ -89,6 +89,7 @@ class OrtBackend(GraphBackend):
             for entry in self.manifest.graphs
         }
         self.graphs = frozenset(self.sessions)
+        self.output_names = {name: [o.name for o in session.get_outputs()] for name, session in self.sessions.items()}
         self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}
         self.embed_table = load_file(self.directory / self.manifest.export["embed_tokens"])["weight"]
 
@@ -109,6 +110,5 @@ class OrtBackend(GraphBackend):
     def _run(self, graph: str, *tensors: Tensor) -> dict[str, Tensor]:
         """Feed ``tensors`` as the graph's inputs (the contract's order) and fetch its outputs by name."""
         feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in bind(self.inputs[graph], tensors).items()}
-        session = self.sessions[graph]
-        names = [output.name for output in session.get_outputs()]
-        return {name: torch.from_numpy(out) for name, out in zip(names, session.run(names, feeds), strict=True)}
+        names = self.output_names[graph]
+        return {name: torch.from_numpy(out) for name, out in zip(names, self.sessions[graph].run(names, feeds), strict=True)}
