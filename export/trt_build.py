@@ -202,8 +202,10 @@ def profiles_for(entry: GraphEntry, schedules: list[Schedule], max_batch: int, m
         profiles = [
             Profile("prefill", {B: batch, SEQ: _range(*prefill), PAST: [0, 0, 0], TOTAL: _range(*prefill)}),
             # decode: one token on a cache, or a few (a question on a reused prefix, a chat turn):
-            # sequence up to the longest prompt, total still bounded by the longest cache + 1.
-            Profile("decode", {B: batch, SEQ: [1, 1, own[2]], PAST: past, TOTAL: [p + 1 for p in past]}),
+            # sequence up to the longest prompt on a cache buffer up to the longest (the runtime's
+            # buffers are whole blocks, so a buffer plus a continuation may pass the longest
+            # conversation; total only sizes the attention mask).
+            Profile("decode", {B: batch, SEQ: [1, 1, own[2]], PAST: past, TOTAL: [past[0] + 1, past[1] + 1, past[2] + own[2]]}),
         ]
     else:
         raise UserError(f"manifest graph {entry.name} has an unknown role '{entry.role}': re-run export")

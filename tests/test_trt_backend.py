@@ -324,6 +324,36 @@ def test_prefix_reuse_runs_on_engines(stand_in_polygraphy, stand_in_tensorrt, po
     assert ("qkv_0", 1) in stand_in_tensorrt.calls and ("decoder_3", 1) in stand_in_tensorrt.calls
 
 
+def test_a_continuation_next_to_the_longest_cache_fits_the_decode_profile(stand_in_polygraphy, stand_in_tensorrt,
+                                                                           portable_artifacts, tiny, tmp_path):
+    """Cache buffers are whole blocks, so a buffer plus a continuation can pass the longest
+    conversation although the conversation itself fits: the engines take it (they refused the
+    mask's length once), and the logits are PyTorch's (tolerance of test_pipeline: fp32, 1e-4)."""
+    from visiondrop_edge.runtime.torch_backend import TorchBackend
+    from visiondrop_edge.runtime.trt_backend import TrtBackend
+    from visiondrop_edge.prompt import build_prompts, pixel_values, random_images
+
+    engines = tmp_path / "engines"
+    _build(portable_artifacts, engines, max_batch=1)
+    backends = [TrtBackend(engines, portable_artifacts)]
+    spec = backends[0].spec
+    backends.append(TorchBackend(tiny, spec.schedule))
+    pixels = pixel_values(tiny.processor.image_processor, random_images(1, seed=9))
+    batch = build_prompts(tiny.tokenizer, spec.prompt_template, ["What is in this image?"], spec.schedule.image_tokens,
+                          spec.image_token_id, spec.pad_token_id)
+    filler = 511 - 20 - 6 - batch.input_ids.shape[1]  # the longest conversation is 511 tokens (max_seq_len 512 - 1)
+    words = batch.input_ids[:, -8:]  # the prompt's last tokens, repeated
+    text, question = words.repeat(1, filler // 8 + 1)[:, :filler], words.repeat(1, 3)[:, :20]
+    results = []
+    for backend in backends:
+        vision = backend.encode_image(pixels)
+        prefill = backend.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset)
+        _, state = backend.extend(text, torch.ones_like(text), prefill.state)
+        results.append(backend.extend(question, torch.ones_like(question), state)[0])
+    assert results[0].shape == results[1].shape
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
 def test_generate_and_bench_run_engine_folders(stand_in_polygraphy, stand_in_tensorrt, portable_artifacts, tiny,
                                               tmp_path):
     """The CLI paths: generate --engines answers like --artifacts; bench --backend trt measures each folder."""

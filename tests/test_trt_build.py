@@ -56,7 +56,7 @@ def decoder_entry(group: int) -> GraphEntry:
                 tensor("attention_mask", "int64", ["batch_size", "total_sequence_length"]),
                 tensor("position_ids", "int64", ["batch_size", "sequence_length"]), *past],
         outputs=[tensor("hidden_states_out", "float32", ["batch_size", "sequence_length", 64]),
-                 tensor(f"present.{layer}.key", "float32", ["batch_size", 2, "total_sequence_length", 16])],
+                 tensor(f"new_key_values.{layer}.key", "float32", ["batch_size", 2, "sequence_length", 16])],
     )
 
 
@@ -72,12 +72,13 @@ def test_decoder_gets_a_prefill_and_a_decode_profile():
     assert prefill.axes == {"batch_size": [1, 1, 4], "sequence_length": [141, 172, 1995],
                             "total_sequence_length": [141, 172, 1995], "past_sequence_length": [0, 0, 0]}
     # Decode: one token (or a continuation up to the longest prompt: a question on a reused
-    # prefix, a chat turn) on a cache that holds at least the shortest prompt.
+    # prefix, a chat turn) on a cache buffer that holds at least the shortest prompt and at
+    # most the longest; the mask covers the buffer and the continuation (1995 + 1995).
     assert decode.axes == {"batch_size": [1, 1, 4], "sequence_length": [1, 1, 1995],
-                           "total_sequence_length": [142, 173, 1996], "past_sequence_length": [141, 172, 1995]}
+                           "total_sequence_length": [142, 173, 3990], "past_sequence_length": [141, 172, 1995]}
     assert decode.shapes["past_key_values.2.key"] == [[1, 2, 141, 16], [1, 2, 172, 16], [4, 2, 1995, 16]]
     assert prefill.shapes["attention_mask"] == [[1, 141], [1, 172], [4, 1995]]
-    assert output_max_shapes(decoder_entry(1), decode, SCHEDULE)["present.2.key"] == [4, 2, 1996, 16]
+    assert output_max_shapes(decoder_entry(1), decode, SCHEDULE)["new_key_values.2.key"] == [4, 2, 1995, 16]
 
 
 def test_qkv_and_prune_see_the_sequence_before_the_prune():
