@@ -226,13 +226,17 @@ class Backend(ABC):
         fill = state.fills[group] if state.fills is not None else None
         if fill is not None and fill.length == filled and past[0].shape[2] >= filled + length:
             return past, fill
-        capacity = self.cache_capacity(group, filled + length)
-        buffers = []
-        for cache in past:
-            buffer = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])  # zeros: masked slots stay finite
-            buffer[:, :, :filled] = cache[:, :, :filled]
-            buffers.append(buffer)
-        return buffers, CacheFill(filled)
+        return grown_buffers(past, filled, self.cache_capacity(group, filled + length)), CacheFill(filled)
+
+
+def grown_buffers(past: list[Tensor], filled: int, capacity: int) -> list[Tensor]:
+    """New cache buffers of ``capacity`` slots holding the first ``filled`` of ``past``'s."""
+    buffers = []
+    for cache in past:
+        buffer = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])  # zeros: masked slots stay finite
+        buffer[:, :, :filled] = cache[:, :, :filled]
+        buffers.append(buffer)
+    return buffers
 
 
 def run_vision_graphs(run, spec: ModelSpec, pixel_values: Tensor) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .base import CACHE_BLOCK, Backend, CacheFill, DecoderState
+from .base import CACHE_BLOCK, Backend, CacheFill, DecoderState, grown_buffers
 
 ROOM = 4 * CACHE_BLOCK  # slots a binding leaves free: one capture per this many tokens of a conversation
 
@@ -55,8 +55,6 @@ class StaticDecoder:
     step as a CUDA graph (a CUDA device only), else the same step runs eagerly."""
 
     def __init__(self, backend: Backend, capture: bool):
-        if capture and backend.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
         self.backend, self.capture = backend, capture
         self._binding: _Binding | None = None
 
@@ -86,11 +84,7 @@ class StaticDecoder:
         for past, mask in zip(state.caches, state.masks):
             filled = mask.shape[1]
             capacity = self.backend.cache_capacity(len(caches), filled + ROOM)
-            buffers = []
-            for cache in past:
-                buffer = cache.new_zeros(*cache.shape[:2], capacity, cache.shape[3])  # zeros: masked slots stay finite
-                buffer[:, :, :filled] = cache[:, :, :filled]
-                buffers.append(buffer)
+            buffers = grown_buffers(past, filled, capacity)
             static_mask = mask.new_zeros(mask.shape[0], capacity + 1)
             static_mask[:, :filled] = mask
             static_mask[:, -1] = 1
