@@ -163,11 +163,10 @@ def _range(low: int, opt: int, high: int) -> list[int]:
     return [low, min(max(opt, low), high), high]
 
 
-def graph_schedules(entry: GraphEntry, spec: ModelSpec) -> list[Schedule]:
-    """The schedules whose images ``entry`` runs for, the spec's own (the 2x2 grid a NeXT budget
-    is defined on) first where it is one: every grid class for the shared graphs (vision
-    encoder, qkv, decoder), its grid class for a layout graph, its block size's for a prune."""
-    plans = sorted(spec.graph_schedules(), key=lambda plan: plan != spec.schedule)
+def graph_schedules(entry: GraphEntry, plans: list[Schedule]) -> list[Schedule]:
+    """Of the export's ``plans`` (``ModelSpec.graph_schedules``, the spec's own first), those
+    whose images ``entry`` runs for: every grid class for the shared graphs (vision encoder,
+    qkv, decoder), its grid class for a layout graph, its block size's for a prune."""
     if entry.role == "layout":
         plans = [plan for plan in plans if layout_graph(plan) == entry.name]
     elif entry.role == "prune":
@@ -296,7 +295,8 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     schedule = spec.schedule
     exported_max = int(manifest.export.get("max_seq_len") or 2048)
     max_seq_len = options.max_seq_len or exported_max
-    image_tokens = max(plan.image_tokens for plan in spec.graph_schedules())  # a multi-crop model's largest grid
+    plans = sorted(spec.graph_schedules(), key=lambda plan: plan != schedule)  # the spec's own (NeXT: the 2x2 grid) first
+    image_tokens = max(plan.image_tokens for plan in plans)  # a multi-crop model's largest grid
     shortest = image_tokens + 2  # the image, one text token, one generated token
     if options.max_batch < 1:
         raise SettingError(f"{{max_batch}} {options.max_batch}: use 1 or more")
@@ -316,10 +316,10 @@ def plan_build(artifacts: Path, options: BuildOptions) -> BuildPlan:
     for entry in manifest.graphs:
         model = onnx.load(str(artifacts / entry.file), load_external_data=False)
         problems += kernel_limit_problems(model, entry.name)
-        plans = graph_schedules(entry, spec)
+        served = graph_schedules(entry, plans)
         engines.append(EnginePlan(
             graph=entry.name, role=entry.role, index=entry.index, source=entry.file, engine=entry.name + ENGINE_SUFFIX,
-            profiles=profiles_for(entry, plans, options.max_batch, max_seq_len, opt_seq_len - schedule.image_tokens + plans[0].image_tokens),
+            profiles=profiles_for(entry, served, options.max_batch, max_seq_len, opt_seq_len - schedule.image_tokens + served[0].image_tokens),
             weight_bytes=weight_bytes(model), plugin_nodes=[n.op_type for n in model.graph.node if is_plugin_node(n)],
         ))
     if problems:
