@@ -45,21 +45,17 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
         rest = n - schedule.vision.dominant
         flops["vision"] += batch * views * (2 * n * dv + 2 * (rest - schedule.vision.contextual) * schedule.vision.contextual * (dv // vision.num_attention_heads) + rest * dv)
     blocks, seen = schedule.stage_inputs(), schedule.group_tokens()  # what each LLM stage prunes; what each group sees
-    visual = image_tokens
-    for group, (start, stop) in enumerate(schedule.layer_groups()):
-        projected = text_tokens + visual  # rows the group's first-layer projections see
-        if group > 0:
+    for group, ((start, stop), visual) in enumerate(zip(schedule.layer_groups(), seen)):
+        before = seen[group - 1] if group > 0 else visual  # the sequence's visual tokens before this group's prune
+        projected = text_tokens + (visual if ideal else before)  # rows the group's first-layer projections see
+        if group > 0 and not ideal:
             stage, block = schedule.llm_stages[group - 1], blocks[group - 1]
-            if ideal:
-                projected = text_tokens + seen[group]
-            else:
-                rest = block - stage.dominant
-                width = d + d + 2 * kv_width  # hidden states plus the carried q/k/v
-                flops[f"prune_{group - 1}"] = batch * (
-                    2 * block * (text_tokens + visual) * d  # the block's queries against all keys
-                    + 2 * (rest - stage.contextual) * stage.contextual * head_dim + rest * width
-                )
-            visual = seen[group]
+            rest = block - stage.dominant
+            width = d + d + 2 * kv_width  # hidden states plus the carried q/k/v
+            flops[f"prune_{group - 1}"] = batch * (
+                2 * block * (text_tokens + before) * d  # the block's queries against all keys
+                + 2 * (rest - stage.contextual) * stage.contextual * head_dim + rest * width
+            )
         seq = text_tokens + visual
         layers = stop - start
         first_projections = 2 * projected * d * (d + 2 * kv_width)  # the first layer's q, k, v (qkv graph)

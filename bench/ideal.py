@@ -67,10 +67,10 @@ class IdealBaseline(Backend):
         embeds = self.run_embed(input_ids)
         hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
         mask, position_ids = attention_mask, positions_from_mask(attention_mask)
-        state, visual = DecoderState(), image_embeds.shape[1]
+        state, visual, seen = DecoderState(), image_embeds.shape[1], self.spec.schedule.group_tokens()
         for group in range(self.num_groups):
             if group > 0:
-                keep = self.spec.schedule.group_tokens()[group]
+                keep = seen[group]
                 first = gather_rows(hidden, visual_positions(image_offset, keep))
                 hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, first)
                 visual = keep
