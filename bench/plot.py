@@ -18,14 +18,14 @@ def plot_bench(report: dict, path: str | Path) -> None:
     figure, (latency, speedup) = plt.subplots(1, 2, figsize=(11, 4.2))
     for batch in batches:
         get = {(r["budget"], r["variant"]): r["prefill_ms"]["median"] for r in rows if r["batch"] == batch}
-        full = get[("full", "full")]
+        full = [get[(b, "full")] for b in budgets]  # measured beside each budget
         pruned = [get[(b, "pruned")] for b in budgets]
         ideal = [get[(b, "ideal")] for b in budgets]
         line = latency.plot(x, pruned, "o-", label=f"pruned, batch {batch}")[0]
         latency.plot(x, ideal, "s--", color=line.get_color(), alpha=0.6, label=f"ideal, batch {batch}")
-        latency.axhline(full, color=line.get_color(), linestyle=":", label=f"full (unpruned), batch {batch}")
-        speedup.plot(x, [full / p for p in pruned], "o-", color=line.get_color(), label=f"pruned, batch {batch}")
-        speedup.plot(x, [full / i for i in ideal], "s--", color=line.get_color(), alpha=0.6, label=f"ideal, batch {batch}")
+        latency.plot(x, full, ":", color=line.get_color(), label=f"full (unpruned), batch {batch}")
+        speedup.plot(x, [f / p for f, p in zip(full, pruned)], "o-", color=line.get_color(), label=f"pruned, batch {batch}")
+        speedup.plot(x, [f / i for f, i in zip(full, ideal)], "s--", color=line.get_color(), alpha=0.6, label=f"ideal, batch {batch}")
     machine = report["machine"]
     where = machine.get("gpu", f"{machine['cpu_count']}-core CPU")
     latency.set(xlabel="budget (average visual tokens per LLM layer)", ylabel="prefill (ms, median)",

@@ -189,14 +189,14 @@ def time_decode(backend: Backend, logits, state, steps: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def context_rows(backends: dict[str, Backend], pixels, prompts, config: BenchConfig, budget: str, batch: int,
+def context_rows(backends: dict[str, Backend], pixels, prompts: dict, config: BenchConfig, budget: str, batch: int,
                  image_tokens: int) -> list[dict]:
     """Decode ms/token against cache length, the variants interleaved repeat by repeat. A state
     is decoded from again in every repeat: its first step copies the cache into new buffers
     (it is no longer the newest state on them), so the median over steps is reported."""
     rows = []
     for context in config.contexts:
-        starts = {v: context_state(b, pixels, prompts, context, image_tokens) for v, b in backends.items()}
+        starts = {v: context_state(b, pixels, prompts[v], context, image_tokens) for v, b in backends.items()}
         runs = {v: [] for v in backends}
         for _ in range(config.repeats):
             for v, b in backends.items():
@@ -269,16 +269,18 @@ def pipeline_backend(loaded: LoadedModel, schedule: Schedule, scratch: Path, con
     return TorchBackend(loaded, schedule, cuda_graph=config.cuda_graph)
 
 
-def _variants(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig) -> dict[str, Backend]:
-    """The full model alone, or the pruned pipeline and its ideal baseline over the same units."""
-    backend = pipeline_backend(loaded, schedule, scratch, config)
+def _variants(loaded: LoadedModel, schedule: Schedule, scratch: Path, config: BenchConfig, baseline: Backend) -> dict[str, Backend]:
+    """The pruned pipeline, its ideal baseline over the same units, and the unpruned ``baseline``
+    (measured in the same interleaved loop, so that every speed-up is a ratio of one window);
+    for the full schedule the baseline alone."""
     if schedule.is_full:
-        return {"full": backend}
+        return {"full": baseline}
+    backend = pipeline_backend(loaded, schedule, scratch, config)
     if config.backend == "ort":
         vision = _ort_ideal_vision(loaded, backend, scratch)
     else:
         vision = torch.inference_mode()(IdealVision(loaded.family.vision_unit(loaded.model, schedule.vision, REFERENCE_OPS)).eval())
-    return {"pruned": backend, "ideal": IdealBaseline(backend, vision)}
+    return {"pruned": backend, "ideal": IdealBaseline(backend, vision), "full": baseline}
 
 
 def bench_images(spec, batch: int, seed: int) -> list:
@@ -288,43 +290,51 @@ def bench_images(spec, batch: int, seed: int) -> list:
 
 
 def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict:
-    """Measure every (budget, batch); returns the JSON-ready report."""
-    budgets = list(dict.fromkeys([*(config.budgets or loaded.family.paper_budgets), "full"]))  # full: the baseline
-    schedules = {b: loaded.schedule(b, scope=config.scope) for b in budgets}
-    total = sum(len(config.batches) * (1 if schedules[b].is_full else 2) for b in budgets)
+    """Measure every (budget, batch); returns the JSON-ready report.
+
+    The unpruned model is exported once and measured again beside every budget: a 2-core
+    machine drifts by tens of percent over a run, so a baseline measured minutes apart from a
+    budget decides nothing about a few percent of decode speed-up.
+    """
+    budgets = list(dict.fromkeys(config.budgets or loaded.family.paper_budgets))
+    schedules = {b: loaded.schedule(b, scope=config.scope) for b in [*budgets, "full"]}
+    measured_budgets = [b for b in budgets if not schedules[b].is_full] or ["full"]
+    total = sum(len(config.batches) * (1 if schedules[b].is_full else 3) for b in measured_budgets)
     rows, contexts, done = [], [], 0
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch, cpu_load(config.cpu_load):
-        for budget in budgets:
-            schedule = schedules[budget]
-            if config.backend == "ort":
+        if config.backend == "ort":
+            progress("exporting budget full (the baseline) for ONNX Runtime ...")
+        baseline = pipeline_backend(loaded, schedules["full"], Path(scratch), config)
+        for budget in measured_budgets:
+            if config.backend == "ort" and budget != "full":
                 progress(f"exporting budget {budget} for ONNX Runtime ...")
-            backends = _variants(loaded, schedule, Path(scratch), config)
-            backend = next(iter(backends.values()))
+            unbound = _variants(loaded, schedules[budget], Path(scratch), config, baseline)
             for batch in config.batches:
-                images = bench_images(backend.spec, batch, config.seed)
-                backends = {v: b.for_images(image_sizes(images, b.spec.prompt_template)) for v, b in backends.items()}
-                backend = next(iter(backends.values()))
-                schedule = backend.spec.schedule  # the images' grid's (the budget's, 2x2, as they fill it)
-                pixels = pixel_values(loaded.processor.image_processor, images, backend.spec.prompt_template)
-                prompts = build_prompts(loaded.tokenizer, backend.spec.prompt_template, [PROMPT] * batch, schedule.image_tokens,
-                                        backend.spec.image_token_id, backend.spec.pad_token_id)
-                text_tokens = prompts.input_ids.shape[1] - schedule.image_tokens
+                images = bench_images(baseline.spec, batch, config.seed)
+                backends = {v: b.for_images(image_sizes(images, b.spec.prompt_template)) for v, b in unbound.items()}
+                template = baseline.spec.prompt_template
+                pixels = pixel_values(loaded.processor.image_processor, images, template)
+                # the images' grid's schedules (for a multi-crop model the budget's, 2x2, as they fill it)
+                plans = {v: b.spec.schedule for v, b in backends.items()}
+                prompts = {v: build_prompts(loaded.tokenizer, template, [PROMPT] * batch, plans[v].image_tokens,
+                                            baseline.spec.image_token_id, baseline.spec.pad_token_id) for v in backends}
+                text_tokens = prompts["full"].input_ids.shape[1] - plans["full"].image_tokens
                 variants = list(backends)
                 runs = {v: [] for v in variants}
                 peaks = {}
                 for v in variants:  # warm-up
                     for _ in range(config.warmup):
-                        run_once(backends[v], pixels, prompts, min(config.new_tokens, 2))
+                        run_once(backends[v], pixels, prompts[v], min(config.new_tokens, 2))
                 for v in variants:
-                    with PeakMemory(backend.device) as memory:
-                        run_once(backends[v], pixels, prompts, config.new_tokens)
+                    with PeakMemory(baseline.device) as memory:
+                        run_once(backends[v], pixels, prompts[v], config.new_tokens)
                     peaks[v] = (memory.peak, memory.delta)
                 for _ in range(config.repeats):  # interleaved so drift hits every variant alike
                     for v in variants:
-                        runs[v].append(run_once(backends[v], pixels, prompts, config.new_tokens))
+                        runs[v].append(run_once(backends[v], pixels, prompts[v], config.new_tokens))
                 for v in variants:
                     done += 1
-                    measured = runs[v]
+                    measured, schedule = runs[v], plans[v]
                     decode = [statistics.median(r["decode"]) for r in measured] if config.new_tokens else [float("nan")]
                     row = {
                         "budget": budget, "batch": batch, "variant": v, "schedule": schedule.describe(),
@@ -345,8 +355,8 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                              f"TTFT {row['ttft_ms']['median']:.1f} ms, decode {row['decode_ms_per_token']['median']:.2f} ms/token")
                 if config.contexts:
                     progress(f"budget {budget} batch {batch}: decode at {', '.join(map(str, config.contexts))} tokens of context ...")
-                    measured = {v: b for v, b in backends.items() if v != "ideal"}  # pruned or full
-                    contexts += context_rows(measured, pixels, prompts, config, budget, batch, schedules["full"].image_tokens)
+                    decoded = {v: b for v, b in backends.items() if v != "ideal"}  # pruned and full
+                    contexts += context_rows(decoded, pixels, prompts, config, budget, batch, schedules["full"].image_tokens)
     report = {"config": asdict(config), "machine": _machine(loaded), "results": rows, "summary": summarize(rows, decode_bytes(loaded))}
     if contexts:
         report["context"] = {"results": contexts, "slopes": context_slopes(contexts)}
@@ -413,7 +423,7 @@ def summarize(rows: list[dict], weight_bytes: int) -> list[dict]:
     for (budget, batch, variant), row in index.items():
         if variant != "pruned":
             continue
-        full, ideal = index[("full", batch, "full")], index[(budget, batch, "ideal")]
+        full, ideal = index[(budget, batch, "full")], index[(budget, batch, "ideal")]
         med = lambda r, key: r[key]["median"]  # noqa: E731
         summary.append({
             "budget": budget, "batch": batch,

@@ -719,7 +719,7 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 @model_option("small")
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch", "ort", "trt"]), help="Run the PyTorch pipeline, the exported graphs on ONNX Runtime (exported per budget into a temporary folder), or the TensorRT engine folders of --engines.")
 @click.option("--engines", "engine_dirs", multiple=True, type=click.Path(path_type=Path), help="--backend trt: an engine folder written by `build` (repeatable, one schedule each; a --budget full one is the speed-up baseline). Uses --batch, --max-new-tokens, --warmup, --repeats, --json.")
-@click.option("--budgets", default=None, metavar="B,B,...", help="Budgets to measure; 'full' (the baseline) is always measured. Default: the paper's for the model family (LLaVA-1.5: 32,64,128,192; LLaVA-NeXT: 160,320,640, averages for a 2x2 crop grid, whose images bench uses).")
+@click.option("--budgets", default=None, metavar="B,B,...", help="Budgets to measure; the unpruned model (the baseline) is measured beside each, in the same interleaved loop. Default: the paper's for the model family (LLaVA-1.5: 32,64,128,192; LLaVA-NeXT: 160,320,640, averages for a 2x2 crop grid, whose images bench uses).")
 @scope_option
 @click.option("--batch", default="1,4", show_default=True, help="Batch sizes.")
 @max_new_tokens_option(32, "Decode steps per request: bench runs all of them, end-of-sequence or not, so every budget decodes as many.")
