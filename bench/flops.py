@@ -47,7 +47,7 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
     blocks, seen = schedule.stage_inputs(), schedule.group_tokens()  # what each LLM stage prunes; what each group sees
     for group, ((start, stop), visual) in enumerate(zip(schedule.layer_groups(), seen)):
         before = seen[group - 1] if group > 0 else visual  # the sequence's visual tokens before this group's prune
-        projected = text_tokens + (visual if ideal else before)  # rows the group's first-layer projections see
+        projected = text_tokens + before  # rows the group's first-layer projections see (ideal too: the group before projects them)
         if group > 0 and not ideal:
             stage, block = schedule.llm_stages[group - 1], blocks[group - 1]
             rest = block - stage.dominant
@@ -58,7 +58,7 @@ def stage_flops(config: Any, schedule: Schedule, text_tokens: int, batch: int, i
             )
         seq = text_tokens + visual
         layers = stop - start
-        first_projections = 2 * projected * d * (d + 2 * kv_width)  # the first layer's q, k, v (qkv graph)
+        first_projections = 2 * projected * d * (d + 2 * kv_width)  # the first layer's q, k, v (qkv_0's or the group before's graph)
         rest_of_first = _decoder_layer(seq, seq, d, kv_width, text.intermediate_size, True) - 2 * seq * d * (d + 2 * kv_width)
         flops[f"decoder_{group}"] = batch * (
             first_projections + rest_of_first + (layers - 1) * _decoder_layer(seq, seq, d, kv_width, text.intermediate_size, True)

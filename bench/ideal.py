@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from visiondrop_edge.families import VisionUnit
 from visiondrop_edge.modules import positions_from_mask, splice_visual
 from visiondrop_edge.runtime.base import Backend, DecoderState, PrefillOutput, VisionOutput
-from visiondrop_edge.pruning import gather_rows, splice, visual_positions
+from visiondrop_edge.pruning import gather_positions, gather_rows, splice, visual_positions
 
 
 class IdealVision(nn.Module):
@@ -48,8 +48,8 @@ class IdealBaseline(Backend):
     def run_embed(self, input_ids):
         return self.inner.run_embed(input_ids)
 
-    def run_qkv(self, group, hidden_states):
-        return self.inner.run_qkv(group, hidden_states)
+    def run_qkv(self, hidden_states):
+        return self.inner.run_qkv(hidden_states)
 
     def run_prune(self, stage, *inputs):
         raise NotImplementedError("the ideal baseline does not prune")
@@ -62,21 +62,22 @@ class IdealBaseline(Backend):
 
     def prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
         """Each group sees its stage's size of the visual block (its first tokens, and the tokens
-        a ``base``-scope stage carries): projected once, never scored."""
+        a ``base``-scope stage carries), never scored; its first-layer q/k/v are projected by
+        the group before on that group's sequence, as in the pruned pipeline."""
         input_ids, attention_mask, image_offset = (t.to(self.device) for t in (input_ids, attention_mask, image_offset))
         embeds = self.run_embed(input_ids)
         hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
         mask, position_ids = attention_mask, positions_from_mask(attention_mask)
         state, visual, seen = DecoderState(), image_embeds.shape[1], self.spec.schedule.group_tokens()
+        qkv = self.run_qkv(hidden)
         for group in range(self.num_groups):
             if group > 0:
-                keep = seen[group]
-                first = gather_rows(hidden, visual_positions(image_offset, keep))
-                hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, first)
+                keep, positions = seen[group], visual_positions(image_offset, seen[group])
+                hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, gather_rows(hidden, positions))
+                qkv = [splice(t, image_offset, visual, gather_positions(t, positions), dim=2) for t in qkv]
                 visual = keep
-            query, key, value = self.run_qkv(group, hidden)
-            hidden, presents = self.run_group(
-                group, hidden, query, key, value, mask, position_ids, self.empty_past(group, hidden.shape[0])
+            hidden, qkv, presents = self.run_group(
+                group, hidden, *qkv, mask, position_ids, self.empty_past(group, hidden.shape[0])
             )
             state.caches.append(presents)
             state.masks.append(mask)

@@ -324,7 +324,7 @@ def _plan(model: onnx.ModelProto, entry: GraphEntry, excluded: list[dict]) -> li
         float_nodes |= set(scoring)
         reason = ("the stage-0 scores are computed from float values (quantizing the tower ahead of them moved them "
                   "to cosine 0.94 on the tiny model)" if entry.role == "vision" else
-                  f"prune_{entry.index - 1} scores with these q/k, so they stay float; v reads the same input, and ORT's "
+                  f"prune_{entry.index} scores with these q/k (the next group's), so they stay float; v reads the same input, and ORT's "
                   "QDQ would route q/k through its DequantizeLinear too")
         excluded.append({"graph": entry.name, "nodes": scoring, "scope": "linear layers the prune scores depend on",
                          "reason": reason})

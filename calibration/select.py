@@ -12,8 +12,8 @@ MLP do not depend on the scores, so they are not in it. Every linear layer that 
 scores depend on inside a graph stays float as well: in the vision graph, the patch embedding
 and the tower up to the last layer's q/k. Quantizing them moved the tiny model's stage-0 scores
 to cosine 0.94, and they are a small share of a 7B VLM's bytes (Edge-LLM keeps an FP16 ViT).
-In a ``qkv_{g}`` that feeds an LLM prune, its q/k (and so v, which
-reads the same input) stay float.
+In a decoder group that feeds an LLM prune, the projections of its ``next_query``/``next_key``
+(the q/k that the prune scores with; v reads the same input, so it comes along) stay float.
 """
 
 from __future__ import annotations
@@ -54,22 +54,28 @@ def weighted_linears(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type in LINEAR_OPS and len(n.input) > 1 and n.input[1] in constants]
 
 
-def lm_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The linear layer that produces ``logits`` (last decoder group only)."""
-    if not any(o.name == "logits" for o in model.graph.output):
-        return None
+def nearest_linears(model: onnx.ModelProto, tensors: list[str]) -> list[onnx.NodeProto]:
+    """The linear layers that produce ``tensors``: the first met on each path upstream of them."""
     producers = _producers(model.graph)
     linear = {id(n) for n in weighted_linears(model)}
-    frontier, seen = ["logits"], set()
+    frontier, seen, found = list(tensors), set(), []
     while frontier:
         node = producers.get(frontier.pop())
         if node is None or node.name in seen:
             continue
-        if id(node) in linear:
-            return node
         seen.add(node.name)
-        frontier.extend(node.input)
-    return None
+        if id(node) in linear:
+            found.append(node)
+        elif node.op_type not in SHAPE_ONLY:  # a shape query depends on no value upstream
+            frontier.extend(node.input)
+    return found
+
+
+def lm_head(model: onnx.ModelProto) -> onnx.NodeProto | None:
+    """The linear layer that produces ``logits`` (last decoder group only)."""
+    if not any(o.name == "logits" for o in model.graph.output):
+        return None
+    return next(iter(nearest_linears(model, ["logits"])), None)
 
 
 def _ancestors(graph: onnx.GraphProto, tensors: list[str], stop: set[str]) -> set[str]:
@@ -126,12 +132,18 @@ def scoring_linears(model: onnx.ModelProto, role: str, index: int) -> list[str]:
     """The linear layers a prune's scores depend on within this graph: they stay float.
 
     Vision: every linear upstream of ``scores`` (patch embedding, the tower up to the last
-    layer's q/k). ``qkv_{g}`` for g >= 1: its q/k projections, which ``prune_{g-1}`` scores
-    with (``qkv_0`` feeds no prune). Linears reading the same input (v) come along.
+    layer's q/k). A decoder group but the last: the q/k projections of its ``next_*``
+    outputs, which ``prune_{index}`` scores with; the group's own layers are quantized, as
+    in every other decoder group (``qkv_0`` feeds no prune). Linears reading the same input
+    (v) come along.
     """
-    targets = {"vision": ["scores"], "qkv": ["query", "key"] if index > 0 else []}.get(role, [])
-    targets = [o.name for o in model.graph.output if o.name in targets]
-    upstream = _ancestors(model.graph, targets, stop=set())
+    outputs = {o.name for o in model.graph.output}
+    if role == "vision" and "scores" in outputs:
+        upstream = _ancestors(model.graph, ["scores"], stop=set())
+    elif role == "decoder" and {"next_query", "next_key"} <= outputs:
+        upstream = {n.name for n in nearest_linears(model, ["next_query", "next_key"])}
+    else:
+        return []
     linears = weighted_linears(model)
     # ORT's QDQ routes every consumer of a quantized tensor through its DequantizeLinear, so
     # a linear that shares its input with a float one (v beside q/k) must stay float too.

@@ -1,11 +1,12 @@
 """Export a LLaVA checkpoint + schedule to fixed-budget ONNX graphs.
 
 One graph per pipeline unit (see ``visiondrop/modules.py``): ``vision_encoder`` (stage-0
-prune inside), and per decoder group ``g`` a ``qkv_{g}`` graph (the group's first layer up to
-RoPE-applied q/k/v) and a ``decoder_{g}`` graph (the rest of the group; the last one ends in
-the LM head), with a weightless ``prune_{s}`` graph before every group but the first. Every
-weight is stored once on disk and loaded once: prefill and decode run the same graphs, and
-the prune scores with the q/k that ``qkv_{g}`` computes on the unpruned sequence.
+prune inside), ``qkv_0`` (the first decoder layer up to its q/k/v, before RoPE), and per
+decoder group ``g`` a ``decoder_{g}`` graph (the rest of its first layer, its other layers,
+then the next group's first-layer q/k/v; the last one ends in the LM head), with a weightless
+``prune_{s}`` graph before every group but the first. Every weight is stored once on disk and
+loaded once: prefill and decode run the same graphs, and the prune scores with the q/k that
+the group before it computes on the unpruned sequence.
 
 Only batch, sequence and past lengths are dynamic axes; every visual-token count is a
 constant. Graphs are opset 17 / IR version 10 (what TensorRT 10.3 on JetPack 6 parses) and
@@ -85,7 +86,7 @@ def graph_specs(pipelines: list[VisionDropPipeline], spec: ModelSpec) -> list[Gr
 
     One pipeline per schedule of :meth:`ModelSpec.graph_schedules`, over the same weights. The
     weighted graphs come once, from the first: ``vision_encoder`` (for a multi-crop model, the
-    per-view unit: one view per batch row) and the qkv and decoder graphs, whose shapes no grid
+    per-view unit: one view per batch row), ``qkv_0`` and the decoder graphs, whose shapes no grid
     fixes. Each multi-crop grid class adds its weightless layout graph and its prune graphs
     (once per name: block sizes repeat across grids).
     """
@@ -94,7 +95,7 @@ def graph_specs(pipelines: list[VisionDropPipeline], spec: ModelSpec) -> list[Gr
     batch = 2
     size = spec.image_size
     graphs: dict[str, GraphSpec] = {}
-    prunes: dict[str, GraphSpec] = {}  # in the pipeline order: qkv_g, then the prunes before group g, then decoder_g
+    prunes: dict[str, GraphSpec] = {}  # in the pipeline order: qkv_0, then per group g the prunes before it and decoder_g
     outputs = vision_outputs(not spec.schedule.is_full)
     pixels = torch.randn(batch, 3, size, size, dtype=spec.vision_torch_dtype)
     tower = pipelines[0].vision.per_view if spec.schedule.grid else pipelines[0].vision  # a multi-crop image: one view per row
@@ -126,11 +127,11 @@ def graph_specs(pipelines: list[VisionDropPipeline], spec: ModelSpec) -> list[Gr
             ))
     shared = pipelines[0]
     groups = shared.schedule.layer_groups()
+    graphs["qkv_0"] = GraphSpec(
+        "qkv_0", "qkv", 0, shared.qkv, bind(QKV_INPUTS, [torch.randn(batch, 7, hidden, dtype=dtype)]),
+        list(QKV_OUTPUTS), dynamic_axes("qkv", QKV_INPUTS + QKV_OUTPUTS),
+    )
     for g, (start, stop) in enumerate(groups):
-        graphs[f"qkv_{g}"] = GraphSpec(
-            f"qkv_{g}", "qkv", g, shared.qkv[g], bind(QKV_INPUTS, [torch.randn(batch, 7, hidden, dtype=dtype)]),
-            list(QKV_OUTPUTS), dynamic_axes("qkv", QKV_INPUTS + QKV_OUTPUTS),
-        )
         graphs.update((name, prune) for name, prune in prunes.items() if prune.index == g - 1)
         seq, past = 5, 3
         layers = range(start, stop)

@@ -7,7 +7,7 @@ with ``Profile`` s, ``EngineFromNetwork``, ``SaveEngine``): precision comes from
 Optimization profiles come from the manifest's I/O contract (its named dynamic axes), the
 schedule and three numbers: ``max_batch``, ``max_seq_len`` (prompt + generated tokens, the
 exported one by default) and ``opt_seq_len`` (a typical prompt, image tokens included).
-``qkv_{g}`` and ``decoder_{g}`` run in prefill (a whole prompt, empty cache) and in decode (one
+``qkv_0`` and ``decoder_{g}`` run in prefill (a whole prompt, empty cache) and in decode (one
 token, a long cache), so their engines get two profiles, ``prefill`` and ``decode``, in one
 engine: the weights are stored once and the runtime picks a profile per call. The vision,
 layout and prune graphs run once per request: one ``prefill`` profile. A multi-crop
@@ -166,7 +166,7 @@ def _range(low: int, opt: int, high: int) -> list[int]:
 def graph_schedules(entry: GraphEntry, plans: list[Schedule]) -> list[Schedule]:
     """Of the export's ``plans`` (``ModelSpec.graph_schedules``, the spec's own first), those
     whose images ``entry`` runs for: every grid class for the shared graphs (vision encoder,
-    qkv, decoder), its grid class for a layout graph, its block size's for a prune."""
+    qkv_0, decoder), its grid class for a layout graph, its block size's for a prune."""
     if entry.role == "layout":
         plans = [plan for plan in plans if layout_graph(plan) == entry.name]
     elif entry.role == "prune":
@@ -194,12 +194,12 @@ def profiles_for(entry: GraphEntry, schedules: list[Schedule], max_batch: int, m
     elif entry.role == "prune":  # runs on group (index + 1)'s input: the sequence group `index` saw
         profiles = [Profile("prefill", {B: batch, SEQ: _range(*lengths[entry.index])})]
     elif entry.role in ("qkv", "decoder"):
-        # qkv_g projects the sequence before the prune in front of group g; decoder_g the pruned one.
-        prefill = lengths[entry.index - 1 if entry.role == "qkv" and entry.index > 0 else entry.index]
+        # qkv_0 and decoder_g run on group g's sequence (decoder_g projects group g + 1's q/k/v
+        # on it, before the prune in front of that group).
         own = lengths[entry.index]
-        past = _range(own[0], own[1], own[2])  # decode: the cache holds at least the shortest prompt
+        past = _range(*own)  # decode: the cache holds at least the shortest prompt
         profiles = [
-            Profile("prefill", {B: batch, SEQ: _range(*prefill), PAST: [0, 0, 0], TOTAL: _range(*prefill)}),
+            Profile("prefill", {B: batch, SEQ: _range(*own), PAST: [0, 0, 0], TOTAL: _range(*own)}),
             # decode: one token on a cache, or a few (a question on a reused prefix, a chat turn):
             # sequence up to the longest prompt on a cache buffer up to the longest (the runtime's
             # buffers are whole blocks, so a buffer plus a continuation may pass the longest

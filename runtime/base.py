@@ -1,7 +1,7 @@
 """The backend interface: vision encode, prefill, decode step.
 
-A backend only says how to run the units (vision, embedding, per-group QKV projection,
-LLM prune, decoder group); the orchestration between them (splicing the image into the
+A backend only says how to run the units (vision, embedding, the first layer's QKV
+projection, LLM prune, decoder group); the orchestration between them (splicing the image into the
 prompt, per-group caches and masks, renumbered positions, the decode position rule) is
 written once here, on torch tensors, so PyTorch, ONNX Runtime and TensorRT backends run the
 exact same control flow. Nothing here leaves the device or syncs with the host.
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visiondrop_edge.contract import (QKV, STAGE_OUTPUTS, VISION_ENCODER, PruneOutputs, StageTrace, decoder_outputs, layout_graph, prune_graph,
-                                      vision_outputs)
+from visiondrop_edge.contract import (NEW_KV, NEXT_QKV, QKV, STAGE_OUTPUTS, VISION_ENCODER, PruneOutputs, StageTrace, kv_names, layout_graph,
+                                      prune_graph, vision_outputs)
 from visiondrop_edge.errors import InputError
 from visiondrop_edge.manifest import ModelSpec
 from visiondrop_edge.modules import positions_from_mask
@@ -92,8 +92,9 @@ class Backend(ABC):
         """Token embeddings [B, S, D]."""
 
     @abstractmethod
-    def run_qkv(self, group: int, hidden_states: Tensor) -> QKV:
-        """q, k and v (before RoPE) of ``group``'s first layer."""
+    def run_qkv(self, hidden_states: Tensor) -> QKV:
+        """q, k and v (before RoPE) of the first decoder layer (group 0's; the other groups'
+        come out of the group before)."""
 
     @abstractmethod
     def run_prune(
@@ -106,8 +107,9 @@ class Backend(ABC):
     def run_group(
         self, group: int, hidden_states: Tensor, query: Tensor, key: Tensor, value: Tensor,
         attention_mask: Tensor, position_ids: Tensor, past: list[Tensor],
-    ) -> tuple[Tensor, list[Tensor]]:
-        """-> hidden states (logits for the last group) and the new tokens' keys and values."""
+    ) -> tuple[Tensor, QKV | None, list[Tensor]]:
+        """-> hidden states (logits for the last group), the next group's first-layer q/k/v
+        (None for the last group), and the new tokens' keys and values."""
 
     def cache_capacity(self, group: int, length: int) -> int:
         """Slots to allocate for a cache that must hold ``length`` tokens: whole blocks of
@@ -163,18 +165,20 @@ class Backend(ABC):
         mask = attention_mask
         position_ids = positions_from_mask(mask)
         state, stages = DecoderState(), []
+        query, key, value = self.run_qkv(hidden)
         for group in range(self.num_groups):
-            query, key, value = self.run_qkv(group, hidden)
             if group > 0:
                 pruned = self.run_prune(group - 1, hidden, query, key, value, mask, image_offset)
                 hidden, query, key, value = pruned.pruned_hidden_states, pruned.pruned_query, pruned.pruned_key, pruned.pruned_value
                 mask, position_ids = pruned.pruned_attention_mask, pruned.pruned_position_ids
                 stages.append(pruned.stage)
-            hidden, presents = self.run_group(
+            hidden, next_qkv, presents = self.run_group(
                 group, hidden, query, key, value, mask, position_ids, self.empty_past(group, hidden.shape[0])
             )
             state.caches.append(presents)
             state.masks.append(mask)
+            if next_qkv is not None:
+                query, key, value = next_qkv
         return PrefillOutput(hidden, state, stages)
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
@@ -197,15 +201,15 @@ class Backend(ABC):
         new_state = DecoderState(fills=[])
         batch, length = attention_mask.shape
         new_positions, new_mask = positions_from_mask(attention_mask), attention_mask.to(state.masks[0].dtype)
+        qkv = self.run_qkv(hidden)
         for group in range(self.num_groups):
             past_mask = state.masks[group]
             filled = past_mask.shape[1]
             buffers, fill = self._room(state, group, length)
             position_ids = past_mask.sum(-1, keepdim=True) + new_positions
             room = past_mask.new_zeros(batch, buffers[0].shape[2] - filled)
-            query, key, value = self.run_qkv(group, hidden)
-            hidden, new_key_values = self.run_group(group, hidden, query, key, value, torch.cat([past_mask, room, new_mask], dim=1),
-                                                    position_ids, buffers)
+            hidden, qkv, new_key_values = self.run_group(group, hidden, *qkv, torch.cat([past_mask, room, new_mask], dim=1),
+                                                         position_ids, buffers)
             for buffer, new in zip(buffers, new_key_values, strict=True):
                 buffer[:, :, filled:filled + length] = new
             fill.length = filled + length
@@ -237,6 +241,15 @@ def grown_buffers(past: list[Tensor], filled: int, capacity: int) -> list[Tensor
         buffer[:, :, :filled] = cache[:, :, :filled]
         buffers.append(buffer)
     return buffers
+
+
+def group_results(schedule, group: int, outputs: dict[str, Tensor]) -> tuple[Tensor, QKV | None, list[Tensor]]:
+    """A ``decoder_{group}`` unit's outputs by name -> :meth:`Backend.run_group`'s result."""
+    start, stop = schedule.layer_groups()[group]
+    last = group == len(schedule.layer_groups()) - 1
+    out = outputs["logits" if last else "hidden_states_out"]
+    next_qkv = None if last else QKV(*(outputs[name] for name in NEXT_QKV))
+    return out, next_qkv, [outputs[name] for name in kv_names(NEW_KV, range(start, stop))]
 
 
 def run_vision_graphs(run, spec: ModelSpec, pixel_values: Tensor) -> dict[str, Tensor]:
@@ -272,14 +285,12 @@ class GraphBackend(Backend):
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.cpu(), self.embed_table)
 
-    def run_qkv(self, group, hidden_states) -> QKV:
-        return QKV(**self._run(f"qkv_{group}", hidden_states))
+    def run_qkv(self, hidden_states) -> QKV:
+        return QKV(**self._run("qkv_0", hidden_states))
 
     def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
         return PruneOutputs(**self._run(prune_graph(self.spec.schedule, stage), hidden_states, query, key, value, attention_mask, image_offset))
 
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
         outputs = self._run(f"decoder_{group}", hidden_states, query, key, value, attention_mask, position_ids, *past)
-        start, stop = self.spec.schedule.layer_groups()[group]
-        out, *new_key_values = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
-        return out, new_key_values
+        return group_results(self.spec.schedule, group, outputs)

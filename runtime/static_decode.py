@@ -99,11 +99,11 @@ class StaticDecoder:
         """One step on the binding's tensors: the eager ``extend`` of one token, with device-side offsets."""
         backend = self.backend
         hidden = backend.run_embed(binding.tokens)
+        qkv = backend.run_qkv(hidden)
         for group in range(backend.num_groups):
             mask, fill, buffers = binding.masks[group], binding.fills[group], binding.caches[group]
             position_ids = mask[:, :-1].sum(-1, keepdim=True)  # the real cache length: the new token's position
-            query, key, value = backend.run_qkv(group, hidden)
-            hidden, new_key_values = backend.run_group(group, hidden, query, key, value, mask, position_ids, buffers)
+            hidden, qkv, new_key_values = backend.run_group(group, hidden, *qkv, mask, position_ids, buffers)
             for buffer, new in zip(buffers, new_key_values, strict=True):
                 buffer.index_copy_(2, fill, new)
             mask.index_fill_(1, fill, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from visiondrop_edge.contract import QKV, PruneOutputs, bind, vision_outputs
+from visiondrop_edge.contract import QKV, PruneOutputs, bind, decoder_outputs, vision_outputs
 from visiondrop_edge.errors import SettingError
 from visiondrop_edge.loading import LoadedModel, parameter_dtype
 from visiondrop_edge.modules import VisionDropPipeline
@@ -13,7 +13,7 @@ from visiondrop_edge.prompt import pad_token_id
 from visiondrop_edge.pruning import Choice
 from visiondrop_edge.schedule import Schedule
 
-from .base import Backend, DecoderState, ModelSpec
+from .base import Backend, DecoderState, ModelSpec, group_results
 from .static_decode import StaticDecoder
 
 
@@ -67,8 +67,8 @@ class TorchBackend(Backend):
         return self.pipeline.embed_tokens(input_ids)
 
     @torch.inference_mode()
-    def run_qkv(self, group: int, hidden_states: Tensor) -> QKV:
-        return self.pipeline.qkv[group](hidden_states)
+    def run_qkv(self, hidden_states: Tensor) -> QKV:
+        return self.pipeline.qkv(hidden_states)
 
     @torch.inference_mode()
     def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
@@ -78,8 +78,7 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
-        out, *new_key_values = self.pipeline.groups[group](
-            hidden_states, query, key, value, attention_mask, position_ids, *past
-        )
-        return out, new_key_values
+        outputs = self.pipeline.groups[group](hidden_states, query, key, value, attention_mask, position_ids, *past)
+        start, stop = self.spec.schedule.layer_groups()[group]
+        return group_results(self.spec.schedule, group, bind(decoder_outputs(range(start, stop), group == self.num_groups - 1), outputs))
 

@@ -8,7 +8,7 @@
     REPO/visiondrop/1/visiondrop.json    the model spec, the units' I/O, the limits and serving options
     REPO/visiondrop/1/processor/         tokenizer and image processor
     REPO/visiondrop/1/embed_tokens.safetensors
-    REPO/<unit>/config.pbtxt, 1/...      one model per pipeline unit (vision_encoder, qkv_g, prune_s, decoder_g)
+    REPO/<unit>/config.pbtxt, 1/...      one model per pipeline unit (vision_encoder, qkv_0, prune_s, decoder_g)
 
 A unit is a TensorRT engine (``platform: tensorrt_plan``, ``--units tensorrt``), an ONNX graph on
 Triton's ONNX Runtime backend (``--units onnxruntime``), or an ONNX graph on ONNX Runtime inside
@@ -37,7 +37,7 @@ from visiondrop_edge.errors import ArtifactError, UserError
 from .base import GraphBackend, ModelSpec
 from .serve import MODEL, REQUEST_INPUTS, RESPONSE_OUTPUTS, ServeOptions
 
-REPO_FORMAT, REPO_FORMAT_VERSION = "visiondrop-edge/triton-repo", 1
+REPO_FORMAT, REPO_FORMAT_VERSION = "visiondrop-edge/triton-repo", 2  # 2: the units of artifacts format 3 (qkv_0 only; decoders output next_*)
 SETTINGS = "visiondrop.json"
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                 "int32": "TYPE_INT32", "bool": "TYPE_BOOL"}
@@ -92,7 +92,7 @@ def unit_config(entry, units: str, profiles: int = 1, parameters: dict[str, str]
     config: dict[str, Any] = {"name": entry.name, "max_batch_size": 0,
                               "input": _tensors(entry.inputs), "output": _tensors(entry.outputs)}
     if units == "tensorrt":
-        # Two profiles in one engine (prefill, decode) for qkv and decoder units: Triton picks the one the shapes fit.
+        # Two profiles in one engine (prefill, decode) for qkv_0 and decoder units: Triton picks the one the shapes fit.
         config.update(platform="tensorrt_plan", instance_group=[{"kind": "KIND_GPU", "count": 1,
                                                                  "profile": [str(i) for i in range(profiles)]}])
     elif units == "onnxruntime":

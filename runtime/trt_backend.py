@@ -4,7 +4,7 @@ Zero-copy: every unit's inputs and outputs are torch CUDA tensors passed to Tens
 address (``set_input_shape``, ``set_tensor_address``, ``execute_async_v3`` on the current torch
 stream); nothing goes through the host between units. I/O is bound by name, in the order of
 the artifacts manifest's graph entry, and every ``run_*`` returns all of the graph's outputs in
-that order. Engines of ``qkv_{g}`` / ``decoder_{g}`` hold a ``prefill`` and a ``decode``
+that order. Engines of ``qkv_0`` / ``decoder_{g}`` hold a ``prefill`` and a ``decode``
 profile: each profile has its own execution context, selected per call. All contexts share
 one activation scratch buffer (user-managed device memory, sized for the largest profile):
 units run one after another on the current stream, so one TrtBackend must not be driven from
@@ -32,9 +32,9 @@ from torch import Tensor
 
 from visiondrop_edge.errors import UserError
 
-from visiondrop_edge.contract import PAST_KV, QKV, PruneOutputs, bind, decoder_outputs, prune_graph
+from visiondrop_edge.contract import PAST_KV, QKV, PruneOutputs, bind, prune_graph
 
-from .base import Backend, ModelSpec, run_vision_graphs
+from .base import Backend, ModelSpec, group_results, run_vision_graphs
 
 if TYPE_CHECKING:  # annotations only: TensorRT is imported lazily (plugins_trt/tests/trt_api_check.py reads them)
     import tensorrt as trt
@@ -206,12 +206,12 @@ class TrtBackend(Backend):
     def run_embed(self, input_ids: Tensor) -> Tensor:
         return F.embedding(input_ids.to(self.device), self.embed_table)
 
-    def run_qkv(self, group: int, hidden_states: Tensor) -> QKV:
+    def run_qkv(self, hidden_states: Tensor) -> QKV:
         """Prompts take the prefill profile; single tokens and short continuations (prefix reuse,
         chat turns) that fall below its range take the decode one."""
-        low, _, high = self.units[f"qkv_{group}"].limits["prefill"]["hidden_states"]
+        low, _, high = self.units["qkv_0"].limits["prefill"]["hidden_states"]
         fits = all(lo <= size <= hi for lo, size, hi in zip(low, hidden_states.shape, high))
-        return QKV(**self._run(f"qkv_{group}", "prefill" if fits else "decode", hidden_states))
+        return QKV(**self._run("qkv_0", "prefill" if fits else "decode", hidden_states))
 
     def run_prune(self, stage, hidden_states, query, key, value, attention_mask, image_offset) -> PruneOutputs:
         return PruneOutputs(**self._run(prune_graph(self.spec.schedule, stage), "prefill", hidden_states, query, key, value, attention_mask,
@@ -220,9 +220,7 @@ class TrtBackend(Backend):
     def run_group(self, group, hidden_states, query, key, value, attention_mask, position_ids, past):
         profile = "decode" if past and past[0].shape[2] > 0 else "prefill"
         outputs = self._run(f"decoder_{group}", profile, hidden_states, query, key, value, attention_mask, position_ids, *past)
-        start, stop = self.spec.schedule.layer_groups()[group]
-        out, *new_key_values = (outputs[name] for name in decoder_outputs(range(start, stop), group == self.num_groups - 1))
-        return out, new_key_values
+        return group_results(self.spec.schedule, group, outputs)
 
     def cache_capacity(self, group: int, length: int) -> int:
         """Whole blocks, but never past the decode profile's longest cache (a longer one is refused there)."""

@@ -142,16 +142,16 @@ class RecordingBackend(Backend):
     def run_embed(self, input_ids):
         return self.inner.run_embed(input_ids)
 
-    def run_qkv(self, group, hidden_states):
-        return self._record("qkv", group, (hidden_states,), self.inner.run_qkv(group, hidden_states))
+    def run_qkv(self, hidden_states):
+        return self._record("qkv", 0, (hidden_states,), self.inner.run_qkv(hidden_states))
 
     def run_prune(self, stage, *inputs):
         return self._record("prune", stage, inputs, self.inner.run_prune(stage, *inputs))
 
     def run_group(self, group, *inputs):
-        out, presents = self.inner.run_group(group, *inputs)
-        self._record("decoder", group, inputs[:6] + tuple(inputs[6]), (out, *presents))
-        return out, presents
+        results = self.inner.run_group(group, *inputs)
+        self._record("decoder", group, inputs[:6] + tuple(inputs[6]), group_outputs(*results))
+        return results
 
     def decode_step(self, tokens: Tensor, state: DecoderState):
         self.phase = f"decode[{self.decode_steps}]"
@@ -201,9 +201,14 @@ def compare_tensors(
     return out
 
 
+def group_outputs(out: Tensor, next_qkv, new_key_values: list[Tensor]) -> tuple[Tensor, ...]:
+    """A :meth:`Backend.run_group` result as the graph's outputs, in the contract's order."""
+    return (out, *(next_qkv or ()), *new_key_values)
+
+
 def by_name(names: Sequence[str], outputs) -> dict[str, Tensor]:
     """A unit's outputs keyed by the manifest's names: a backend's dict or typed result, or a
-    decoder group's (hidden states, *presents) in the contract's order."""
+    decoder group's :func:`group_outputs` in the contract's order."""
     if isinstance(outputs, dict):
         named = outputs
     elif hasattr(outputs, "_asdict"):
@@ -305,12 +310,12 @@ class Validator:
             if role == "vision":
                 ours, label, stage = self.candidate.run_vision(*inputs), "vision_encoder", 0
             elif role == "qkv":
-                ours, label, stage = self.candidate.run_qkv(index, *inputs), f"qkv_{index} ({when})", None
+                ours, label, stage = self.candidate.run_qkv(*inputs), f"qkv_{index} ({when})", None
             elif role == "prune":
                 ours, label, stage = self.candidate.run_prune(index, *inputs), f"prune_{index}", index + 1
             else:
-                out, presents = self.candidate.run_group(index, *inputs[:6], list(inputs[6:]))
-                ours, label, stage = (out, *presents), f"decoder_{index} ({when})", None
+                ours = group_outputs(*self.candidate.run_group(index, *inputs[:6], list(inputs[6:])))
+                label, stage = f"decoder_{index} ({when})", None
             ours, ref = by_name(names, ours), by_name(names, ref)
             if stage is None or len(names) == 1:  # no decisions (or the unpruned vision graph)
                 self.compare_outputs(label, names, ours, ref)

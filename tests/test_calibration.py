@@ -132,7 +132,15 @@ def test_qdq_symmetric_per_channel_and_never_in_prunes(folders, precision):
         opsets = {o.domain: o.version for o in model.opset_import}
         if qdq:
             assert opsets[""] == {"int8": 17, "fp8": 19, "int4-weight": 21}[precision]
-    assert quantized == (8 if precision == "int4-weight" else 9) - 3  # qkv_1..3 feed prunes: no linears left to quantize
+        producers = {o: n for n in model.graph.node for o in n.output}
+        for name in ("next_query", "next_key", "next_value"):  # the next group's q/k/v: what the prune scores with
+            if not any(o.name == name for o in model.graph.output):
+                continue
+            node = producers[name]
+            while node.op_type != "MatMul":  # back through the head reshapes to the projection
+                node = producers[node.input[0]]
+            assert all(producers[i].op_type not in QDQ for i in node.input if i in producers), (entry.name, name, node.name)
+    assert quantized == (5 if precision == "int4-weight" else 6)  # every weighted graph: qkv_0, 4 decoders (+ vision)
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])

@@ -296,7 +296,7 @@ def test_backend_binds_by_name_and_picks_the_profile_per_call(stand_in_polygraph
     assert report.passed, [c.name for c in report.checks.values() if c.gated and not c.passed]
     calls = set(stand_in_tensorrt.calls)
     # qkv/decoder: profile 0 (prefill) for prompts, 1 (decode) for single tokens; vision and prunes: 0 only.
-    assert {("decoder_0", 0), ("decoder_0", 1), ("qkv_3", 0), ("qkv_3", 1), ("vision_encoder", 0), ("prune_2", 0)} <= calls
+    assert {("decoder_0", 0), ("decoder_0", 1), ("qkv_0", 0), ("qkv_0", 1), ("vision_encoder", 0), ("prune_2", 0)} <= calls
     assert not {c for c in calls if c[0].startswith(("vision", "prune")) and c[1] != 0}
     with pytest.raises(UserError, match="outside the engine's profile"):  # batch 3 > --max-batch 2
         TrtBackend(engines, portable_artifacts).run_vision(torch.zeros(3, 3, 336, 336))
@@ -411,9 +411,9 @@ def test_backend_refuses_engines_it_must_not_run(stand_in_polygraphy, stand_in_t
     with pytest.raises(UserError, match="built with TensorRT 10.3.0.30, this machine has 10.13.3.9"):
         TrtBackend(engines, portable_artifacts)
     stand_in_tensorrt.__version__ = "10.3.0.30"
-    with (engines / "qkv_1.engine").open("a") as handle:
+    with (engines / "decoder_1.engine").open("a") as handle:
         handle.write(" ")
-    with pytest.raises(UserError, match="qkv_1.engine is missing or changed after the build"):
+    with pytest.raises(UserError, match="decoder_1.engine is missing or changed after the build"):
         TrtBackend(engines, portable_artifacts)
 
 

@@ -81,11 +81,14 @@ def test_decoder_gets_a_prefill_and_a_decode_profile():
     assert output_max_shapes(decoder_entry(1), decode, SCHEDULE)["new_key_values.2.key"] == [4, 2, 1995, 16]
 
 
-def test_qkv_and_prune_see_the_sequence_before_the_prune():
+def test_the_next_groups_projections_and_its_prune_see_the_sequence_before_the_prune():
+    # decoder_0 projects group 1's q/k/v on its own (unpruned) sequence, and prune_0 scores
+    # them there: both take group 0's lengths (qkv_0 as well: it projects group 0's).
     hidden = [tensor("hidden_states", "float32", ["batch_size", "sequence_length", 64])]
-    qkv = GraphEntry("qkv_1", "qkv_1.onnx", "qkv", 1, hidden, [tensor("query", "float32", ["batch_size", 4, "sequence_length", 16])])
-    prefill, decode = profiles_for(qkv, [SCHEDULE], 1, 2048, 224)
-    assert prefill.axes["sequence_length"] == [193, 224, 2047] and decode.axes["sequence_length"] == [1, 1, 1995]
+    qkv = GraphEntry("qkv_0", "qkv_0.onnx", "qkv", 0, hidden, [tensor("query", "float32", ["batch_size", 4, "sequence_length", 16])])
+    for entry in (qkv, decoder_entry(0)):
+        prefill, decode = profiles_for(entry, [SCHEDULE], 1, 2048, 224)
+        assert prefill.axes["sequence_length"] == [193, 224, 2047] and decode.axes["sequence_length"] == [1, 1, 2047]
     prune = GraphEntry("prune_0", "prune_0.onnx", "prune", 0,
                        hidden + [tensor("image_offset", "int64", ["batch_size"])],
                        [tensor("pruned_hidden_states", "float32", ["batch_size", "pruned_sequence_length", 64])])
@@ -171,7 +174,7 @@ def test_dry_run_prints_the_plan_without_tensorrt(artifacts):
     assert "past_key_values.7.value:2x2x395x16" in decode["cross_check"]["trtexec"]
     assert decode["cross_check"]["polygraphy"].startswith(f"polygraphy run {artifacts / 'decoder_3.onnx'} --trt --onnxrt")
     text = runner.invoke(cli.cli, ["build", "--artifacts", str(artifacts), "--dry-run"])
-    assert text.exit_code == 0 and "plan: 12 engines" in text.output and "dry run: nothing built" in text.output
+    assert text.exit_code == 0 and "plan: 9 engines" in text.output and "dry run: nothing built" in text.output
 
 
 @pytest.mark.parametrize("options, message", [

@@ -125,8 +125,8 @@ class Deviating(Backend):
     def run_embed(self, input_ids):
         return self.inner.run_embed(input_ids)
 
-    def run_qkv(self, group, hidden_states):
-        return self.inner.run_qkv(group, hidden_states)
+    def run_qkv(self, hidden_states):
+        return self.inner.run_qkv(hidden_states)
 
     def run_group(self, group, *inputs):
         return self.inner.run_group(group, *inputs)

@@ -558,7 +558,7 @@ def calibrate(artifacts, precision, data, samples, opset, block_size, out, force
 def build(artifacts, out, max_batch, max_seq_len, opt_seq_len, plugin_lib, timing_cache, force, dry_run, json_path) -> None:
     """Build one TensorRT engine per exported graph, for this GPU and TensorRT version.
 
-    Networks are strongly typed (precision comes from the graphs); qkv and decoder engines get
+    Networks are strongly typed (precision comes from the graphs); qkv_0 and decoder engines get
     a prefill and a decode profile, vision and prune engines one. The VisionDrop plugin library
     is loaded before parsing for plugin-mode artifacts. The folder gets a manifest (TensorRT
     version, GPU, plugin library hash, source hashes, profiles, flags) and is written atomically.
@@ -910,7 +910,7 @@ def triton_repo(engines, artifacts, out, units, instances, max_batch, batch_dela
     REPO/visiondrop    the model clients call (the inputs and outputs of `serve`): a Python-backend
                        (BLS) model with dynamic batching, the prefix cache and per-request errors,
                        which calls every unit as a Triton model
-    REPO/<unit>        vision_encoder, qkv_g, prune_s, decoder_g: config.pbtxt and the engine or graph
+    REPO/<unit>        vision_encoder, qkv_0, prune_s, decoder_g: config.pbtxt and the engine or graph
     Serve it with: tritonserver --model-repository REPO (visiondrop-edge installed in the
     Python that Triton's Python backend runs).
     """

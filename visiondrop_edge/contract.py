@@ -6,7 +6,10 @@ addresses, PyTorch builds the same typed results), so no unit's I/O is spelled t
 nothing is bound by position. The cache inputs follow Optimum (``past_key_values.{i}.key``);
 a decoder graph outputs only the new tokens' keys and values (``new_key_values.{i}.key``,
 not Optimum's ``present`` = past + new, whose concatenation copies the whole cache every
-step): the runtime writes them into its own cache buffers. Shapes are ``[batch_size, ...]``;
+step): the runtime writes them into its own cache buffers. Every decoder graph but the last
+also outputs the next group's first-layer q/k/v (``next_query``...), so a decode step calls
+``qkv_0`` then one graph per group, and a prefill hands those projections to the prune
+between the groups. Shapes are ``[batch_size, ...]``;
 every visual-token count is a constant of the schedule, so only batch and sequence lengths
 are dynamic.
 """
@@ -49,7 +52,8 @@ STAGE_OUTPUTS: tuple[str, ...] = tuple(f.name for f in fields(StageTrace))
 
 
 class QKV(NamedTuple):
-    """``qkv_{g}``: the group's first layer's q/k/v before RoPE, [B, H(kv), S, hd] each."""
+    """A decoder group's first-layer q/k/v before RoPE, [B, H(kv), S, hd] each: group 0's from
+    ``qkv_0``, group g's from ``decoder_{g-1}`` (its ``next_*`` outputs)."""
 
     query: Tensor
     key: Tensor
@@ -82,6 +86,7 @@ QKV_OUTPUTS = QKV._fields
 PRUNE_INPUTS = ("hidden_states", "query", "key", "value", "attention_mask", "image_offset")
 PRUNE_OUTPUTS = PruneOutputs._fields
 DECODER_INPUTS = ("hidden_states", "query", "key", "value", "attention_mask", "position_ids")  # then past_key_values.*
+NEXT_QKV = tuple(f"next_{name}" for name in QKV._fields)  # decoder_{g} -> group g + 1's first-layer q/k/v
 PAST_KV, NEW_KV = "past_key_values", "new_key_values"  # the cache in; the new tokens' keys/values out
 
 
@@ -122,9 +127,11 @@ def decoder_inputs(layers: range) -> tuple[str, ...]:
 
 
 def decoder_outputs(layers: range, last: bool) -> tuple[str, ...]:
-    """The group's hidden states (the last group: the LM head's logits at the last position),
-    then each layer's key (after RoPE) and value of the new tokens only."""
-    return ("logits" if last else "hidden_states_out", *kv_names(NEW_KV, layers))
+    """The group's hidden states and the next group's first-layer q/k/v (the last group: the
+    LM head's logits at the last position), then each layer's key (after RoPE) and value of
+    the new tokens only."""
+    head = ("logits",) if last else ("hidden_states_out", *NEXT_QKV)
+    return (*head, *kv_names(NEW_KV, layers))
 
 
 def dynamic_axes(unit: str, names: tuple[str, ...] | list[str]) -> dict[str, dict[int, str]]:
@@ -137,7 +144,7 @@ def dynamic_axes(unit: str, names: tuple[str, ...] | list[str]) -> dict[str, dic
             axes[name] = {0: BATCH, 2 if name in ("pruned_query", "pruned_key", "pruned_value") else 1: PRUNED}
         elif name.startswith(f"{PAST_KV}."):
             axes[name] = {0: BATCH, 2: PAST}
-        elif name in ("query", "key", "value") or name.startswith(f"{NEW_KV}."):
+        elif name in ("query", "key", "value") or name in NEXT_QKV or name.startswith(f"{NEW_KV}."):
             axes[name] = {0: BATCH, 2: SEQ}
         elif name == "attention_mask":
             axes[name] = {0: BATCH, 1: TOTAL if unit == "decoder" else SEQ}

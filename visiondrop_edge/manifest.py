@@ -26,7 +26,8 @@ from visiondrop_edge.jsonio import read_json_object
 
 MANIFEST = "manifest.json"
 FORMAT = "visiondrop-edge/artifacts"
-FORMAT_VERSION = 2  # 2: decoder graphs output the new tokens' keys/values only (new_key_values.*), not past + new
+FORMAT_VERSION = 3  # 2: decoder graphs output the new tokens' keys/values only (new_key_values.*), not past + new;
+# 3: every decoder graph but the last outputs the next group's first-layer q/k/v (next_*), and qkv_0 is the only qkv graph
 
 
 def tool_versions() -> dict[str, str]:
@@ -218,7 +219,7 @@ class ModelSchema(_Schema):
 
 class ManifestSchema(_Schema):
     format: Literal["visiondrop-edge/artifacts"]
-    format_version: Literal[2]
+    format_version: Literal[3]
     model: ModelSchema
     schedule: ScheduleSchema
     spec: SpecSchema
@@ -249,7 +250,7 @@ def check_consistent(manifest: Manifest) -> Schedule:
         raise ValueError(f"its schedule is invalid ({exc})") from None
     schedule = spec.schedule
     groups = schedule.layer_groups()
-    wanted: dict[str, dict[str, int]] = {f"{role}_{g}": {} for role in ("qkv", "decoder") for g in range(len(groups))}
+    wanted: dict[str, dict[str, int]] = {"qkv_0": {}, **{f"decoder_{g}": {} for g in range(len(groups))}}
     def vision_counts(views: int, image_tokens: int) -> dict[str, int]:
         counts = {"image_embeds": image_tokens}
         if schedule.vision is not None:
@@ -295,7 +296,7 @@ class GraphEntry:
     name: str
     file: str
     role: str  # vision | layout (a multi-crop grid's) | qkv | prune | decoder
-    index: int  # group (qkv, decoder) or LLM stage (prune); 0 for vision
+    index: int  # group (decoder; qkv_0: 0) or LLM stage (prune); 0 for vision
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     external_data: str | None = None

@@ -5,16 +5,19 @@ the same cut of the model:
 
 - the family's vision unit (``visiondrop_edge.families``): pixels -> image embeddings, with
   the stage-0 prune inside;
-- :class:`QKVProjection`: the first layer of a decoder group up to its q/k/v projections;
-- :class:`LLMPrune`: an LLM-stage prune (weightless: it scores with the q/k that the next
-  layer's ``QKVProjection`` produced on the unpruned sequence, and carries those
+- :class:`QKVProjection`: the first decoder layer up to its q/k/v projections;
+- :class:`LLMPrune`: an LLM-stage prune (weightless: it scores with the q/k of the next
+  layer that the group before it projected on the unpruned sequence, and carries those
   projections through the prune so they are computed once per token);
-- :class:`DecoderGroup`: RoPE and the rest of that first layer, then the group's other
-  layers (the last group ends in the final norm and the LM head, last position only).
+- :class:`DecoderGroup`: RoPE and the rest of its first layer (from its q/k/v), then the
+  group's other layers, then the next group's first-layer norm and q/k/v projections (the
+  last group ends in the final norm and the LM head, last position only).
 
-The QKV cut exists so that every weight lives in exactly one unit: the prune needs the next
-layer's norm/q/k weights, and prefill and decode must share one copy of them. Decoder layer
-math is the Llama family's, written over the HF modules' weights.
+The q/k/v cut exists so that every weight lives in exactly one unit: the prune needs the
+next layer's norm/q/k weights, and prefill and decode must share one copy of them. Cutting
+it at the end of the group before (not in a graph of its own) keeps a decode step at one
+graph call per group. Decoder layer math is the Llama family's, written over the HF
+modules' weights.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def _rows_to_heads(x: Tensor, heads: int) -> Tensor:
 
 
 class QKVProjection(nn.Module):
-    """Graph ``qkv_{g}``: q/k/v (before RoPE) of decoder group ``g``'s first layer."""
+    """Graph ``qkv_0``: q/k/v (before RoPE) of the first decoder layer."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -138,7 +141,7 @@ class QKVProjection(nn.Module):
 class LLMPrune(nn.Module):
     """Graph ``prune_{s}``: an LLM-stage prune of the ``num_visual``-token block. No weights.
 
-    It scores with the next layer's q/k (from ``qkv_{g}`` on the unpruned sequence, RoPE'd
+    It scores with the next layer's q/k (from ``decoder_{s}`` on the unpruned sequence, RoPE'd
     here at the current positions) and returns the pruned sequence ``[text before, dominant,
     contextual, text after]`` with positions renumbered, together with that layer's q/k/v
     for it (carried through the prune, see :func:`visiondrop.pruning.prune`), so the layer's
@@ -195,16 +198,21 @@ class DecoderGroup(nn.Module):
     ``query``/``key``/``value`` are the first layer's projections before RoPE (applied here
     at ``position_ids``). ``past`` is ``(key_0, value_0, key_1, value_1, ...)`` for the
     group's layers, each [B, H_kv, P, hd]: the cache as the runtime holds it, whose unfilled
-    slots ``attention_mask`` masks out. The outputs are the hidden states (or, for the last
-    group, the final-norm LM-head logits of the last position) then the new tokens' keys
-    (after RoPE) and values, [B, H_kv, S, hd] each, which the runtime writes into its cache:
-    the graph never copies the cache.
+    slots ``attention_mask`` masks out. The outputs are the hidden states and layer
+    ``stop``'s q/k/v projections of them (``next_layer``'s: the next group's first layer),
+    or, for the last group, the final-norm LM-head logits of the last position; then the new
+    tokens' keys (after RoPE) and values, [B, H_kv, S, hd] each, which the runtime writes
+    into its cache: the graph never copies the cache.
     """
 
-    def __init__(self, layers: list[nn.Module], rotary: nn.Module, norm: nn.Module | None = None, lm_head: nn.Module | None = None):
+    def __init__(self, layers: list[nn.Module], rotary: nn.Module, next_layer: nn.Module | None = None,
+                 norm: nn.Module | None = None, lm_head: nn.Module | None = None):
         super().__init__()
+        if (next_layer is None) == (lm_head is None):
+            raise ValueError("a decoder group ends in either the next group's first layer or the LM head")
         self.layers = nn.ModuleList(layers)
         self.rotary = rotary
+        self.next_layer = next_layer
         self.norm = norm
         self.lm_head = lm_head
 
@@ -221,8 +229,8 @@ class DecoderGroup(nn.Module):
             hidden_states = attend(layer, hidden_states, query, key, value, past[2 * index], past[2 * index + 1], mask)
             new_key_values += [key, value]
         if self.lm_head is not None:
-            hidden_states = self.lm_head(self.norm(hidden_states[:, -1])).float()
-        return (hidden_states, *new_key_values)
+            return (self.lm_head(self.norm(hidden_states[:, -1])).float(), *new_key_values)
+        return (hidden_states, *project_qkv(self.next_layer, hidden_states), *new_key_values)
 
 
 class VisionDropPipeline(nn.Module):
@@ -244,7 +252,7 @@ class VisionDropPipeline(nn.Module):
         self.embed_tokens = text.embed_tokens
         self.vision = family.pipeline_vision(model, schedule, ops)
         groups = schedule.layer_groups()
-        self.qkv = nn.ModuleList(QKVProjection(text.layers[start]) for start, _ in groups)
+        self.qkv = QKVProjection(text.layers[0])
         scale = text.layers[0].self_attn.scaling
         visual_counts = schedule.stage_inputs()
         self.prunes = nn.ModuleList(
@@ -255,7 +263,7 @@ class VisionDropPipeline(nn.Module):
         last = len(groups) - 1
         self.groups = nn.ModuleList(
             DecoderGroup(
-                list(text.layers[start:stop]), text.rotary_emb,
+                list(text.layers[start:stop]), text.rotary_emb, next_layer=None if g == last else text.layers[stop],
                 norm=text.norm if g == last else None, lm_head=text.lm_head if g == last else None,
             )
             for g, (start, stop) in enumerate(groups)
