@@ -139,9 +139,63 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+class PruneClock(Backend):
+    """``inner`` (bound to its images), with the time its LLM prune units take in a prefill
+    summed (:meth:`spent`, ms). Measured inside the request, this cost is not blurred by the
+    drift between requests that ``pruned / ideal - 1`` suffers. On CUDA it reads events
+    recorded on the stream, so the prefill gains no host sync."""
+
+    def __init__(self, inner: Backend):
+        self.inner, self.spec, self.device, self.name = inner, inner.spec, inner.device, inner.name
+        self._marks: list = []
+
+    def run_vision(self, pixel_values):
+        return self.inner.run_vision(pixel_values)
+
+    def run_embed(self, input_ids):
+        return self.inner.run_embed(input_ids)
+
+    def run_qkv(self, hidden_states):
+        return self.inner.run_qkv(hidden_states)
+
+    def run_group(self, group, *inputs):
+        return self.inner.run_group(group, *inputs)
+
+    def run_prune(self, stage, *inputs):
+        self._marks.append(self._mark())
+        outputs = self.inner.run_prune(stage, *inputs)
+        self._marks.append(self._mark())
+        return outputs
+
+    def encode_image(self, pixel_values):
+        return self.inner.encode_image(pixel_values)
+
+    def extend(self, input_ids, attention_mask, state):
+        return self.inner.extend(input_ids, attention_mask, state)
+
+    def decode_step(self, tokens, state):  # the inner backend's own step (a CUDA graph replay, if it records one)
+        return self.inner.decode_step(tokens, state)
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter() * 1e3
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def spent(self) -> float:
+        """Milliseconds in the prune units since the last call (after the prefill's own sync)."""
+        pairs, self._marks = list(zip(self._marks[::2], self._marks[1::2])), []
+        if self.device.type == "cuda":
+            return sum(start.elapsed_time(stop) for start, stop in pairs)
+        return sum(stop - start for start, stop in pairs)
+
+
 def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, float | list[float]]:
     """One timed request: vision, prefill, then ``new_tokens`` greedy decode steps."""
     device = backend.device
+    if isinstance(backend, PruneClock):
+        backend.spent()  # forget prunes outside this request's prefill
     _sync(device)
     start = time.perf_counter()
     vision = backend.encode_image(pixels)
@@ -150,6 +204,7 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
     prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset)
     _sync(device)
     after_prefill = time.perf_counter()
+    prune = backend.spent() if isinstance(backend, PruneClock) else None
     logits, state, steps = prefill.logits, prefill.state, []
     for _ in range(new_tokens):
         tick = time.perf_counter()
@@ -160,7 +215,7 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
     kv_bytes = sum(t[:, :, :mask.shape[1]].numel() * t.element_size() for cache, mask in zip(state.caches, state.masks) for t in cache)
     return {
         "vision": (after_vision - start) * 1e3, "prefill": (after_prefill - after_vision) * 1e3,
-        "ttft": (after_prefill - start) * 1e3, "decode": [s * 1e3 for s in steps], "kv_bytes": kv_bytes,
+        "ttft": (after_prefill - start) * 1e3, "decode": [s * 1e3 for s in steps], "kv_bytes": kv_bytes, "prune": prune,
     }
 
 
@@ -312,6 +367,8 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
             for batch in config.batches:
                 images = bench_images(baseline.spec, batch, config.seed)
                 backends = {v: b.for_images(image_sizes(images, b.spec.prompt_template)) for v, b in unbound.items()}
+                if "pruned" in backends:
+                    backends["pruned"] = PruneClock(backends["pruned"])
                 template = baseline.spec.prompt_template
                 pixels = pixel_values(loaded.processor.image_processor, images, template)
                 # the images' grid's schedules (for a multi-crop model the budget's, 2x2, as they fill it)
@@ -350,6 +407,9 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                         "kv_cache_bytes": measured[0]["kv_bytes"],
                         "flops": stage_flops(loaded.config, schedule, text_tokens, batch, ideal=v == "ideal"),
                     }
+                    if v == "pruned":  # the LLM prune units' time inside each prefill, and over the rest of it
+                        row["prune_ms"] = _stats([r["prune"] for r in measured])
+                        row["prune_units_overhead"] = _stats([r["prune"] / (r["prefill"] - r["prune"]) for r in measured])
                     rows.append(row)
                     progress(f"[{done}/{total}] budget {budget} batch {batch} {v}: prefill {row['prefill_ms']['median']:.1f} ms, "
                              f"TTFT {row['ttft_ms']['median']:.1f} ms, decode {row['decode_ms_per_token']['median']:.2f} ms/token")
@@ -433,6 +493,10 @@ def summarize(rows: list[dict], weight_bytes: int) -> list[dict]:
             "pruning_overhead": med(row, "prefill_ms") / med(ideal, "prefill_ms") - 1,
             # best-of-N: the noise-robust estimate of fixed work on a shared machine
             "pruning_overhead_best": row["prefill_ms"]["min"] / ideal["prefill_ms"]["min"] - 1,
+            # most of that cost measured inside each request: the prune units' time over the rest of
+            # the prefill (it leaves out the next layers' q/k/v of the tokens a stage drops)
+            "prune_units_overhead": med(row, "prune_units_overhead"),
+            "prune_units_overhead_best": row["prune_units_overhead"]["min"],
             "ttft_speedup": med(full, "ttft_ms") / med(row, "ttft_ms"),
             "ttft_overhead": med(row, "ttft_ms") / med(ideal, "ttft_ms") - 1,
             "decode_speedup": med(full, "decode_ms_per_token") / med(row, "decode_ms_per_token"),
