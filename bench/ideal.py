@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from visiondrop_edge.families import VisionUnit
 from visiondrop_edge.modules import positions_from_mask, splice_visual
-from visiondrop_edge.runtime.base import Backend, DecoderState, PrefillOutput, VisionOutput
+from visiondrop_edge.runtime.base import Backend, DecoderState, DelegatingBackend, PrefillOutput, VisionOutput
 from visiondrop_edge.pruning import gather_positions, gather_rows, splice, visual_positions
 
 
@@ -31,12 +31,12 @@ class IdealVision(nn.Module):
         return self.vision.project(self.vision.tower_tokens(pixel_values)[:, : self.vision.stage.total])
 
 
-class IdealBaseline(Backend):
+class IdealBaseline(DelegatingBackend):
     """``inner``'s units, driven as the ideal baseline; ``vision`` maps pixels to ideal embeddings."""
 
     def __init__(self, inner: Backend, vision: Callable[[Tensor], Tensor]):
-        self.inner, self.vision = inner, vision
-        self.spec, self.device, self.name = inner.spec, inner.device, f"{inner.name} (ideal)"
+        super().__init__(inner, f"{inner.name} (ideal)")
+        self.vision = vision
 
     def run_vision(self, pixel_values):
         """A multi-crop image's views [B, views, 3, H, W] each alone, their tokens concatenated."""
@@ -45,17 +45,8 @@ class IdealBaseline(Backend):
             return {"image_embeds": embeds.unflatten(0, pixel_values.shape[:2]).flatten(1, 2)}
         return {"image_embeds": self.vision(pixel_values)}
 
-    def run_embed(self, input_ids):
-        return self.inner.run_embed(input_ids)
-
-    def run_qkv(self, hidden_states):
-        return self.inner.run_qkv(hidden_states)
-
     def run_prune(self, stage, *inputs):
         raise NotImplementedError("the ideal baseline does not prune")
-
-    def run_group(self, group, *inputs):
-        return self.inner.run_group(group, *inputs)
 
     def encode_image(self, pixel_values: Tensor) -> VisionOutput:
         return VisionOutput(self.run_vision(pixel_values.to(self.device))["image_embeds"])

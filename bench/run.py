@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from visiondrop_edge.runtime.base import Backend
+from visiondrop_edge.runtime.base import Backend, DelegatingBackend
 from visiondrop_edge.runtime.torch_backend import TorchBackend
 from visiondrop_edge.loading import LoadedModel
 from visiondrop_edge.prompt import build_prompts, image_sizes, pixel_values, random_images
@@ -139,27 +139,15 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-class PruneClock(Backend):
+class PruneClock(DelegatingBackend):
     """``inner`` (bound to its images), with the time its LLM prune units take in a prefill
     summed (:meth:`spent`, ms). Measured inside the request, this cost is not blurred by the
     drift between requests that ``pruned / ideal - 1`` suffers. On CUDA it reads events
     recorded on the stream, so the prefill gains no host sync."""
 
     def __init__(self, inner: Backend):
-        self.inner, self.spec, self.device, self.name = inner, inner.spec, inner.device, inner.name
+        super().__init__(inner)
         self._marks: list = []
-
-    def run_vision(self, pixel_values):
-        return self.inner.run_vision(pixel_values)
-
-    def run_embed(self, input_ids):
-        return self.inner.run_embed(input_ids)
-
-    def run_qkv(self, hidden_states):
-        return self.inner.run_qkv(hidden_states)
-
-    def run_group(self, group, *inputs):
-        return self.inner.run_group(group, *inputs)
 
     def run_prune(self, stage, *inputs):
         self._marks.append(self._mark())

@@ -26,7 +26,7 @@ from visiondrop_edge.modules import positions_from_mask
 from visiondrop_edge.pruning import splice
 from visiondrop_edge.schedule import CropGrid
 
-__all__ = ["Backend", "CacheFill", "DecoderState", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
+__all__ = ["Backend", "CacheFill", "DecoderState", "DelegatingBackend", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
 
 CACHE_BLOCK = 64  # cache buffers grow by whole blocks of this many tokens: a step reads at most a block of
 # empty slots, and a cache is copied once per block of decoding
@@ -241,6 +241,30 @@ class Backend(ABC):
         if fill is not None and fill.length == filled and past[0].shape[2] >= filled + length:
             return past, fill
         return grown_buffers(past, filled, self.cache_capacity(group, filled + length)), CacheFill(filled)
+
+
+class DelegatingBackend(Backend):
+    """``inner``'s units, for a wrapper that watches or changes some of them (validate's
+    recorder, the bench's ideal baseline and prune clock, test doubles): it overrides those
+    and inherits the request logic, so prefill and decode drive its units."""
+
+    def __init__(self, inner: Backend, name: str | None = None):
+        self.inner, self.spec, self.device, self.name = inner, inner.spec, inner.device, name or inner.name
+
+    def run_vision(self, pixel_values):
+        return self.inner.run_vision(pixel_values)
+
+    def run_embed(self, input_ids):
+        return self.inner.run_embed(input_ids)
+
+    def run_qkv(self, hidden_states):
+        return self.inner.run_qkv(hidden_states)
+
+    def run_prune(self, stage, *inputs):
+        return self.inner.run_prune(stage, *inputs)
+
+    def run_group(self, group, *inputs):
+        return self.inner.run_group(group, *inputs)
 
 
 def grown_buffers(past: list[Tensor], filled: int, capacity: int) -> list[Tensor]:

@@ -36,7 +36,7 @@ from visiondrop_edge.loading import EXPORT_DTYPES, apply_precision, load_model
 from visiondrop_edge.manifest import Manifest, read_manifest
 from visiondrop_edge.prompt import build_prompts, image_sizes, load_images, pixel_values, random_images
 
-from .base import Backend, DecoderState, StageTrace
+from .base import Backend, DecoderState, DelegatingBackend, StageTrace
 from .generate import GenerationResult, greedy_generate
 from .torch_backend import TorchBackend
 from .ties import Decision, boundary_gap, error_bound, judge_assignment, judge_kept, judge_token
@@ -123,11 +123,11 @@ class Report:
                 "mismatches": [d.to_dict() for d in self.decisions if not d.is_tie]}
 
 
-class RecordingBackend(Backend):
+class RecordingBackend(DelegatingBackend):
     """Wraps a backend and records every unit call with its phase, for replay elsewhere."""
 
     def __init__(self, inner: Backend):
-        self.inner, self.spec, self.device, self.name = inner, inner.spec, inner.device, inner.name
+        super().__init__(inner)
         self.calls: list[tuple[str, str, int, tuple, tuple]] = []  # phase, role, index, inputs, outputs
         self.phase = "prefill"
         self.decode_steps = 0
@@ -138,9 +138,6 @@ class RecordingBackend(Backend):
 
     def run_vision(self, pixel_values):
         return self._record("vision", 0, (pixel_values,), self.inner.run_vision(pixel_values))
-
-    def run_embed(self, input_ids):
-        return self.inner.run_embed(input_ids)
 
     def run_qkv(self, hidden_states):
         return self._record("qkv", 0, (hidden_states,), self.inner.run_qkv(hidden_states))

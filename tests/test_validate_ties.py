@@ -16,7 +16,7 @@ from visiondrop_edge.loading import apply_precision
 from visiondrop_edge.runtime.ties import error_bound, judge_assignment, judge_kept, judge_token
 from visiondrop_edge.runtime.validate import validate_artifacts
 from visiondrop_edge.contract import STAGE_OUTPUTS
-from visiondrop_edge.runtime.base import Backend, StageTrace
+from visiondrop_edge.runtime.base import DelegatingBackend, StageTrace
 from visiondrop_edge.runtime.torch_backend import TorchBackend
 from visiondrop_edge import pruning
 from visiondrop_edge.schedule import Schedule
@@ -80,17 +80,15 @@ def _named(outputs) -> dict:
     return dict(outputs) if isinstance(outputs, dict) else outputs._asdict()
 
 
-class Deviating(Backend):
+class Deviating(DelegatingBackend):
     """A PyTorch backend that, at one stage, ranks by deviated scores and decides from them.
 
     Its choices are always valid for the scores it reports; everything else is the reference
     math on those choices, unless ``tamper`` corrupts an output afterwards.
     """
 
-    name = "deviating"
-
     def __init__(self, inner: TorchBackend, stage: int, deviate, tamper=None, higher_index_wins: bool = False):
-        self.inner, self.spec, self.device = inner, inner.spec, inner.device
+        super().__init__(inner, "deviating")
         self.stage, self.deviate, self.tamper, self.higher_index_wins = stage, deviate, tamper, higher_index_wins
 
     def _decide(self, stage: int, call):
@@ -122,14 +120,6 @@ class Deviating(Backend):
     def run_prune(self, stage, *inputs):
         return self._decide(stage + 1, lambda: self.inner.run_prune(stage, *inputs))
 
-    def run_embed(self, input_ids):
-        return self.inner.run_embed(input_ids)
-
-    def run_qkv(self, hidden_states):
-        return self.inner.run_qkv(hidden_states)
-
-    def run_group(self, group, *inputs):
-        return self.inner.run_group(group, *inputs)
 
 
 def boundary(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
