@@ -481,8 +481,8 @@ def summarize(rows: list[dict], weight_bytes: int) -> list[dict]:
             "pruning_overhead": med(row, "prefill_ms") / med(ideal, "prefill_ms") - 1,
             # best-of-N: the noise-robust estimate of fixed work on a shared machine
             "pruning_overhead_best": row["prefill_ms"]["min"] / ideal["prefill_ms"]["min"] - 1,
-            # most of that cost measured inside each request: the prune units' time over the rest of
-            # the prefill (it leaves out the next layers' q/k/v of the tokens a stage drops)
+            # the same cost measured inside each request, so free of that drift: the LLM prune units'
+            # time over the rest of the prefill
             "prune_units_overhead": med(row, "prune_units_overhead"),
             "prune_units_overhead_best": row["prune_units_overhead"]["min"],
             "ttft_speedup": med(full, "ttft_ms") / med(row, "ttft_ms"),

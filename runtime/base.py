@@ -221,8 +221,8 @@ class Backend(ABC):
         return hidden, new_state
 
     def _step_inputs(self, state: DecoderState, group: int, new_mask: Tensor, new_positions: Tensor):
-        """``group``'s cache buffers and fill (:meth:`_room`), and the step's attention mask over
-        those buffers and the new tokens, and the new tokens' positions."""
+        """``group``'s cache buffers and fill (:meth:`_room`), the step's attention mask (over
+        those buffers, then the new tokens) and the new tokens' positions."""
         past_mask = state.masks[group]
         buffers, fill = self._room(state, group, new_mask.shape[1])
         room = past_mask.new_zeros(past_mask.shape[0], buffers[0].shape[2] - past_mask.shape[1])
