@@ -279,8 +279,8 @@ def grown_buffers(past: list[Tensor], filled: int, capacity: int) -> list[Tensor
 
 def group_results(schedule, group: int, outputs: dict[str, Tensor]) -> tuple[Tensor, QKV | None, list[Tensor]]:
     """A ``decoder_{group}`` unit's outputs by name -> :meth:`Backend.run_group`'s result."""
-    start, stop = schedule.layer_groups()[group]
-    last = group == len(schedule.layer_groups()) - 1
+    groups = schedule.layer_groups()
+    (start, stop), last = groups[group], group == len(groups) - 1
     out = outputs["logits" if last else "hidden_states_out"]
     next_qkv = None if last else QKV(*(outputs[name] for name in NEXT_QKV))
     return out, next_qkv, [outputs[name] for name in kv_names(NEW_KV, range(start, stop))]
