@@ -48,14 +48,13 @@ class IdealBaseline(DelegatingBackend):
     def run_prune(self, stage, *inputs):
         raise NotImplementedError("the ideal baseline does not prune")
 
-    def encode_image(self, pixel_values: Tensor) -> VisionOutput:
-        return VisionOutput(self.run_vision(pixel_values.to(self.device))["image_embeds"])
+    def _encode_image(self, pixel_values: Tensor) -> VisionOutput:
+        return VisionOutput(self.run_vision(pixel_values)["image_embeds"])
 
-    def prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
+    def _prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
         """Each group sees its stage's size of the visual block (its first tokens, and the tokens
         a ``base``-scope stage carries), never scored; its first-layer q/k/v are projected by
         the group before on that group's sequence, as in the pruned pipeline."""
-        input_ids, attention_mask, image_offset = (t.to(self.device) for t in (input_ids, attention_mask, image_offset))
         embeds = self.run_embed(input_ids)
         hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
         mask, position_ids = attention_mask, positions_from_mask(attention_mask)

@@ -50,7 +50,7 @@ class BenchConfig:
     cpu_load: int = 0  # busy worker processes running during the measurements (a contended Jetson CPU)
     contexts: tuple[int, ...] = ()  # decode ms/token on caches of these many (unpruned) tokens
     scope: str = "block"  # a multi-crop model's LLM-stage scope (schedule.SCOPES)
-    cuda_graph: bool = False  # torch backend: every decode step one CUDA graph replay (runtime/static_decode.py)
+    cuda_graph: bool = False  # torch backend: decode steps, vision encodes and prefills as CUDA graph replays (runtime/static_*.py)
 
 
 class PeakMemory:
@@ -148,6 +148,7 @@ class PruneClock(DelegatingBackend):
     def __init__(self, inner: Backend):
         super().__init__(inner)
         self._marks: list = []
+        self.replays = None  # its marks are host-side calls: a recorded prefill would replay none of them
 
     def run_prune(self, stage, *inputs):
         self._marks.append(self._mark())
@@ -355,7 +356,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
             for batch in config.batches:
                 images = bench_images(baseline.spec, batch, config.seed)
                 backends = {v: b.for_images(image_sizes(images, b.spec.prompt_template)) for v, b in unbound.items()}
-                if "pruned" in backends:
+                if "pruned" in backends and not config.cuda_graph:  # a replayed prefill has no unit calls to time
                     backends["pruned"] = PruneClock(backends["pruned"])
                 template = baseline.spec.prompt_template
                 pixels = pixel_values(loaded.processor.image_processor, images, template)
@@ -395,7 +396,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                         "kv_cache_bytes": measured[0]["kv_bytes"],
                         "flops": stage_flops(loaded.config, schedule, text_tokens, batch, ideal=v == "ideal"),
                     }
-                    if v == "pruned":  # the LLM prune units' time inside each prefill, and over the rest of it
+                    if isinstance(backends[v], PruneClock):  # the LLM prune units' time inside each prefill, and over the rest of it
                         row["prune_ms"] = _stats([r["prune"] for r in measured])
                         row["prune_units_overhead"] = _stats([r["prune"] / (r["prefill"] - r["prune"]) for r in measured])
                     rows.append(row)
@@ -483,8 +484,8 @@ def summarize(rows: list[dict], weight_bytes: int) -> list[dict]:
             "pruning_overhead_best": row["prefill_ms"]["min"] / ideal["prefill_ms"]["min"] - 1,
             # the same cost measured inside each request, so free of that drift: the LLM prune units'
             # time over the rest of the prefill
-            "prune_units_overhead": med(row, "prune_units_overhead"),
-            "prune_units_overhead_best": row["prune_units_overhead"]["min"],
+            "prune_units_overhead": med(row, "prune_units_overhead") if "prune_ms" in row else None,
+            "prune_units_overhead_best": row["prune_units_overhead"]["min"] if "prune_ms" in row else None,
             "ttft_speedup": med(full, "ttft_ms") / med(row, "ttft_ms"),
             "ttft_overhead": med(row, "ttft_ms") / med(ideal, "ttft_ms") - 1,
             "decode_speedup": med(full, "decode_ms_per_token") / med(row, "decode_ms_per_token"),

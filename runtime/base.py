@@ -26,6 +26,8 @@ from visiondrop_edge.modules import positions_from_mask
 from visiondrop_edge.pruning import splice
 from visiondrop_edge.schedule import CropGrid
 
+from .static_prefill import GraphedCalls
+
 __all__ = ["Backend", "CacheFill", "DecoderState", "DelegatingBackend", "GraphBackend", "ModelSpec", "PrefillOutput", "StageTrace", "VisionOutput"]
 
 CACHE_BLOCK = 64  # cache buffers grow by whole blocks of this many tokens: a step reads at most a block of
@@ -143,12 +145,21 @@ class Backend(ABC):
         return bound[0] if bound else self
 
     # ---------------------------------------------------------- orchestration
+    replays: GraphedCalls | None = None  # set: vision encodes and prefills replay CUDA graphs (:mod:`.static_prefill`)
+
     @property
     def num_groups(self) -> int:
         return len(self.spec.schedule.layer_groups())
 
     def encode_image(self, pixel_values: Tensor) -> VisionOutput:
-        outputs = self.run_vision(pixel_values.to(self.device))
+        """The vision unit on ``pixel_values``; with :attr:`replays`, a recorded call's replay."""
+        pixel_values = pixel_values.to(self.device)
+        if self.replays is None:
+            return self._encode_image(pixel_values)
+        return self.replays("vision", self.spec.schedule, self._encode_image, pixel_values)
+
+    def _encode_image(self, pixel_values: Tensor) -> VisionOutput:
+        outputs = self.run_vision(pixel_values)
         stage = None if self.spec.schedule.is_full else StageTrace(**{name: outputs[name] for name in STAGE_OUTPUTS})
         return VisionOutput(outputs["image_embeds"], stage)
 
@@ -158,8 +169,14 @@ class Backend(ABC):
         return [torch.zeros(shape, dtype=self.spec.torch_dtype, device=self.device) for _ in range(2 * (stop - start))]
 
     def prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
-        """Run the prompt (with ``image_tokens`` placeholders at ``image_offset``) through the decoder."""
-        input_ids, attention_mask, image_offset = (t.to(self.device) for t in (input_ids, attention_mask, image_offset))
+        """Run the prompt (with ``image_tokens`` placeholders at ``image_offset``) through the
+        decoder; with :attr:`replays`, a recorded call's replay."""
+        inputs = [t.to(self.device) for t in (input_ids, image_embeds, attention_mask, image_offset)]
+        if self.replays is None:
+            return self._prefill(*inputs)
+        return self.replays("prefill", self.spec.schedule, self._prefill, *inputs)
+
+    def _prefill(self, input_ids: Tensor, image_embeds: Tensor, attention_mask: Tensor, image_offset: Tensor) -> PrefillOutput:
         embeds = self.run_embed(input_ids)
         hidden = splice(embeds, image_offset, image_embeds.shape[1], image_embeds.to(embeds.dtype))
         mask = attention_mask
@@ -250,6 +267,8 @@ class DelegatingBackend(Backend):
 
     def __init__(self, inner: Backend, name: str | None = None):
         self.inner, self.spec, self.device, self.name = inner, inner.spec, inner.device, name or inner.name
+        # requests driven through this wrapper's units are recorded as its own graphs, when the inner's are
+        self.replays = GraphedCalls(inner.replays.capture) if inner.replays is not None else None
 
     def run_vision(self, pixel_values):
         return self.inner.run_vision(pixel_values)

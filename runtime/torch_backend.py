@@ -15,6 +15,7 @@ from visiondrop_edge.schedule import Schedule
 
 from .base import Backend, DecoderState, ModelSpec, group_results
 from .static_decode import StaticDecoder
+from .static_prefill import GraphedCalls
 
 
 class TorchBackend(Backend):
@@ -42,6 +43,7 @@ class TorchBackend(Backend):
         if cuda_graph and self.device.type != "cuda":
             raise SettingError(f"{{cuda_graph}} needs the model on a CUDA device (it is on {self.device}): load it with {{device}} cuda")
         self.static_decoder = StaticDecoder(self, capture=True) if cuda_graph else None
+        self.replays = GraphedCalls() if cuda_graph else None
 
     def for_grid(self, grid):
         bound = super().for_grid(grid)
@@ -52,7 +54,8 @@ class TorchBackend(Backend):
         return bound
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """With ``cuda_graph``: each step one CUDA graph replay on static buffers (:mod:`.static_decode`)."""
+        """With ``cuda_graph``: each step one CUDA graph replay on static buffers (:mod:`.static_decode`);
+        vision encodes and prefills are replayed too, once their shapes repeat (:mod:`.static_prefill`)."""
         if self.static_decoder is None:
             return super().decode_step(tokens, state)
         return self.static_decoder.step(tokens.to(self.device), state)  # buffers outside inference mode: extend may write on

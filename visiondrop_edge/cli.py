@@ -730,7 +730,7 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 @provider_option
 @json_option("every measurement")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
-@click.option("--cuda-graph", is_flag=True, help="--backend torch on --device cuda: every decode step one CUDA graph replay on static cache buffers (no kernel launches or host syncs per layer).")
+@click.option("--cuda-graph", is_flag=True, help="--backend torch on --device cuda: every decode step one CUDA graph replay on static cache buffers, and each vision encode and prefill one replay of its recorded call (no kernel launches or host syncs per layer; the prune-units column is then n/a).")
 @click.option("--cpu-load", default=0, show_default=True, type=click.IntRange(0, 64), help="Busy worker processes that bench starts for the measurements and stops after (a CPU shared with the application, as on a Jetson).")
 @click.option("--contexts", default=None, metavar="N,N,...", help="Also: decode ms/token after the prompt and filler text up to N tokens (e.g. 600,1200,2000), pruned and full, and its growth per 1000 tokens.")
 @click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --max-new-tokens, --warmup, --repeats, --json.")
@@ -757,7 +757,7 @@ def bench(model, backend, engine_dirs, budgets, anyres_llm_stages, batch, max_ne
     check_device(device)
     check_outputs(json=json_path, plot=plot_path)
     if cuda_graph and (backend != "torch" or not str(device).startswith("cuda")):
-        raise UserError("--cuda-graph records the PyTorch backend's decode steps on a GPU: use it with --backend torch --device cuda")
+        raise UserError("--cuda-graph records the PyTorch backend's requests on a GPU: use it with --backend torch --device cuda")
     if conversation is not None and (backend == "trt" or engine_dirs or compare is not None):
         raise UserError("--conversation is fixed at export time (the manifests record it): drop it for --engines and --artifacts-compare")
     if backend == "trt" or engine_dirs:
@@ -790,6 +790,7 @@ def bench(model, backend, engine_dirs, budgets, anyres_llm_stages, batch, max_ne
     rows = [[s["budget"], s["batch"], f"{s['prefill_speedup']:.2f}x", f"{s['ideal_prefill_speedup']:.2f}x",
              f"{s['fraction_of_ideal_speedup']:.2f}", f"{100 * s['pruning_overhead']:+.1f}%",
              f"{100 * s['pruning_overhead_best']:+.1f}%",
+             "n/a (replayed)" if s["prune_units_overhead"] is None else
              f"{100 * s['prune_units_overhead']:.1f}% ({100 * s['prune_units_overhead_best']:.1f}%)", f"{s['ttft_speedup']:.2f}x",
              f"{s['decode_speedup']:.2f}x ({s['decode_speedup_best']:.2f}x)", f"{s['decode_speedup_predicted']:.2f}x",
              f"{s['flops_fraction']:.2f}"] for s in report["summary"]]
