@@ -41,6 +41,7 @@ def request(backend, pixels, batch):
 
 
 def leaves(value):
+    """Every tensor in a request's outputs, in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
@@ -50,6 +51,21 @@ def leaves(value):
     if hasattr(value, "__dataclass_fields__"):
         return [t for name in value.__dataclass_fields__ for t in leaves(getattr(value, name))]
     return []
+
+
+@pytest.fixture(scope="module")
+def request_model(tiny):
+    """Built-in models by name, each loaded once for this module."""
+    from visiondrop_edge.loading import load_model
+
+    models = {"tiny": tiny}
+
+    def get(name):
+        if name not in models:
+            models[name] = load_model(name)
+        return models[name]
+
+    return get
 
 
 @pytest.mark.parametrize("model, budget", [("tiny", 64), ("tiny", "full"), ("tiny-next", 160)])
@@ -70,20 +86,6 @@ def test_requests_make_no_host_round_trip(request_model, model, budget):
             vision = bound.encode_image(fake[0])
             prefill = bound.prefill(fake[1], vision.image_embeds, fake[2], fake[3])
             bound.decode_step(prefill.logits.argmax(-1), prefill.state)
-
-
-@pytest.fixture(scope="module")
-def request_model(tiny):
-    from visiondrop_edge.loading import load_model
-
-    models = {"tiny": tiny}
-
-    def get(name):
-        if name not in models:
-            models[name] = load_model(name)
-        return models[name]
-
-    return get
 
 
 @pytest.mark.parametrize("budget", [64, "full"])
