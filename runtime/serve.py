@@ -523,17 +523,33 @@ class VisionDropServer:
         """Start, call ``on_ready``, serve until SIGINT or SIGTERM or Triton dies, and stop.
 
         Both signals stop cleanly (in-flight requests finish first), also while Triton is still
-        starting: a supervisor may stop a server that has not finished loading.
+        starting: a supervisor may stop a server that has not finished loading. A signal then
+        waits for the start to finish: interrupting PyTriton while it connects its models left
+        tritonserver stuck in their loading until PyTriton killed it 30 s later (seen in 2 of 3
+        stops here, 1 s otherwise). A second signal during the start interrupts it anyway.
         """
-        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        starting, held = True, False
+
+        def on_signal(signum, frame):
+            nonlocal held
+            if starting and not held:
+                held = True
+                return
+            raise KeyboardInterrupt
+
+        previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self:
+                starting = False
+                if held:  # asked to stop while starting: leaving the block stops Triton
+                    return
                 on_ready()
-                self.triton.serve()  # returns on KeyboardInterrupt (SIGINT, and SIGTERM above), after stopping Triton
-        except KeyboardInterrupt:  # a signal before serving began: leaving the block stopped Triton
+                self.triton.serve()  # returns on KeyboardInterrupt (from on_signal), after stopping Triton
+        except KeyboardInterrupt:  # a second signal while starting: leaving the block stopped Triton
             pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     def __exit__(self, *exc_info) -> None:
         if self.triton is not None:
