@@ -23,7 +23,12 @@ class TorchBackend(Backend):
 
     ``forced`` maps a stage (0 = vision, s + 1 = LLM stage s) to a :class:`Choice` that
     replaces that stage's own decisions: validate re-runs the reference on a candidate
-    backend's tie-equivalent choices to compare everything downstream strictly.
+    backend's tie-equivalent choices to compare everything downstream strictly (on an eager
+    backend: a recorded call would keep the choices it was recorded with).
+
+    ``cuda_graph`` (a CUDA device): decode steps replay a CUDA graph on static buffers
+    (:mod:`.static_decode`), and vision encodes and prefills replay their recorded call once
+    their shapes repeat (:mod:`.static_prefill`).
     """
 
     name = "torch"
@@ -54,8 +59,7 @@ class TorchBackend(Backend):
         return bound
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:
-        """With ``cuda_graph``: each step one CUDA graph replay on static buffers (:mod:`.static_decode`);
-        vision encodes and prefills are replayed too, once their shapes repeat (:mod:`.static_prefill`)."""
+        """With ``cuda_graph``: each step one CUDA graph replay on static buffers (:mod:`.static_decode`)."""
         if self.static_decoder is None:
             return super().decode_step(tokens, state)
         return self.static_decoder.step(tokens.to(self.device), state)  # buffers outside inference mode: extend may write on
