@@ -40,8 +40,10 @@ pack() {
 trap pack EXIT
 # The package itself (editable, no downloads: the device has none). Its dependencies must be there:
 # the device tool's H200 image lacks pydantic and has an older transformers, so carry wheels of the
-# constraints' versions (pydantic, pydantic-core, annotated-types, typing-inspection, transformers)
-# in .whl and put them first on PYTHONPATH (the device README says how).
+# constraints' versions in .whl and put them first on PYTHONPATH (the device README says how):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(grep -E \
+#     '^(pydantic|pydantic_core|annotated-types|typing-inspection|transformers)==' constraints-cpu.txt)
 python3 -m pip install -q --no-deps --no-build-isolation -e . || { echo "could not install the package (pip install -e . needs setuptools>=68)"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RESULTS/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$RESULTS/gpu.txt"
