@@ -39,8 +39,8 @@ class _Recording:
 class GraphedCalls:
     """Calls of tensor functions, recorded as CUDA graphs after their second sight of a key.
 
-    ``capture=False`` runs the same path (static input buffers, copied outputs) eagerly: the
-    CPU tests check its plumbing, a GPU test the recorded replays.
+    ``capture=False`` runs the same path (keys, static input buffers) eagerly: the CPU tests
+    check its plumbing, a GPU test the recorded replays.
     """
 
     def __init__(self, capture: bool = True):
@@ -61,8 +61,8 @@ class GraphedCalls:
         self._recordings.move_to_end(key)
         for buffer, value in zip(recording.inputs, inputs, strict=True):
             buffer.copy_(value)
-        if recording.graph is None:
-            return copied(fn(*recording.inputs))
+        if recording.graph is None:  # an eager run returns fresh tensors: nothing to copy out
+            return fn(*recording.inputs)
         recording.graph.replay()
         return copied(recording.outputs)
 

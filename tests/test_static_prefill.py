@@ -17,7 +17,8 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 from tests.test_decode_cache import TOL
 from visiondrop_edge.bench.ideal import IdealBaseline, IdealVision
-from visiondrop_edge.prompt import build_prompts, image_sizes, pad_token_id, pixel_values, random_images
+from visiondrop_edge.bench.run import bench_images
+from visiondrop_edge.prompt import build_prompts, image_sizes, pad_token_id, pixel_values
 from visiondrop_edge.pruning import REFERENCE_OPS
 from visiondrop_edge.runtime import static_prefill
 from visiondrop_edge.runtime.static_prefill import GraphedCalls
@@ -27,7 +28,7 @@ PROMPTS = ["What is in this picture?", "Describe the image in one long sentence,
 
 
 def request_inputs(loaded, backend, seed):
-    images = random_images(len(PROMPTS), seed=seed, size=backend.spec.image_size * (2 if backend.spec.schedule.grid else 1))
+    images = bench_images(backend.spec, len(PROMPTS), seed)  # for a multi-crop model, images filling its grid
     bound = backend.for_images(image_sizes(images, backend.spec.prompt_template))
     pixels = pixel_values(loaded.processor.image_processor, images, bound.spec.prompt_template)
     batch = build_prompts(loaded.tokenizer, bound.spec.prompt_template, PROMPTS, bound.spec.schedule.image_tokens,
@@ -97,7 +98,7 @@ def test_replayed_requests_match_eager_ones(tiny, budget):
     outputs = []
     for seed in (1, 2, 3):
         bound, pixels, batch = request_inputs(tiny, eager, seed)
-        outputs.append((request(bound, pixels, batch), request(request_inputs(tiny, replayed, seed)[0], pixels, batch)))
+        outputs.append((request(bound, pixels, batch), request(replayed, pixels, batch)))
     assert len(replayed.replays._recordings) == 2  # vision and prefill, recorded at their second sight
     for expected, got in outputs:  # every returned output still holds its own request's values
         assert [t.shape for t in leaves(got)] == [t.shape for t in leaves(expected)]
@@ -122,6 +123,16 @@ def test_recordings_are_bounded_and_shapes_seen_once_stay_eager(monkeypatch):
         assert torch.equal(graphs("double", None, double, x)["y"], x * 2)
     assert len(graphs._recordings) == 2 and list(k[2][0][0][0] for k in graphs._recordings) == [2, 3]
     assert calls == [1, 2, 3, 1, 2, 3, 3]  # capture=False runs every call (on its buffers once recorded)
+
+
+def test_copied_outputs_share_no_storage_with_the_graphs_buffers(tiny):
+    """A replay returns ``copied(outputs)``: equal values, the same types, none of the buffers."""
+    backend = TorchBackend(tiny, tiny.schedule(64))
+    outputs = request(*request_inputs(tiny, backend, seed=1))
+    copy = static_prefill.copied(outputs)
+    assert type(copy[1].state) is type(outputs[1].state) and type(copy[1].stages[0]) is type(outputs[1].stages[0])
+    pairs = list(zip(leaves(copy), leaves(outputs), strict=True))
+    assert pairs and all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in pairs)
 
 
 @pytest.mark.gpu
