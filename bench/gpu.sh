@@ -6,8 +6,8 @@
 #      against the same PyTorch ops (plugins_trt/tests/gpu_check.sh);
 #   2. the torch-backend benchmark on the LLaVA-1.5-7B shape (random weights, fp16):
 #      pruned vs ideal vs full at every budget, batch 1 and 4;
-#   3. CUDA graphs: the recorded decode step and requests against the eager ones (pytest -m
-#      gpu), then step 2 again with --cuda-graph (vision, prefill and decode replayed), then
+#   3. CUDA graphs: the recorded decode step and requests, and `generate --cuda-graph`, against
+#      the eager ones (pytest -m gpu), then step 2 again with --cuda-graph (vision, prefill and decode replayed), then
 #      decode at budget 64, batch 1 and 8, eager and --cuda-graph;
 #   4. the LLaVA-NeXT-7B shape (2x2 images, 2928 visual tokens unpruned): budgets 160, 320
 #      and 640 against full, batch 1 (the paper's 2.7x TTFT at 320), eager and --cuda-graph;
@@ -51,7 +51,7 @@ BENCH_7B=(python3 cli.py bench --model llava-1.5-7b-shape --backend torch --devi
 step kernels 120 env OUT="$RESULTS/kernels" bash plugins_trt/tests/gpu_check.sh
 step bench_7b 160 "${BENCH_7B[@]}" --budgets 32,64,128,192 --batch 1,4 --max-new-tokens 16 --warmup 1 --repeats 4 \
     --json "$RESULTS/bench_7b.json" --plot "$RESULTS/bench_7b.png"
-step cuda_graph_tests 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static_decode.py tests/test_static_prefill.py
+step cuda_graph_tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_static_decode.py tests/test_static_prefill.py
 step bench_7b_cuda_graph 120 "${BENCH_7B[@]}" --cuda-graph --budgets 32,64,128,192 --batch 1,4 --max-new-tokens 16 \
     --warmup 1 --repeats 4 --json "$RESULTS/bench_7b_cuda_graph.json"
 for mode in eager cuda-graph; do

@@ -128,7 +128,7 @@ def test_cli_runs_as_a_script(image):
 
 
 # ------------------------------------------------------------------ one spelling per option
-SHARED = ("--json", "--max-new-tokens", "--device", "--provider", "--dtype", "--model", "--budget", "--schedule")
+SHARED = ("--json", "--max-new-tokens", "--device", "--provider", "--dtype", "--model", "--budget", "--schedule", "--cuda-graph")
 
 
 def option_signature(param):
@@ -192,6 +192,23 @@ def test_a_gpu_that_is_not_there_is_one_line_before_anything_loads(image, tmp_pa
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     result = invoke("bench", "--model", "tiny", "--device", "cuda:2")
     assert one_line_error(result, "PyTorch sees 2 CUDA GPU(s), cuda:0..cuda:1"), result.output
+
+
+def test_cuda_graph_off_the_pytorch_backend_on_a_gpu_is_one_line_before_anything_loads(image, tmp_path, monkeypatch):
+    """--cuda-graph records the PyTorch backend's calls on a GPU: a CPU device or exported graphs are refused first."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the refusal must not depend on the machine
+    for args in (["generate", "--image", image, "--prompt", "hi", "--cuda-graph"],
+                 ["generate", "--image", image, "--prompt", "hi", "--artifacts", tmp_path, "--device", "cuda", "--cuda-graph"],
+                 ["chat", "--image", image, "--backend", "trt", "--engines", tmp_path, "--device", "cuda", "--cuda-graph"],
+                 ["bench", "--model", "tiny", "--backend", "ort", "--device", "cuda", "--cuda-graph"],
+                 ["bench", "--model", "tiny", "--cuda-graph"]):
+        result = invoke(*args)
+        assert one_line_error(result, "--cuda-graph replays recorded CUDA graphs of the PyTorch backend: use it with "
+                                      "--backend torch --device cuda"), (args, result.output)
+        assert "loading" not in result.stderr
+    assert "--cuda-graph" not in {opt for p in cli.cli.commands["serve"].params for opt in p.opts}  # streams interleave steps
 
 
 def test_validate_takes_the_provider_like_every_other_command(tmp_path, monkeypatch):

@@ -98,3 +98,43 @@ def test_cuda_graph_decode_matches_eager_on_gpu():
         eager_logits, eager_state = eager.decode_step(tokens, eager_state)
         graph_logits, graph_state = graphed.decode_step(tokens, graph_state)
         torch.testing.assert_close(graph_logits, eager_logits, **TOL)
+
+
+@pytest.mark.gpu
+def test_generate_with_cuda_graph_answers_as_eager_on_gpu(tmp_path):
+    """The CLI's ``generate --cuda-graph`` opens a recording backend and answers as the eager CLI.
+
+    The graphed steps' logits differ from the eager ones by the attention sums' order (TOL), so
+    a token may flip only where the eager logits' top two are that close: the answers are
+    compared up to the first such step (found on an eager run of the same request)."""
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from visiondrop_edge import cli
+    from visiondrop_edge.prompt import load_images
+    from visiondrop_edge.runtime.generate import greedy_generate
+
+    image = tmp_path / "photo.png"
+    Image.fromarray((np.random.default_rng(3).random((240, 320, 3)) * 255).astype("uint8")).save(image)
+    args = ["generate", "--image", image, "--prompt", "What is in this picture?", "--budget", "64", "--device", "cuda",
+            "--max-new-tokens", "24", "--json", "-"]
+    answers = {}
+    for flags in ([], ["--cuda-graph"]):
+        result = CliRunner().invoke(cli.cli, [str(a) for a in args + flags])
+        assert result.exit_code == 0, result.output
+        answers[bool(flags)] = json.loads(result.stdout)["generated_ids"][0]
+    backend, processor, _, _ = cli.open_backend("torch", "tiny", None, None, "auto", "64", None, "cuda", cuda_graph=True)
+    assert backend.static_decoder is not None and backend.static_decoder.capture and backend.replays is not None
+    eager = TorchBackend(backend.loaded, backend.spec.schedule)
+    pictures = load_images([image])
+    batch = build_prompts(processor.tokenizer, eager.spec.prompt_template, ["What is in this picture?"], eager.spec.schedule.image_tokens,
+                          eager.spec.image_token_id, eager.spec.pad_token_id)
+    result = greedy_generate(eager, pixel_values(processor.image_processor, pictures, eager.spec.prompt_template), batch, 24)
+    assert result.tokens[0].tolist() == answers[False]  # the same request as the CLI's
+    margins = [float(top[0] - top[1]) for top in (logits[0].topk(2).values for logits in result.step_logits)]
+    decided = next((i for i, margin in enumerate(margins) if margin < 10 * TOL["atol"]), len(margins))
+    assert decided >= 8, margins  # enough clearly decided steps for the comparison to mean something
+    assert answers[True][:decided] == answers[False][:decided]

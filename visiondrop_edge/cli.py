@@ -148,7 +148,15 @@ def shows_table(json_path: Path | str | None) -> bool:
     return json_path != STDOUT
 
 
-def open_torch(model: str, budget, schedule, device: str, conversation: str | None = None, scope: str = "block"):
+def check_cuda_graph(cuda_graph: bool, torch_backend: bool, device: str) -> None:
+    """``--cuda-graph`` records the PyTorch backend's calls on a GPU: refused elsewhere, before anything loads."""
+    if cuda_graph and not (torch_backend and device.startswith("cuda")):
+        raise UserError("--cuda-graph replays recorded CUDA graphs of the PyTorch backend: use it with --backend torch --device cuda "
+                        "(not with --artifacts or --engines, whose graphs run as exported)")
+
+
+def open_torch(model: str, budget, schedule, device: str, conversation: str | None = None, scope: str = "block",
+               cuda_graph: bool = False):
     """(backend, processor, source, (max sequence, what sets it)) for the PyTorch pipeline."""
     from visiondrop_edge.runtime.torch_backend import TorchBackend
     from visiondrop_edge.loading import load_model
@@ -156,7 +164,8 @@ def open_torch(model: str, budget, schedule, device: str, conversation: str | No
     check_device(device)
     progress(f"loading {model} ...")
     loaded = load_model(model, device=device, conversation=conversation)
-    return TorchBackend(loaded, loaded.schedule(budget, schedule, scope=scope)), loaded.processor, loaded.source, loaded.max_positions
+    backend = TorchBackend(loaded, loaded.schedule(budget, schedule, scope=scope), cuda_graph=cuda_graph)
+    return backend, loaded.processor, loaded.source, loaded.max_positions
 
 
 def open_artifacts(directory: Path, provider: str):
@@ -184,8 +193,10 @@ def open_engines(engines: Path, artifacts: Path | None):
     return backend, processor, backend.manifest.model["source"], limit
 
 
-def open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation=None, scope="block"):
+def open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation=None, scope="block",
+                 cuda_graph=False):
     """The backend a command's --backend/--model/--artifacts/--engines options name (see open_*)."""
+    check_cuda_graph(cuda_graph, backend_name in ("auto", "torch") and artifacts is None and engines is None, device)
     if conversation is not None and (artifacts or engines):
         raise UserError("--conversation is fixed at export time (the manifest records it): drop it, or re-export")
     if scope != "block" and (artifacts or engines):
@@ -203,7 +214,7 @@ def open_backend(backend_name, model, artifacts, engines, provider, budget, sche
         if model is not None or budget is not None or schedule is not None:
             raise UserError("--artifacts fixes the model and schedule at export time: drop --model/--budget/--schedule")
         return open_artifacts(artifacts, provider)
-    return open_torch(model or "tiny", budget, schedule, device, conversation, scope)
+    return open_torch(model or "tiny", budget, schedule, device, conversation, scope, cuda_graph)
 
 
 # ------------------------------------------------------------------ options several commands share: one spelling each
@@ -241,6 +252,12 @@ conversation_option = click.option(
     "--conversation", default=None, help="Prompt recipe of the model family: 'checkpoint' (the processor's chat_template; the default "
     "where it has one), 'plain' (llava-hf's template; the default otherwise) or 'llava_v1' (the original LLaVA-1.5 evaluation: "
     "vicuna_v1 system prompt, chunked tokenisation, images padded to a square). Artifacts keep the one they were exported with.")
+
+
+def cuda_graph_option(what: str):
+    """``--cuda-graph`` (see check_cuda_graph); ``what`` says what the command replays."""
+    return click.option("--cuda-graph", is_flag=True, help=f"--backend torch on --device cuda, with no kernel launches or host "
+                        f"syncs per layer: {what}.")
 
 
 def max_new_tokens_option(default: int, help: str):
@@ -316,10 +333,12 @@ def tiny(out: Path, force: bool) -> None:
 @max_new_tokens_option(32, "Longest answer; greedy decoding stops earlier at the end-of-sequence token.")
 @conversation_option
 @click.option("--trace", "trace_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the pruning trace (schedule, kept/target indices, top-20 first logits, the exact input ids, a sha256 of the pixels) as JSON.")
+@cuda_graph_option("every decode step one CUDA graph replay on static cache buffers (recorded at the first step; the image's "
+                   "encode and prefill run once, eagerly)")
 @json_option("the answers, their token ids, the schedule and the backend")
 @user_errors
 def generate(model, artifacts, provider, backend_name, engines, images, prompts, budget, schedule, anyres_llm_stages, max_new_tokens,
-             device, conversation, trace_path, json_path) -> None:
+             device, conversation, trace_path, cuda_graph, json_path) -> None:
     """Answer a question about an image with VisionDrop pruning (greedy decoding).
 
     Runs the PyTorch pipeline on --model, the exported graphs in --artifacts with ONNX Runtime,
@@ -335,7 +354,7 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
     check_outputs(trace=trace_path, json=json_path)
     pil_images = load_images(images)
     backend, processor, source, limit = open_backend(backend_name, model, artifacts, engines, provider, budget, schedule, device,
-                                                     conversation, anyres_llm_stages)
+                                                     conversation, anyres_llm_stages, cuda_graph)
     backend = backend.for_images(image_sizes(pil_images, backend.spec.prompt_template))  # a multi-crop model: the images' grid
     plan = backend.spec.schedule
     batch = build_prompts(
@@ -388,9 +407,11 @@ def generate(model, artifacts, provider, backend_name, engines, images, prompts,
 @click.option("--image", required=True, type=click.Path(path_type=Path), help="The image to talk about.")
 @max_new_tokens_option(64, "Longest answer per turn; greedy decoding stops earlier at the end-of-sequence token.")
 @conversation_option
+@cuda_graph_option("every decode step one CUDA graph replay on static cache buffers (recorded again at each turn's first "
+                   "step, after its question is prefilled eagerly)")
 @user_errors
 def chat(model, artifacts, provider, backend_name, engines, image, budget, schedule, anyres_llm_stages, max_new_tokens, device,
-         conversation) -> None:
+         conversation, cuda_graph) -> None:
     """Talk about one image in the terminal, one question per line (an empty line or EOF ends).
 
     The image is pruned and prefilled once; every turn only prefills its own words on top of
@@ -403,7 +424,7 @@ def chat(model, artifacts, provider, backend_name, engines, image, budget, sched
 
     picture = load_images([image])
     backend, processor, source, (limit, limit_name) = open_backend(
-        backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation, anyres_llm_stages)
+        backend_name, model, artifacts, engines, provider, budget, schedule, device, conversation, anyres_llm_stages, cuda_graph)
     backend = backend.for_images(image_sizes(picture, backend.spec.prompt_template))
     conversation = Session(backend, processor, source).chat(pixel_values(processor.image_processor, picture, backend.spec.prompt_template))
     plan = backend.spec.schedule
@@ -730,7 +751,8 @@ def inspect(model, image, prompt, budget, schedule, anyres_llm_stages, out, json
 @provider_option
 @json_option("every measurement")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Draw latency and speed-up against budget (PNG).")
-@click.option("--cuda-graph", is_flag=True, help="--backend torch on --device cuda: every decode step one CUDA graph replay on static cache buffers, and each vision encode and prefill one replay of its recorded call (no kernel launches or host syncs per layer; the prune-units column is then n/a).")
+@cuda_graph_option("every decode step one CUDA graph replay on static cache buffers, and each vision encode and prefill one "
+                   "replay of its recorded call (the prune-units column is then n/a)")
 @click.option("--cpu-load", default=0, show_default=True, type=click.IntRange(0, 64), help="Busy worker processes that bench starts for the measurements and stops after (a CPU shared with the application, as on a Jetson).")
 @click.option("--contexts", default=None, metavar="N,N,...", help="Also: decode ms/token after the prompt and filler text up to N tokens (e.g. 600,1200,2000), pruned and full, and its growth per 1000 tokens.")
 @click.option("--questions-per-image", "questions", default=None, metavar="N,N,...", help="Instead: time per answer when N questions are asked about one image, with prefix reuse (the image prefilled once) against a full prefill per question, per budget. Uses --budgets, --backend torch|ort, --max-new-tokens, --warmup, --repeats, --json.")
@@ -754,10 +776,9 @@ def bench(model, backend, engine_dirs, budgets, anyres_llm_stages, batch, max_ne
     from visiondrop_edge.bench.run import BenchConfig, run_bench
     from visiondrop_edge.loading import load_model
 
+    check_cuda_graph(cuda_graph, backend == "torch", str(device))
     check_device(device)
     check_outputs(json=json_path, plot=plot_path)
-    if cuda_graph and (backend != "torch" or not str(device).startswith("cuda")):
-        raise UserError("--cuda-graph records the PyTorch backend's requests on a GPU: use it with --backend torch --device cuda")
     if conversation is not None and (backend == "trt" or engine_dirs or compare is not None):
         raise UserError("--conversation is fixed at export time (the manifests record it): drop it for --engines and --artifacts-compare")
     if backend == "trt" or engine_dirs:
