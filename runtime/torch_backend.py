@@ -56,6 +56,8 @@ class TorchBackend(Backend):
         if schedule not in self._pipelines:  # the units over the same weights: nothing is copied
             self._pipelines[schedule] = VisionDropPipeline(self.loaded.model, schedule, family=self.loaded.family).eval()
         bound.pipeline = self._pipelines[schedule]
+        if bound is not self and self.static_decoder is not None:  # its steps must run the bound copy's units
+            bound.static_decoder = StaticDecoder(bound, self.static_decoder.capture)
         return bound
 
     def decode_step(self, tokens: Tensor, state: DecoderState) -> tuple[Tensor, DecoderState]:

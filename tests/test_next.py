@@ -516,3 +516,26 @@ def test_plugin_mode_next_validates_on_every_grid_class(tiny_next, tmp_path):
     assert report.passed, [c.name for c in report.checks.values() if not c.passed]
     assert report.gates["relative"] == 1e-4
     assert {case["crop_grid"] for case in report.to_dict()["cases"]} == {f"{r}x{c}" for r, c in SIZES}
+
+
+def test_a_grid_bound_backend_decodes_on_static_buffers_with_its_own_units(tiny_next):
+    """``--cuda-graph`` on a multi-crop model: the copy bound to an image's grid steps its own
+    units on static buffers (run eagerly here, as on a GPU before capture), and those steps
+    equal its eager steps, tokens forced equal (the static buffers' extra masked slots change
+    only the order of the attention sums: TOL)."""
+    from visiondrop_edge.runtime.static_decode import StaticDecoder
+
+    backend = TorchBackend(tiny_next, tiny_next.schedule(320))
+    backend.static_decoder = StaticDecoder(backend, capture=False)  # what cuda_graph=True sets, minus the capture
+    pixels, image_sizes = processed(tiny_next, SIZES[(1, 2)], seed=77)
+    bound = backend.for_images(image_sizes.tolist())
+    assert bound is not backend and bound.static_decoder.backend is bound
+    batch = prompt_batch(tiny_next, bound.spec.schedule)
+    vision = bound.encode_image(pixels)
+    prefill = bound.prefill(batch.input_ids, vision.image_embeds, batch.attention_mask, batch.image_offset)
+    eager_logits, eager_state, static_state = prefill.logits, prefill.state, prefill.state
+    for step in range(NEW_TOKENS):
+        tokens = eager_logits.argmax(-1)
+        eager_logits, eager_state = super(TorchBackend, bound).decode_step(tokens, eager_state)
+        static_logits, static_state = bound.decode_step(tokens, static_state)
+        torch.testing.assert_close(static_logits, eager_logits, **TOL, msg=lambda m: f"step {step}: {m}")
