@@ -7,8 +7,8 @@
 #   2. the torch-backend benchmark on the LLaVA-1.5-7B shape (random weights, fp16):
 #      pruned vs ideal vs full at every budget, batch 1 and 4;
 #   3. CUDA graphs: the recorded decode step and requests, and `generate --cuda-graph`, against
-#      the eager ones (pytest -m gpu), then step 2 again with --cuda-graph (vision, prefill and decode replayed), then
-#      decode at budget 64, batch 1 and 8, eager and --cuda-graph;
+#      the eager ones (pytest -m gpu), then step 2 again with --cuda-graph (vision, prefill and
+#      decode replayed), then decode at budget 64, batch 1 and 8, eager and --cuda-graph;
 #   4. the LLaVA-NeXT-7B shape (2x2 images, 2928 visual tokens unpruned): budgets 160, 320
 #      and 640 against full, batch 1 (the paper's 2.7x TTFT at 320), eager and --cuda-graph;
 #   5. prefix reuse on the 7B shape: time per answer for 1, 4 and 16 questions about one

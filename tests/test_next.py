@@ -536,6 +536,6 @@ def test_a_grid_bound_backend_decodes_on_static_buffers_with_its_own_units(tiny_
     eager_logits, eager_state, static_state = prefill.logits, prefill.state, prefill.state
     for step in range(NEW_TOKENS):
         tokens = eager_logits.argmax(-1)
-        eager_logits, eager_state = super(TorchBackend, bound).decode_step(tokens, eager_state)
+        eager_logits, eager_state = super(TorchBackend, bound).decode_step(tokens, eager_state)  # Backend's eager step
         static_logits, static_state = bound.decode_step(tokens, static_state)
         torch.testing.assert_close(static_logits, eager_logits, **TOL, msg=lambda m: f"step {step}: {m}")
