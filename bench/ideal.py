@@ -8,6 +8,7 @@ the cost of pruning itself. It lives here, not in the production units: nothing 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 from torch import Tensor, nn
@@ -16,6 +17,8 @@ from visiondrop_edge.families import VisionUnit
 from visiondrop_edge.modules import positions_from_mask, splice_visual
 from visiondrop_edge.runtime.base import Backend, DecoderState, DelegatingBackend, PrefillOutput, VisionOutput
 from visiondrop_edge.pruning import gather_positions, gather_rows, splice, visual_positions
+
+from .clock import SpanClock
 
 
 class IdealVision(nn.Module):
@@ -32,7 +35,13 @@ class IdealVision(nn.Module):
 
 
 class IdealBaseline(DelegatingBackend):
-    """``inner``'s units, driven as the ideal baseline; ``vision`` maps pixels to ideal embeddings."""
+    """``inner``'s units, driven as the ideal baseline; ``vision`` maps pixels to ideal embeddings.
+
+    With a :attr:`clock` (the bench's, on eager backends) the splices that stand in for the
+    prunes are timed: they move the sequence as a prune's output does, so the pruning's net
+    cost is the prune units' time less theirs."""
+
+    clock: SpanClock | None = None
 
     def __init__(self, inner: Backend, vision: Callable[[Tensor], Tensor]):
         super().__init__(inner, f"{inner.name} (ideal)")
@@ -62,9 +71,10 @@ class IdealBaseline(DelegatingBackend):
         qkv = self.run_qkv(hidden)
         for group in range(self.num_groups):
             if group > 0:
-                keep, positions = seen[group], visual_positions(image_offset, seen[group])
-                hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, gather_rows(hidden, positions))
-                qkv = [splice(t, image_offset, visual, gather_positions(t, positions), dim=2) for t in qkv]
+                with self.clock.span() if self.clock is not None else nullcontext():
+                    keep, positions = seen[group], visual_positions(image_offset, seen[group])
+                    hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, gather_rows(hidden, positions))
+                    qkv = [splice(t, image_offset, visual, gather_positions(t, positions), dim=2) for t in qkv]
                 visual = keep
             hidden, qkv, presents = self.run_group(
                 group, hidden, *qkv, mask, position_ids, self.empty_past(group, hidden.shape[0])

@@ -32,6 +32,7 @@ from visiondrop_edge.pruning import REFERENCE_OPS
 from visiondrop_edge.schedule import REFERENCE_GRID, Schedule
 
 from .flops import stage_flops
+from .clock import SpanClock
 from .ideal import IdealBaseline, IdealVision
 
 PROMPT = "Describe this image in detail."
@@ -141,20 +142,17 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 class PruneClock(DelegatingBackend):
     """``inner`` (bound to its images), with the time its LLM prune units take in a prefill
-    summed (:meth:`spent`, ms). Measured inside the request, this cost is not blurred by the
-    drift between requests that ``pruned / ideal - 1`` suffers. On CUDA it reads events
-    recorded on the stream, so the prefill gains no host sync."""
+    summed by :attr:`clock`. Measured inside the request, this cost is not blurred by the
+    drift between requests that ``pruned / ideal - 1`` suffers."""
 
     def __init__(self, inner: Backend):
         super().__init__(inner)
-        self._marks: list = []
+        self.clock = SpanClock(inner.device)
         self.replays = None  # its marks are host-side calls: a recorded prefill would replay none of them
 
     def run_prune(self, stage, *inputs):
-        self._marks.append(self._mark())
-        outputs = self.inner.run_prune(stage, *inputs)
-        self._marks.append(self._mark())
-        return outputs
+        with self.clock.span():
+            return self.inner.run_prune(stage, *inputs)
 
     def encode_image(self, pixel_values):
         return self.inner.encode_image(pixel_values)
@@ -165,26 +163,13 @@ class PruneClock(DelegatingBackend):
     def decode_step(self, tokens, state):  # the inner backend's own step (a CUDA graph replay, if it records one)
         return self.inner.decode_step(tokens, state)
 
-    def _mark(self):
-        if self.device.type != "cuda":
-            return time.perf_counter() * 1e3
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def spent(self) -> float:
-        """Milliseconds in the prune units since the last call (after the prefill's own sync)."""
-        pairs, self._marks = list(zip(self._marks[::2], self._marks[1::2])), []
-        if self.device.type == "cuda":
-            return sum(start.elapsed_time(stop) for start, stop in pairs)
-        return sum(stop - start for start, stop in pairs)
-
 
 def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, float | list[float]]:
     """One timed request: vision, prefill, then ``new_tokens`` greedy decode steps."""
     device = backend.device
-    if isinstance(backend, PruneClock):
-        backend.spent()  # forget prunes outside this request's prefill
+    clock = getattr(backend, "clock", None)  # the pruned pipeline's prune units, or the ideal's splices
+    if clock is not None:
+        clock.spent()  # forget spans outside this request's prefill
     _sync(device)
     start = time.perf_counter()
     vision = backend.encode_image(pixels)
@@ -193,7 +178,7 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
     prefill = backend.prefill(prompts.input_ids, vision.image_embeds, prompts.attention_mask, prompts.image_offset)
     _sync(device)
     after_prefill = time.perf_counter()
-    prune = backend.spent() if isinstance(backend, PruneClock) else None
+    clocked = clock.spent() if clock is not None else None
     logits, state, steps = prefill.logits, prefill.state, []
     for _ in range(new_tokens):
         tick = time.perf_counter()
@@ -204,7 +189,7 @@ def run_once(backend: Backend, pixels, prompts, new_tokens: int) -> dict[str, fl
     kv_bytes = sum(t[:, :, :mask.shape[1]].numel() * t.element_size() for cache, mask in zip(state.caches, state.masks) for t in cache)
     return {
         "vision": (after_vision - start) * 1e3, "prefill": (after_prefill - after_vision) * 1e3,
-        "ttft": (after_prefill - start) * 1e3, "decode": [s * 1e3 for s in steps], "kv_bytes": kv_bytes, "prune": prune,
+        "ttft": (after_prefill - start) * 1e3, "decode": [s * 1e3 for s in steps], "kv_bytes": kv_bytes, "clocked": clocked,
     }
 
 
@@ -358,6 +343,7 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                 backends = {v: b.for_images(image_sizes(images, b.spec.prompt_template)) for v, b in unbound.items()}
                 if "pruned" in backends and not config.cuda_graph:  # a replayed prefill has no unit calls to time
                     backends["pruned"] = PruneClock(backends["pruned"])
+                    backends["ideal"].clock = SpanClock(baseline.device)
                 template = baseline.spec.prompt_template
                 pixels = pixel_values(loaded.processor.image_processor, images, template)
                 # the images' grid's schedules (for a multi-crop model the budget's, 2x2, as they fill it)
@@ -396,9 +382,10 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
                         "kv_cache_bytes": measured[0]["kv_bytes"],
                         "flops": stage_flops(loaded.config, schedule, text_tokens, batch, ideal=v == "ideal"),
                     }
-                    if isinstance(backends[v], PruneClock):  # the LLM prune units' time inside each prefill, and over the rest of it
-                        row["prune_ms"] = _stats([r["prune"] for r in measured])
-                        row["prune_units_overhead"] = _stats([r["prune"] / (r["prefill"] - r["prune"]) for r in measured])
+                    if measured[0]["clocked"] is not None:  # the clocked spans' time inside each prefill, and over the rest of it
+                        spent, share = ("prune_ms", "prune_units_overhead") if v == "pruned" else ("splices_ms", "splices_overhead")
+                        row[spent] = _stats([r["clocked"] for r in measured])
+                        row[share] = _stats([r["clocked"] / (r["prefill"] - r["clocked"]) for r in measured])
                     rows.append(row)
                     progress(f"[{done}/{total}] budget {budget} batch {batch} {v}: prefill {row['prefill_ms']['median']:.1f} ms, "
                              f"TTFT {row['ttft_ms']['median']:.1f} ms, decode {row['decode_ms_per_token']['median']:.2f} ms/token")
@@ -488,6 +475,10 @@ def summarize(rows: list[dict], weight_bytes: int) -> list[dict]:
             # (None where nothing timed the units: a replayed prefill has no unit calls)
             "prune_units_overhead": med(row, "prune_units_overhead") if clocked else None,
             "prune_units_overhead_best": row["prune_units_overhead"]["min"] if clocked else None,
+            # less the ideal's own splices (the sequence moves that stand in for the prunes there), each
+            # over the rest of its prefill: the pruning's net cost, within requests
+            "net_prune_overhead": med(row, "prune_units_overhead") - med(ideal, "splices_overhead") if clocked else None,
+            "net_prune_overhead_best": row["prune_units_overhead"]["min"] - ideal["splices_overhead"]["min"] if clocked else None,
             "ttft_speedup": med(full, "ttft_ms") / med(row, "ttft_ms"),
             "ttft_overhead": med(row, "ttft_ms") / med(ideal, "ttft_ms") - 1,
             "decode_speedup": med(full, "decode_ms_per_token") / med(row, "decode_ms_per_token"),

@@ -51,6 +51,13 @@ def test_bench_reports_every_budget_against_full(tmp_path, backend):
     assert variants == {(b, n, v) for b in ("32", "128") for n in (1, 2) for v in ("pruned", "ideal", "full")}
     assert {(s["budget"], s["batch"]) for s in report["summary"]} == {(b, n) for b in ("32", "128") for n in (1, 2)}
     assert all(s["prune_units_overhead"] >= s["prune_units_overhead_best"] > 0 for s in report["summary"])
+    rows = {(r["budget"], r["batch"], r["variant"]): r for r in report["results"]}
+    for s in report["summary"]:  # the net cost: each share over the rest of its own prefill, the ideal's splices subtracted
+        pruned, ideal = rows[(s["budget"], s["batch"], "pruned")], rows[(s["budget"], s["batch"], "ideal")]
+        assert s["net_prune_overhead"] == pytest.approx(
+            pruned["prune_units_overhead"]["median"] - ideal["splices_overhead"]["median"], rel=1e-12)
+        assert s["net_prune_overhead_best"] == pytest.approx(
+            pruned["prune_units_overhead"]["min"] - ideal["splices_overhead"]["min"], rel=1e-12)
     for row in report["results"]:
         schedule = Schedule.from_budget("full" if row["variant"] == "full" else row["budget"], 8, 576)
         for key in ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token"):
@@ -62,8 +69,9 @@ def test_bench_reports_every_budget_against_full(tmp_path, backend):
         expected = sum(2 * row["batch"] * 2 * (row["text_tokens"] + visual[g] + 3) * 16 * 4 * (stop - start)
                        for g, (start, stop) in enumerate(schedule.layer_groups()))
         assert row["kv_cache_bytes"] == expected
-        if row["variant"] == "pruned":  # the prune units are timed inside each prefill, and are part of it
-            assert 0 < row["prune_ms"]["min"] and row["prune_ms"]["max"] < row["prefill_ms"]["max"]
+        if row["variant"] != "full":  # the prune units (the ideal: its splices) are timed inside each prefill, and are part of it
+            spent = row["prune_ms" if row["variant"] == "pruned" else "splices_ms"]
+            assert 0 < spent["min"] and spent["max"] < row["prefill_ms"]["max"]
     flops = {(r["budget"], r["batch"], r["variant"]): r["flops"]["prefill_total"] for r in report["results"]}
     assert flops[("32", 1, "ideal")] < flops[("32", 1, "pruned")] < flops[("128", 1, "pruned")] < flops[("32", 1, "full")]
     assert flops[("32", 1, "full")] == flops[("128", 1, "full")]
