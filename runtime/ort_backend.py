@@ -39,20 +39,33 @@ def resolve_providers(provider: str) -> list[str]:
     return PROVIDERS[provider]
 
 
-def session_options():
-    """The options every ONNX Runtime session of this tool starts from.
+def threading_config(role: str) -> dict[str, str]:
+    """The thread-pool settings of a graph of ``role`` (a manifest graph's role), as session config entries.
 
     One request runs a dozen sessions back to back, on a CPU that the application may share
     (a Jetson): idle threads must not spin, or they steal the cores from the next session and
     from the application (spinning decoded 3-4x slower under ``bench --cpu-load 1`` in one
-    interleaved run on 2 cores). Per-session pools, not ONNX Runtime's global one: that one
-    binds every session of the process to ``use_per_session_threads = False``.
+    interleaved run on 2 cores). A prune graph is the exception: weightless, hundreds of small
+    ops, one call per prefill, so waking a sleeping thread at every op costs more than its
+    work. It spins inside its run and stops at the run's end (``force_spinning_stop``): the
+    prune units took 10-11% less time in ``bench --model small --backend ort --budgets 192``,
+    both alone and under ``--cpu-load 1``. Per-session pools, not ONNX Runtime's global one:
+    that one binds every session of the process to ``use_per_session_threads = False``, and
+    it spins.
     """
+    if role == "prune":
+        return {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
+    return {"session.intra_op.allow_spinning": "0"}
+
+
+def session_options(role: str = "decoder"):
+    """The options every ONNX Runtime session of this tool starts from (see :func:`threading_config`)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    for key, value in threading_config(role).items():
+        options.add_session_config_entry(key, value)
     return options
 
 
@@ -71,23 +84,22 @@ class OrtBackend(GraphBackend):
         self.spec = ModelSpec.from_dict(self.manifest.spec)
         self.device = torch.device("cpu")
         self.providers = resolve_providers(provider)
-        options = session_options()
         # A calibrated folder records the settings its Q/DQ graphs need on this runtime (see
         # calibration/quantize.py): e.g. int8 keeps one Q/DQ pair per consumer, fp8 skips the QDQ transforms.
         settings = (self.manifest.export.get("quantization") or {}).get("onnxruntime") or {}
-        for key, value in settings.get("session_config", {}).items():
-            options.add_session_config_entry(key, value)
         disabled = settings.get("disabled_optimizers") or None
         plugins = self.manifest.export.get("mode") == "plugins"
         if plugins:
             from visiondrop_edge.plugins_trt.ort_ops import custom_ops_library
-
-            options.register_custom_ops_library(custom_ops_library())
-        self.sessions = {
-            entry.name: onnxruntime.InferenceSession(self._graph(entry, plugins), options, providers=self.providers,
-                                                     disabled_optimizers=disabled)
-            for entry in self.manifest.graphs
-        }
+        self.sessions = {}
+        for entry in self.manifest.graphs:
+            options = session_options(entry.role)
+            for key, value in settings.get("session_config", {}).items():
+                options.add_session_config_entry(key, value)
+            if plugins:
+                options.register_custom_ops_library(custom_ops_library())
+            self.sessions[entry.name] = onnxruntime.InferenceSession(self._graph(entry, plugins), options, providers=self.providers,
+                                                                     disabled_optimizers=disabled)
         self.graphs = frozenset(self.sessions)
         self.output_names = {name: [o.name for o in session.get_outputs()] for name, session in self.sessions.items()}
         self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}

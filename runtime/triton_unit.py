@@ -2,8 +2,9 @@
 by ``visiondrop triton-repo --units python``.
 
 For a Triton without the ONNX Runtime backend (such as the one in the ``nvidia-pytriton`` wheel).
-It imports only numpy and onnxruntime, and applies the ONNX Runtime settings a calibrated
-folder's manifest records (the config's ``session_config`` and ``disabled_optimizers``).
+It imports only numpy and onnxruntime, and applies the ONNX Runtime settings the config
+carries: the unit's thread-pool settings (``runtime/ort_backend.py``'s, per graph role) and
+those a calibrated folder's manifest records (``session_config``, ``disabled_optimizers``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # units run one after another
         for key, value in json.loads(parameters.get("session_config", "{}")).items():
             options.add_session_config_entry(key, value)
         graph = Path(args["model_repository"]) / args["model_version"] / "model.onnx"

@@ -592,3 +592,26 @@ def test_triton_repo_refuses_what_its_units_cannot_run(artifacts, tmp_path):
     result = CliRunner().invoke(cli.cli, ["triton-repo", "--artifacts", str(artifacts), "--out", str(tmp_path / "r"),
                                           "--units", "tensorrt"])
     assert result.exit_code == 2 and "give --engines DIR" in result.output and not (tmp_path / "r").exists()
+
+
+def test_prune_units_spin_within_their_run_and_the_rest_never_spin(artifacts, tmp_path):
+    """The thread-pool settings per graph role, the same on ONNX Runtime here and in a Triton
+    repo's Python units: prune graphs spin inside a run and stop at its end, every other unit's
+    threads sleep when idle (a CPU shared with the application)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from visiondrop_edge.runtime.ort_backend import OrtBackend
+
+    spin, stop = "session.intra_op.allow_spinning", "session.force_spinning_stop"
+    expected = {"prune": {spin: "1", stop: "1"}, "other": {spin: "0"}}
+    backend = OrtBackend(artifacts, provider="cpu")
+    repo = tmp_path / "repo"
+    written = CliRunner().invoke(cli.cli, ["triton-repo", "--artifacts", str(artifacts), "--out", str(repo), "--units", "python"])
+    assert written.exit_code == 0, written.output
+    for entry in backend.manifest.graphs:
+        wanted = expected["prune" if entry.name.startswith("prune_") else "other"]
+        options = backend.sessions[entry.name].get_session_options()
+        assert {key: options.get_session_config_entry(key) for key in wanted} == wanted, entry.name
+        config = text_format.Parse((repo / entry.name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert json.loads(config.parameters["session_config"].string_value) == wanted, entry.name
