@@ -287,7 +287,7 @@ def _ort_ideal_vision(loaded: LoadedModel, backend, scratch: Path) -> Callable[[
                       list(outputs), dynamic_axes("vision", VISION_INPUTS + outputs))
     folder = Path(tempfile.mkdtemp(prefix="ideal-", dir=scratch))
     entry = export_graph(graph, folder, Path(tempfile.mkdtemp(dir=scratch)), ExportOptions(dtype={v: k for k, v in EXPORT_DTYPES.items()}[backend.spec.torch_dtype]), {})
-    session = onnxruntime.InferenceSession(str(folder / entry.file), session_options(), providers=backend.providers)
+    session = onnxruntime.InferenceSession(str(folder / entry.file), session_options("vision"), providers=backend.providers)
     return lambda pixels: torch.from_numpy(session.run(None, {"pixel_values": pixels.to(dtype).numpy()})[0])
 
 

@@ -58,7 +58,7 @@ def threading_config(role: str) -> dict[str, str]:
     return {"session.intra_op.allow_spinning": "0"}
 
 
-def session_options(role: str = "decoder"):
+def session_options(role: str):
     """The options every ONNX Runtime session of this tool starts from (see :func:`threading_config`)."""
     import onnxruntime
 
