@@ -31,8 +31,8 @@ from visiondrop_edge.prompt import build_prompts, image_sizes, pixel_values, ran
 from visiondrop_edge.pruning import REFERENCE_OPS
 from visiondrop_edge.schedule import REFERENCE_GRID, Schedule
 
-from .flops import stage_flops
 from .clock import SpanClock
+from .flops import stage_flops
 from .ideal import IdealBaseline, IdealVision
 
 PROMPT = "Describe this image in detail."

@@ -39,8 +39,10 @@ def resolve_providers(provider: str) -> list[str]:
     return PROVIDERS[provider]
 
 
-def threading_config(role: str) -> dict[str, str]:
-    """The thread-pool settings of a graph of ``role`` (a manifest graph's role), as session config entries.
+def session_config(role: str, settings: dict | None = None) -> dict[str, str]:
+    """The session config entries of a graph of ``role`` (a manifest graph's role): its
+    thread-pool settings, then those of ``settings`` (a calibrated folder's recorded
+    ``onnxruntime`` settings, see calibration/quantize.py).
 
     One request runs a dozen sessions back to back, on a CPU that the application may share
     (a Jetson): idle threads must not spin, or they steal the cores from the next session and
@@ -54,18 +56,25 @@ def threading_config(role: str) -> dict[str, str]:
     it spins.
     """
     if role == "prune":
-        return {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
-    return {"session.intra_op.allow_spinning": "0"}
+        threading = {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"}
+    else:
+        threading = {"session.intra_op.allow_spinning": "0"}
+    return {**threading, **(settings or {}).get("session_config", {})}
 
 
-def session_options(role: str):
-    """The options every ONNX Runtime session of this tool starts from (see :func:`threading_config`)."""
+def session_options(role: str, settings: dict | None = None, plugins: bool = False):
+    """The options of this tool's ONNX Runtime session for a graph of ``role`` (see
+    :func:`session_config`); ``plugins``: with the Python ops of plugin-mode graphs."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    for key, value in threading_config(role).items():
+    for key, value in session_config(role, settings).items():
         options.add_session_config_entry(key, value)
+    if plugins:
+        from visiondrop_edge.plugins_trt.ort_ops import custom_ops_library
+
+        options.register_custom_ops_library(custom_ops_library())
     return options
 
 
@@ -89,17 +98,11 @@ class OrtBackend(GraphBackend):
         settings = (self.manifest.export.get("quantization") or {}).get("onnxruntime") or {}
         disabled = settings.get("disabled_optimizers") or None
         plugins = self.manifest.export.get("mode") == "plugins"
-        if plugins:
-            from visiondrop_edge.plugins_trt.ort_ops import custom_ops_library
-        self.sessions = {}
-        for entry in self.manifest.graphs:
-            options = session_options(entry.role)
-            for key, value in settings.get("session_config", {}).items():
-                options.add_session_config_entry(key, value)
-            if plugins:
-                options.register_custom_ops_library(custom_ops_library())
-            self.sessions[entry.name] = onnxruntime.InferenceSession(self._graph(entry, plugins), options, providers=self.providers,
-                                                                     disabled_optimizers=disabled)
+        self.sessions = {
+            entry.name: onnxruntime.InferenceSession(self._graph(entry, plugins), session_options(entry.role, settings, plugins),
+                                                     providers=self.providers, disabled_optimizers=disabled)
+            for entry in self.manifest.graphs
+        }
         self.graphs = frozenset(self.sessions)
         self.output_names = {name: [o.name for o in session.get_outputs()] for name, session in self.sessions.items()}
         self.inputs = {entry.name: [i["name"] for i in entry.inputs] for entry in self.manifest.graphs}

@@ -35,7 +35,7 @@ from visiondrop_edge.contract import bind
 from visiondrop_edge.errors import ArtifactError, UserError
 
 from .base import GraphBackend, ModelSpec
-from .ort_backend import threading_config
+from .ort_backend import session_config
 from .serve import MODEL, REQUEST_INPUTS, RESPONSE_OUTPUTS, ServeOptions
 
 REPO_FORMAT, REPO_FORMAT_VERSION = "visiondrop-edge/triton-repo", 2  # 2: the units of artifacts format 3 (qkv_0 only; decoders output next_*)
@@ -217,8 +217,7 @@ def write_repository(source: Source, out: Path, options: RepoOptions, force: boo
                 parameters = None
                 if options.units == "python":
                     shutil.copyfile(HERE / "triton_unit.py", version / "model.py")
-                    session_config = {**threading_config(entry.role), **quantization.get("session_config", {})}
-                    parameters = {"session_config": json.dumps(session_config),
+                    parameters = {"session_config": json.dumps(session_config(entry.role, quantization)),
                                   "disabled_optimizers": json.dumps(quantization.get("disabled_optimizers") or [])}
                 config = unit_config(entry, options.units, parameters=parameters)
             write_pbtxt(config, folder / entry.name / "config.pbtxt")

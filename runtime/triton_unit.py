@@ -3,8 +3,8 @@ by ``visiondrop triton-repo --units python``.
 
 For a Triton without the ONNX Runtime backend (such as the one in the ``nvidia-pytriton`` wheel).
 It imports only numpy and onnxruntime, and applies the ONNX Runtime settings the config
-carries: the unit's thread-pool settings (``runtime/ort_backend.py``'s, per graph role) and
-those a calibrated folder's manifest records (``session_config``, ``disabled_optimizers``).
+carries, as ``runtime/ort_backend.py`` builds them: ``session_config`` (the unit's thread-pool
+settings per graph role, then a calibrated folder's) and ``disabled_optimizers``.
 """
 
 from __future__ import annotations
