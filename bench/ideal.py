@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from visiondrop_edge.families import VisionUnit
 from visiondrop_edge.modules import positions_from_mask, splice_visual
 from visiondrop_edge.runtime.base import Backend, DecoderState, DelegatingBackend, PrefillOutput, VisionOutput
-from visiondrop_edge.pruning import gather_positions, gather_rows, splice, visual_positions
+from visiondrop_edge.pruning import splice, visual_positions
 
 from .clock import SpanClock
 
@@ -72,9 +72,10 @@ class IdealBaseline(DelegatingBackend):
         for group in range(self.num_groups):
             if group > 0:
                 with self.clock.span() if self.clock is not None else nullcontext():
+                    # the first tokens stay, moved by the same one gather a prune's dominant ones take
                     keep, positions = seen[group], visual_positions(image_offset, seen[group])
-                    hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, gather_rows(hidden, positions))
-                    qkv = [splice(t, image_offset, visual, gather_positions(t, positions), dim=2) for t in qkv]
+                    hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, hidden[:, :0], positions)
+                    qkv = [splice(t, image_offset, visual, t[:, :, :0], dim=2, kept=positions) for t in qkv]
                 visual = keep
             hidden, qkv, presents = self.run_group(
                 group, hidden, *qkv, mask, position_ids, self.empty_past(group, hidden.shape[0])

@@ -98,6 +98,23 @@ def test_splice_handles_per_sample_offsets():
     assert out.tolist() == [[0, 1, -1, -1, -1, 7, 8, 9], [10, 11, 12, 13, -1, -1, -1, 19]]
 
 
+@pytest.mark.parametrize("dim", [1, 2])
+def test_splice_takes_kept_rows_from_the_sequence_then_the_new_ones(dim):
+    """Per sample: text before, the kept block rows in the given order, the new rows, text after."""
+    offsets, num_visual, kept = [2, 4], 5, [[3, 5], [8, 4]]
+    seq = torch.arange(2 * 10).view(2, 10)
+    visual = -torch.arange(1, 7).view(2, 3)
+    expected = [row[:o] + [row[i] for i in keep] + extra + row[o + num_visual:]
+                for row, o, keep, extra in zip(seq.tolist(), offsets, kept, visual.tolist())]
+    if dim == 2:  # per-head [B, H, S, hd]: every head and feature moves with its position
+        seq, visual = (t[:, None, :, None].expand(-1, 3, -1, 4) for t in (seq, visual))
+    out = pruning.splice(seq, torch.tensor(offsets), num_visual, visual, dim=dim, kept=torch.tensor(kept))
+    rows = out if dim == 1 else out[:, 1, :, 2]
+    assert rows.tolist() == expected
+    if dim == 2:
+        assert (out == out[:, :1, :, :1]).all()
+
+
 def test_vision_scores_always_keep_cls():
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 4, 20, 8, generator=gen), torch.randn(1, 4, 20, 8, generator=gen)

@@ -83,10 +83,13 @@ def rope(rotary: nn.Module, x: Tensor, position_ids: Tensor) -> Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def splice_visual(hidden: Tensor, attention_mask: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Replace the visual block by ``visual`` [B, V', D]: hidden states, mask and renumbered positions."""
-    hidden = pruning.splice(hidden, image_offset, num_visual, visual)
-    ones = torch.ones_like(attention_mask[:, :1]).expand(-1, visual.shape[1])
+def splice_visual(
+    hidden: Tensor, attention_mask: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor, kept: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Replace the visual block by the rows at positions ``kept`` [B, k] (if given), then ``visual``
+    [B, V', D]: hidden states, mask and renumbered positions."""
+    hidden = pruning.splice(hidden, image_offset, num_visual, visual, kept=kept)
+    ones = torch.ones_like(attention_mask[:, :1]).expand(-1, visual.shape[1] + (0 if kept is None else kept.shape[1]))
     attention_mask = pruning.splice(attention_mask, image_offset, num_visual, ones)
     return hidden, attention_mask, positions_from_mask(attention_mask)
 
@@ -144,8 +147,9 @@ class LLMPrune(nn.Module):
     It scores with the next layer's q/k (from ``decoder_{s}`` on the unpruned sequence, RoPE'd
     here at the current positions) and returns the pruned sequence ``[text before, dominant,
     contextual, text after]`` with positions renumbered, together with that layer's q/k/v
-    for it (carried through the prune, see :func:`visiondrop.pruning.prune`), so the layer's
-    projections run once per token.
+    for it (carried through the prune, see :func:`visiondrop.pruning.prune_block`), so the
+    layer's projections run once per token. One splice index moves every tensor of the
+    sequence, the dominant tokens straight from where they lie.
     """
 
     def __init__(self, stage: Stage, num_visual: int, scale: float, rotary: nn.Module, rms_eps: float, ops: tuple = pruning.REFERENCE_OPS):
@@ -163,33 +167,46 @@ class LLMPrune(nn.Module):
     ) -> PruneOutputs:
         positions = pruning.visual_positions(image_offset, self.num_visual)
         position_ids = positions_from_mask(attention_mask)
-        visual_query, visual_key, visual_value = (pruning.gather_positions(t, positions) for t in (query, key, value))
+        visual_query = pruning.gather_positions(query, positions)
         # RoPE at the current positions: every key (they are all attended), the visual queries only.
         rotated_query = rope(self.rotary, visual_query, torch.gather(position_ids, 1, positions))
         rotated_key = rope(self.rotary, key, position_ids)
         scores = pruning.llm_scores(rotated_query, rotated_key, attention_mask, positions, self.scale)
         metric = pruning.heads_mean_metric(pruning.gather_positions(rotated_key, positions))
-        projections = torch.cat([_heads_to_rows(visual_query), _heads_to_rows(visual_key), _heads_to_rows(visual_value)], dim=-1)
-        result = pruning.prune(
-            scores, pruning.gather_rows(hidden_states, positions), metric, self.stage.dominant, self.stage.contextual,
-            self.ops, carried=(projections, self.rms_eps), forced=forced,
-        )
-        q_width, k_width = visual_query.shape[1] * visual_query.shape[3], visual_key.shape[1] * visual_key.shape[3]
-        new_query = _rows_to_heads(result.projections[..., :q_width], query.shape[1])
-        new_key = _rows_to_heads(result.projections[..., q_width:q_width + k_width], key.shape[1])
-        new_value = _rows_to_heads(result.projections[..., q_width + k_width:], value.shape[1])
-        query, key, value = (
-            pruning.splice(t, image_offset, self.num_visual, new, dim=2)
-            for t, new in ((query, new_query), (key, new_key), (value, new_value))
-        )
-        hidden_states, attention_mask, position_ids = splice_visual(
-            hidden_states, attention_mask, image_offset, self.num_visual, result.tokens
-        )
+        k, c = self.stage.dominant, self.stage.contextual
+        qkv = (query, key, value)
+        if self.ops is pruning.REFERENCE_OPS or forced is not None:
+            result = pruning.prune_block(scores, metric, hidden_states, qkv, positions, k, c, self.rms_eps, forced)
+            kept, new_tokens, new_qkv = result.kept_positions, result.contextual, result.contextual_projections
+        else:  # the plugin ops take the block's tokens and their projections as one [B, N, D + P] tensor
+            result, new_tokens, new_qkv = self._prune_with_plugins(hidden_states, qkv, positions, scores, metric)
+            kept = None
+        source = pruning.splice_source(image_offset, attention_mask.shape[1], self.num_visual, new_tokens.shape[1], kept)
+        query, key, value = (pruning.spliced(t, new, source, dim=2) for t, new in zip(qkv, new_qkv, strict=True))
+        hidden_states = pruning.spliced(hidden_states, new_tokens, source)
+        # the block's tokens are all real (mask 1), the kept ones and the new ones alike
+        attention_mask = pruning.spliced(attention_mask, torch.ones_like(attention_mask[:, :1]).expand(-1, new_tokens.shape[1]), source)
+        position_ids = positions_from_mask(attention_mask)
         return PruneOutputs(
             pruned_hidden_states=hidden_states, pruned_query=query, pruned_key=key, pruned_value=value,
-            pruned_attention_mask=attention_mask, pruned_position_ids=position_ids, kept_index=result.kept_index,
-            target_index=result.target_index, scores=scores, assignment=result.assignment, merge_metric=metric,
+            pruned_attention_mask=attention_mask, pruned_position_ids=position_ids,
+            kept_index=result.kept_index, target_index=result.target_index, scores=scores, assignment=result.assignment,
+            merge_metric=metric,
         )
+
+    def _prune_with_plugins(
+        self, hidden_states: Tensor, qkv: tuple[Tensor, ...], positions: Tensor, scores: Tensor, metric: Tensor,
+    ) -> tuple[pruning.PruneResult, Tensor, tuple[Tensor, ...]]:
+        """The block's new tokens and their per-head q/k/v through ``self.ops``, whole (dominant, then contextual)."""
+        visual = [pruning.gather_positions(t, positions) for t in qkv]
+        projections = torch.cat([_heads_to_rows(t) for t in visual], dim=-1)
+        result = pruning.prune(
+            scores, pruning.gather_rows(hidden_states, positions), metric, self.stage.dominant, self.stage.contextual,
+            self.ops, carried=(projections, self.rms_eps),
+        )
+        widths = [t.shape[1] * t.shape[3] for t in visual]
+        rows = result.projections.split(widths, dim=-1)
+        return result, result.tokens, tuple(_rows_to_heads(r, t.shape[1]) for r, t in zip(rows, visual, strict=True))
 
 
 class DecoderGroup(nn.Module):

@@ -161,11 +161,22 @@ def merge(rest_tokens: Tensor, rest_metric: Tensor, c: int, assignment: Tensor |
     if num_rest == c:
         return Merged(target_tokens, assignment)
     members = member_positions(num_rest, c, rest_tokens.device)
-    one_hot = (assignment.unsqueeze(-1) == torch.arange(c, device=assignment.device)).float()
-    sums = one_hot.transpose(1, 2) @ rest_tokens.index_select(1, members).float()  # [B, c, D]
-    counts = one_hot.sum(1).clamp_min(1.0).unsqueeze(-1)
-    merged = target_tokens.float() + sums / counts
+    merged = fold(target_tokens, rest_tokens.index_select(1, members), *merge_weights(assignment, c))
     return Merged(merged.to(rest_tokens.dtype), assignment)
+
+
+def merge_weights(assignment: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """The merge as a linear map: which members [B, c, R - c] each contextual slot sums (one-hot,
+    fp32) and how many [B, c, 1] (clamped at 1, so a lone target stays itself)."""
+    one_hot = (assignment.unsqueeze(-1) == torch.arange(c, device=assignment.device)).float()
+    return one_hot.transpose(1, 2), one_hot.sum(1).clamp_min(1.0).unsqueeze(-1)
+
+
+def fold(targets: Tensor, members: Tensor, weights: Tensor, counts: Tensor) -> Tensor:
+    """Contextual tokens in fp32: each target plus the mean of its members (target + mean, the
+    reference's quirk). ``weights``/``counts`` are :func:`merge_weights`'; any leading batch
+    axes broadcast (per-head tensors pass them unsqueezed at the head axis)."""
+    return targets.float() + (weights @ members.float()) / counts
 
 
 def indicator(index: Tensor, length: int) -> Tensor:
@@ -228,6 +239,65 @@ def prune(
 REFERENCE_OPS = (select, merge)
 
 
+@dataclass
+class BlockPrune:
+    """An LLM stage decided and merged where its block lies in the sequence (:func:`prune_block`)."""
+
+    kept_positions: Tensor  # [B, k]: the dominant tokens' sequence positions, ascending
+    contextual: Tensor  # [B, c, D]: the contextual hidden states, in target order
+    contextual_projections: tuple[Tensor, ...]  # per projection [B, H, c, hd]: theirs, carried
+    kept_index: Tensor  # [B, k], in the block's numbering (as PruneResult's)
+    target_index: Tensor  # [B, c]
+    assignment: Tensor  # [B, R - c]
+
+
+def prune_block(
+    scores: Tensor, metric: Tensor, hidden: Tensor, projections: tuple[Tensor, ...], positions: Tensor,
+    k: int, c: int, rms_eps: float, forced: Choice | None = None,
+) -> BlockPrune:
+    """:func:`prune` with ``carried`` projections, on the sequence as it lies (reference ops only).
+
+    ``hidden`` [B, S, D] and the per-head ``projections`` ([B, H, S, hd] each) are the whole
+    sequence, ``positions`` [B, N] where its block sits, ``scores``/``metric`` the block's.
+    The same decisions and the same sums as :func:`prune`, element for element, but no token
+    is moved until the output needs it: the dominant ones stay where they are (the caller's
+    :func:`splice` takes them from the sequence by ``kept_positions``), only targets and
+    members are gathered, and each projection merges in its own per-head layout, so nothing is
+    concatenated, split or transposed. :func:`prune` keeps the concatenated form for the
+    plugin ops, which gather and merge it in one kernel.
+    """
+    if forced is not None:
+        scores = indicator(forced.kept_index, scores.shape[1])
+    order = topk_order(scores, k)
+    kept_index, rest_index = order[:, :k], order[:, k:]
+    num_rest = rest_index.shape[1]
+    target_index = rest_index[:, target_positions(num_rest, c)]
+    if forced is not None:
+        assignment = forced.assignment.long()
+    else:
+        assignment = member_similarity(gather_rows(metric, rest_index), c).argmax(-1)
+    targets = torch.gather(positions, 1, target_index)
+    target_hidden = gather_rows(hidden, targets)
+    # a projection p = r(x) * u with RMSNorm's per-token factor r: u merges like the hidden states
+    scale = rms_scale(target_hidden, rms_eps).unsqueeze(1)
+    unscaled = [gather_positions(p, targets).float() / scale for p in projections]
+    contextual = target_hidden
+    if num_rest > c:
+        members = torch.gather(positions, 1, rest_index.index_select(1, member_positions(num_rest, c, rest_index.device)))
+        weights, counts = merge_weights(assignment, c)
+        member_hidden = gather_rows(hidden, members)
+        member_scale = rms_scale(member_hidden, rms_eps).unsqueeze(1)
+        contextual = fold(target_hidden, member_hidden, weights, counts).to(hidden.dtype)
+        unscaled = [fold(u, p.float() / member_scale, weights.unsqueeze(1), counts.unsqueeze(1))
+                    for u, p in zip(unscaled, [gather_positions(p, members) for p in projections], strict=True)]
+    rescale = rms_scale(contextual, rms_eps).unsqueeze(1)
+    return BlockPrune(
+        torch.gather(positions, 1, kept_index), contextual,
+        tuple((u * rescale).to(p.dtype) for u, p in zip(unscaled, projections, strict=True)),
+        kept_index, target_index, assignment,
+    )
+
+
 def vision_scores(query: Tensor, key: Tensor, scale: float) -> Tensor:
     """Stage-0 scores [B, N]: the CLS query's softmax attention summed over heads.
 
@@ -250,6 +320,9 @@ def visual_positions(image_offset: Tensor, num_visual: int) -> Tensor:
     return image_offset.unsqueeze(-1) + torch.arange(num_visual, device=image_offset.device)
 
 
+SOFTMAX_FLOOR = 80.0  # how far below its row's maximum a masked logit sits (exp(-80) < 2e-35)
+
+
 def llm_scores(visual_query: Tensor, key: Tensor, attention_mask: Tensor, positions: Tensor, scale: float) -> Tensor:
     """LLM-stage scores [B, V]: visual-to-visual attention of the next layer.
 
@@ -257,7 +330,8 @@ def llm_scores(visual_query: Tensor, key: Tensor, attention_mask: Tensor, positi
     layer's RoPE-applied projections of the current sequence, ``attention_mask`` [B, S]
     (1 = real token) and ``positions`` [B, V] where the visual tokens sit. Visual queries
     attend to every key (causal + padding mask), softmax in fp32, mean over heads, visual key
-    columns kept, mean over visual queries (masked entries count as zeros, as in the reference).
+    columns kept, mean over visual queries (masked entries count as zeros, as in the reference: here
+    as shares under 2e-35, see below).
     """
     batch, kv_heads, seq, head_dim = key.shape
     heads = visual_query.shape[1]
@@ -267,28 +341,58 @@ def llm_scores(visual_query: Tensor, key: Tensor, attention_mask: Tensor, positi
     key_index = torch.arange(seq, device=key.device)
     allowed = (key_index <= positions.unsqueeze(-1)) & attention_mask.bool().unsqueeze(1)
     bias = torch.zeros(allowed.shape, dtype=logits.dtype, device=logits.device).masked_fill(~allowed, float("-inf"))
-    attention = (logits + bias.unsqueeze(1)).softmax(-1).mean(1)  # [B, V, S]; the mask broadcasts over heads
+    logits = logits + bias.unsqueeze(1)  # the mask broadcasts over heads
+    # Masked logits are raised to SOFTMAX_FLOOR below their row's maximum: each keeps a share
+    # under 2e-35 of a sum that is at least 1, far below fp32's resolution of that sum, so the
+    # unmasked probabilities come out as before (the masked ones ~1e-35 instead of 0; the
+    # scores matched bit for bit in the exported graphs tried). ONNX Runtime's softmax takes
+    # a slow path for arguments below about -87: 2.0 against 0.75 ms (max and floor included)
+    # for a [16, 288, 337] block with a fifth of it masked, on this project's 2-core CPU.
+    floor = logits.amax(-1, keepdim=True) - SOFTMAX_FLOOR
+    attention = torch.maximum(logits, floor).softmax(-1).mean(1)  # [B, V, S]
     visual_columns = torch.gather(
         attention, 2, positions.unsqueeze(1).expand(-1, positions.shape[1], -1)
     )
     return visual_columns.mean(1)
 
 
-def splice(sequence: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor, dim: int = 1) -> Tensor:
-    """Replace the ``num_visual``-long block at ``image_offset`` [B] by ``visual``.
+def splice(
+    sequence: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor, dim: int = 1, kept: Tensor | None = None,
+) -> Tensor:
+    """Replace the ``num_visual``-long block at ``image_offset`` [B] by ``visual``, or by the
+    sequence's own rows at positions ``kept`` [B, k] followed by ``visual``.
 
     The sequence axis is ``dim``: 1 for [B, S] and [B, S, D] tensors, 2 for per-head
-    [B, H, S, hd] ones. Per-sample offsets (left padding) make it one concat and one gather.
+    [B, H, S, hd] ones. Per-sample offsets (left padding) make it one concat and one gather;
+    ``kept`` rows come through that same gather, never copied on their own.
     """
-    length, new_visual = sequence.shape[dim], visual.shape[dim]
-    pos = torch.arange(length - num_visual + new_visual, device=sequence.device).unsqueeze(0)
+    source = splice_source(image_offset, sequence.shape[dim], num_visual, visual.shape[dim], kept)
+    return spliced(sequence, visual, source, dim)
+
+
+def splice_source(
+    image_offset: Tensor, length: int, num_visual: int, new_visual: int, kept: Tensor | None = None,
+) -> Tensor:
+    """:func:`splice`'s gather index [B, L']: where each output position comes from in the
+    sequence followed by the ``new_visual`` appended rows. One index serves every tensor of a
+    sequence (hidden states, q/k/v, mask), so a graph computes it once."""
+    num_kept = 0 if kept is None else kept.shape[1]
+    pos = torch.arange(length - num_visual + num_kept + new_visual, device=image_offset.device).unsqueeze(0)
     offset = image_offset.unsqueeze(-1)
-    source = torch.where(
-        pos < offset,
-        pos,
-        torch.where(pos < offset + new_visual, length + pos - offset, pos - new_visual + num_visual),
+    block = pos - offset  # the position within the new block
+    appended = length + block - num_kept
+    if kept is not None:
+        in_kept = (block >= 0) & (block < num_kept)  # a Where, not a Clip: TensorRT's parser clips floats only
+        appended = torch.where(in_kept, torch.gather(kept, 1, torch.where(in_kept, block, 0)), appended)
+    return torch.where(
+        pos < offset, pos, torch.where(block < num_kept + new_visual, appended, pos - num_kept - new_visual + num_visual),
     )
+
+
+def spliced(sequence: Tensor, visual: Tensor, source: Tensor, dim: int = 1) -> Tensor:
+    """``sequence`` with ``visual`` appended along ``dim``, gathered at :func:`splice_source`'s ``source``."""
     combined = torch.cat([sequence, visual], dim=dim)
     if combined.dim() == 2:
         return torch.gather(combined, 1, source)
     return gather_positions(combined, source) if dim == 2 else gather_rows(combined, source)
+
