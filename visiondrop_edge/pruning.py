@@ -288,8 +288,9 @@ def prune_block(
         member_hidden = gather_rows(hidden, members)
         member_scale = rms_scale(member_hidden, rms_eps).unsqueeze(1)
         contextual = fold(target_hidden, member_hidden, weights, counts).to(hidden.dtype)
-        unscaled = [fold(u, p.float() / member_scale, weights.unsqueeze(1), counts.unsqueeze(1))
-                    for u, p in zip(unscaled, [gather_positions(p, members) for p in projections], strict=True)]
+        member_projections = [gather_positions(p, members) for p in projections]
+        unscaled = [fold(u, m.float() / member_scale, weights.unsqueeze(1), counts.unsqueeze(1))
+                    for u, m in zip(unscaled, member_projections, strict=True)]
     rescale = rms_scale(contextual, rms_eps).unsqueeze(1)
     return BlockPrune(
         torch.gather(positions, 1, kept_index), contextual,
