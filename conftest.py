@@ -36,3 +36,14 @@ def pytest_collection_modifyitems(config, items):
         for marker, reason in reasons.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Commands that run ONNX Runtime or TensorRT units pin torch to one thread for the process
+    (runtime.base.single_threaded_glue); in-process CLI tests must not leave it so for the next test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

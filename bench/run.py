@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from visiondrop_edge.runtime.base import Backend, DelegatingBackend
+from visiondrop_edge.runtime.base import Backend, DelegatingBackend, single_threaded_glue
 from visiondrop_edge.runtime.torch_backend import TorchBackend
 from visiondrop_edge.loading import LoadedModel
 from visiondrop_edge.prompt import build_prompts, image_sizes, pixel_values, random_images
@@ -330,6 +330,8 @@ def run_bench(loaded: LoadedModel, config: BenchConfig, progress: Callable[[str]
     measured_budgets = [b for b in budgets if not schedules[b].is_full] or ["full"]
     total = sum(len(config.batches) * (1 if schedules[b].is_full else 3) for b in measured_budgets)
     rows, contexts, done = [], [], 0
+    if config.backend != "torch":
+        single_threaded_glue()  # as `generate --artifacts` runs them
     with tempfile.TemporaryDirectory(prefix="visiondrop-bench-") as scratch, cpu_load(config.cpu_load):
         if config.backend == "ort":
             progress("exporting budget full (the baseline) for ONNX Runtime ...")

@@ -321,6 +321,18 @@ def run_vision_graphs(run, spec: ModelSpec, pixel_values: Tensor) -> dict[str, T
     return run(layout_graph(schedule), *(per_view[name].unflatten(0, (batch, views)) for name in vision_outputs(not schedule.is_full)))
 
 
+def single_threaded_glue() -> None:
+    """One torch thread for a process whose units run in ONNX Runtime or TensorRT.
+
+    The host glue between their units (embedding lookup, splices, cache writes) is small torch
+    ops, and torch's intra-op pool waits for every thread at every op: with one busy process on
+    this project's 2 cores, the bench ideal's splices took 57 ms (median) on 2 torch threads
+    against 3.7 ms on 1 (3.7 and 2.9 ms with nothing else running). The units' own sessions
+    keep their threads.
+    """
+    torch.set_num_threads(1)
+
+
 class GraphBackend(Backend):
     """A backend whose units are exported graphs called by name: ``_run(graph, *inputs)`` feeds
     the contract's inputs in order and returns the graph's outputs by name; the token

@@ -170,11 +170,13 @@ def open_torch(model: str, budget, schedule, device: str, conversation: str | No
 
 def open_artifacts(directory: Path, provider: str):
     """(backend, processor, source, (max sequence, what sets it)) for an artifact folder on ONNX Runtime."""
+    from visiondrop_edge.runtime.base import single_threaded_glue
     from visiondrop_edge.runtime.ort_backend import OrtBackend
     from visiondrop_edge.errors import ArtifactError
     from visiondrop_edge.loading import load_processor
 
     progress(f"loading artifacts {directory} ...")
+    single_threaded_glue()
     backend = OrtBackend(directory, provider=provider)
     limit = (backend.manifest.export["max_seq_len"], "the artifacts' --max-seq-len")
     return backend, load_processor(directory, ArtifactError, "re-run export"), backend.manifest.model["source"], limit
@@ -182,11 +184,13 @@ def open_artifacts(directory: Path, provider: str):
 
 def open_engines(engines: Path, artifacts: Path | None):
     """(backend, processor, source, (max sequence, what sets it)) for a TensorRT engine folder."""
+    from visiondrop_edge.runtime.base import single_threaded_glue
     from visiondrop_edge.runtime.trt_backend import TrtBackend
     from visiondrop_edge.errors import ArtifactError
     from visiondrop_edge.loading import load_processor
 
     progress(f"loading engines {engines} ...")
+    single_threaded_glue()
     backend = TrtBackend(engines, artifacts)
     limit = (backend.build["max_seq_len"], "the engines' --max-seq-len")
     processor = load_processor(backend.artifacts, ArtifactError, "re-run export")
