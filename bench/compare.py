@@ -42,9 +42,11 @@ def run_compare(baseline: Path, candidate: Path, config: BenchConfig, progress: 
     """Measure both folders on every batch size of ``config``; returns the JSON-ready report."""
     from transformers import AutoProcessor
 
+    from visiondrop_edge.runtime.base import single_threaded_glue
     from visiondrop_edge.runtime.ort_backend import OrtBackend
 
     _check_pair(baseline, candidate)
+    single_threaded_glue()
     folders = {"baseline": baseline, "candidate": candidate}
     backends = {}
     for role, folder in folders.items():
