@@ -14,7 +14,7 @@ from typing import Callable
 from torch import Tensor, nn
 
 from visiondrop_edge.families import VisionUnit
-from visiondrop_edge.modules import positions_from_mask, splice_visual
+from visiondrop_edge.modules import positions_from_mask, splice_sequence
 from visiondrop_edge.runtime.base import Backend, DecoderState, DelegatingBackend, PrefillOutput, VisionOutput
 from visiondrop_edge.pruning import splice, visual_positions
 
@@ -74,8 +74,9 @@ class IdealBaseline(DelegatingBackend):
                 with self.clock.span() if self.clock is not None else nullcontext():
                     # the first tokens stay, moved by the same one gather a prune's dominant ones take
                     keep, positions = seen[group], visual_positions(image_offset, seen[group])
-                    hidden, mask, position_ids = splice_visual(hidden, mask, image_offset, visual, hidden[:, :0], positions)
-                    qkv = [splice(t, image_offset, visual, t[:, :, :0], dim=2, kept=positions) for t in qkv]
+                    hidden, qkv, mask, position_ids = splice_sequence(
+                        hidden, qkv, mask, image_offset, visual, hidden[:, :0], tuple(t[:, :, :0] for t in qkv), positions
+                    )
                 visual = keep
             hidden, qkv, presents = self.run_group(
                 group, hidden, *qkv, mask, position_ids, self.empty_past(group, hidden.shape[0])

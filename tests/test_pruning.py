@@ -108,7 +108,8 @@ def test_splice_takes_kept_rows_from_the_sequence_then_the_new_ones(dim):
                 for row, o, keep, extra in zip(seq.tolist(), offsets, kept, visual.tolist())]
     if dim == 2:  # per-head [B, H, S, hd]: every head and feature moves with its position
         seq, visual = (t[:, None, :, None].expand(-1, 3, -1, 4) for t in (seq, visual))
-    out = pruning.splice(seq, torch.tensor(offsets), num_visual, visual, dim=dim, kept=torch.tensor(kept))
+    source = pruning.splice_source(torch.tensor(offsets), 10, num_visual, 3, kept=torch.tensor(kept))
+    out = pruning.spliced(seq, visual, source, dim=dim)
     rows = out if dim == 1 else out[:, 1, :, 2]
     assert rows.tolist() == expected
     if dim == 2:

@@ -83,15 +83,19 @@ def rope(rotary: nn.Module, x: Tensor, position_ids: Tensor) -> Tensor:
     return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
 
 
-def splice_visual(
-    hidden: Tensor, attention_mask: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor, kept: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Replace the visual block by the rows at positions ``kept`` [B, k] (if given), then ``visual``
-    [B, V', D]: hidden states, mask and renumbered positions."""
-    hidden = pruning.splice(hidden, image_offset, num_visual, visual, kept=kept)
-    ones = torch.ones_like(attention_mask[:, :1]).expand(-1, visual.shape[1] + (0 if kept is None else kept.shape[1]))
-    attention_mask = pruning.splice(attention_mask, image_offset, num_visual, ones)
-    return hidden, attention_mask, positions_from_mask(attention_mask)
+def splice_sequence(
+    hidden: Tensor, qkv: tuple[Tensor, ...], attention_mask: Tensor, image_offset: Tensor, num_visual: int,
+    new_hidden: Tensor, new_qkv: tuple[Tensor, ...], kept: Tensor | None = None,
+) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor]:
+    """Replace the visual block of a sequence by its rows at positions ``kept`` [B, k] (if
+    given), then the new rows: hidden states [B, S, D], per-head q/k/v, the mask and the
+    renumbered positions. One splice index moves every tensor."""
+    source = pruning.splice_source(image_offset, attention_mask.shape[1], num_visual, new_hidden.shape[1], kept)
+    qkv = tuple(pruning.spliced(t, new, source, dim=2) for t, new in zip(qkv, new_qkv, strict=True))
+    # the block's tokens are all real (mask 1), the kept ones and the new ones alike
+    ones = torch.ones_like(attention_mask[:, :1]).expand(-1, new_hidden.shape[1])
+    attention_mask = pruning.spliced(attention_mask, ones, source)
+    return pruning.spliced(hidden, new_hidden, source), qkv, attention_mask, positions_from_mask(attention_mask)
 
 
 def attend(
@@ -148,8 +152,8 @@ class LLMPrune(nn.Module):
     here at the current positions) and returns the pruned sequence ``[text before, dominant,
     contextual, text after]`` with positions renumbered, together with that layer's q/k/v
     for it (carried through the prune, see :func:`visiondrop.pruning.prune_block`), so the
-    layer's projections run once per token. One splice index moves every tensor of the
-    sequence, the dominant tokens straight from where they lie.
+    layer's projections run once per token. The splice (:func:`splice_sequence`) takes the
+    dominant tokens straight from where they lie.
     """
 
     def __init__(self, stage: Stage, num_visual: int, scale: float, rotary: nn.Module, rms_eps: float, ops: tuple = pruning.REFERENCE_OPS):
@@ -181,12 +185,9 @@ class LLMPrune(nn.Module):
         else:  # the plugin ops take the block's tokens and their projections as one [B, N, D + P] tensor
             result, new_tokens, new_qkv = self._prune_with_plugins(hidden_states, qkv, positions, scores, metric)
             kept = None
-        source = pruning.splice_source(image_offset, attention_mask.shape[1], self.num_visual, new_tokens.shape[1], kept)
-        query, key, value = (pruning.spliced(t, new, source, dim=2) for t, new in zip(qkv, new_qkv, strict=True))
-        hidden_states = pruning.spliced(hidden_states, new_tokens, source)
-        # the block's tokens are all real (mask 1), the kept ones and the new ones alike
-        attention_mask = pruning.spliced(attention_mask, torch.ones_like(attention_mask[:, :1]).expand(-1, new_tokens.shape[1]), source)
-        position_ids = positions_from_mask(attention_mask)
+        hidden_states, (query, key, value), attention_mask, position_ids = splice_sequence(
+            hidden_states, qkv, attention_mask, image_offset, self.num_visual, new_tokens, new_qkv, kept
+        )
         return PruneOutputs(
             pruned_hidden_states=hidden_states, pruned_query=query, pruned_key=key, pruned_value=value,
             pruned_attention_mask=attention_mask, pruned_position_ids=position_ids,

@@ -357,26 +357,23 @@ def llm_scores(visual_query: Tensor, key: Tensor, attention_mask: Tensor, positi
     return visual_columns.mean(1)
 
 
-def splice(
-    sequence: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor, dim: int = 1, kept: Tensor | None = None,
-) -> Tensor:
-    """Replace the ``num_visual``-long block at ``image_offset`` [B] by ``visual``, or by the
-    sequence's own rows at positions ``kept`` [B, k] followed by ``visual``.
+def splice(sequence: Tensor, image_offset: Tensor, num_visual: int, visual: Tensor, dim: int = 1) -> Tensor:
+    """Replace the ``num_visual``-long block at ``image_offset`` [B] by ``visual``.
 
     The sequence axis is ``dim``: 1 for [B, S] and [B, S, D] tensors, 2 for per-head
-    [B, H, S, hd] ones. Per-sample offsets (left padding) make it one concat and one gather;
-    ``kept`` rows come through that same gather, never copied on their own.
+    [B, H, S, hd] ones. Per-sample offsets (left padding) make it one concat and one gather.
     """
-    source = splice_source(image_offset, sequence.shape[dim], num_visual, visual.shape[dim], kept)
-    return spliced(sequence, visual, source, dim)
+    return spliced(sequence, visual, splice_source(image_offset, sequence.shape[dim], num_visual, visual.shape[dim]), dim)
 
 
 def splice_source(
     image_offset: Tensor, length: int, num_visual: int, new_visual: int, kept: Tensor | None = None,
 ) -> Tensor:
     """:func:`splice`'s gather index [B, L']: where each output position comes from in the
-    sequence followed by the ``new_visual`` appended rows. One index serves every tensor of a
-    sequence (hidden states, q/k/v, mask), so a graph computes it once."""
+    sequence followed by the ``new_visual`` appended rows. With ``kept`` [B, k] the new block
+    opens with the sequence's own rows at those positions, taken by the same gather (never
+    copied on their own). One index serves every tensor of a sequence (hidden states, q/k/v,
+    mask), so a graph computes it once."""
     num_kept = 0 if kept is None else kept.shape[1]
     pos = torch.arange(length - num_visual + num_kept + new_visual, device=image_offset.device).unsqueeze(0)
     offset = image_offset.unsqueeze(-1)
